@@ -1,0 +1,1 @@
+"""The kvbench harness: engine, attention hook, runner, measurement, results."""

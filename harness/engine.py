@@ -1,0 +1,284 @@
+"""The engine: kvbench drives the model itself and owns the KV cache (DESIGN §3).
+
+The model runs with ``past_key_values=None``, ``use_cache=False``, explicit absolute
+``position_ids`` and the run's :class:`~methods.api.KVState` as the keyword argument ``kv_state``;
+its attention is routed to the state's per-layer stores (:mod:`harness.attention`). No
+``model.generate``: the engine prefills the context in chunks asking for no logits, calls
+``end_of_context()`` (where prefill-time compression happens), extends with the question, and
+decodes greedily.
+
+Batches of prompts of different lengths are right-padded *per phase* (context chunks, question
+chunks, decode steps) with a ``valid`` mask, so every row sees exactly the chunk boundaries and
+positions it would see alone, and a batch gives the same tokens and logits as each prompt alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from methods.api import KVMethod, KVState, KVStats, ModelSpec, engine_reasons
+
+from .attention import install
+
+PROTOCOLS = ("query_agnostic", "query_aware")
+
+
+class UnsupportedModel(ValueError):
+    """The model or the method cannot run here; ``reasons`` says why (a skipped row's reason)."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = list(reasons)
+        super().__init__("; ".join(self.reasons))
+
+
+@dataclass
+class Prompt:
+    """One sample's token ids: ``context`` is compressed at ``end_of_context``; ``question``
+    follows it (query-agnostic protocol) or joins it before compression (query-aware)."""
+
+    context: Sequence[int]
+    question: Sequence[int] = ()
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # per row, greedy tokens up to (not including) the first stop token
+    stopped: list[bool]  # per row, whether a stop token ended it
+    logits: list[Tensor] | None  # per row (n_tokens, V) fp32: the logits each token was chosen from
+    stats_context: KVStats  # right after end_of_context()
+    stats_final: KVStats  # after decode
+    n_forward: int  # forward passes of the model
+    attention_calls: int  # calls that reached the stores
+
+
+class Monitor:
+    """Hooks for measurement (harness.measure implements them); the default does nothing."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str, *, tokens: int = 0) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def decode_step(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Engine:
+    """Runs prompts through ``model`` with ``method``'s KV stores.
+
+    ``prefill_chunk`` (tokens per forward pass over the context; None = the whole context at once)
+    is part of a run's identity: a chunk's tokens attend to each other exactly and to earlier
+    chunks as the store keeps them.
+    """
+
+    model: Any
+    method: KVMethod
+    prefill_chunk: int | None = None
+    monitor: Monitor = field(default_factory=Monitor)
+
+    def __post_init__(self) -> None:
+        self.spec = ModelSpec.from_config(self.model.config)
+        reasons = list(dict.fromkeys(engine_reasons(self.spec) + list(self.method.validate(self.spec))))
+        if reasons:
+            raise UnsupportedModel(reasons)
+        if self.prefill_chunk is not None and int(self.prefill_chunk) < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk}")
+        self.model.eval()
+        install(self.model)
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.n_forward = 0
+
+    # -- state ----------------------------------------------------------------------------------
+    def new_state(self, batch: int, capacity: int) -> KVState:
+        layers = [
+            self.method.new_layer(self.spec.layer(i), batch=batch, capacity=capacity, device=self.device, dtype=self.dtype)
+            for i in range(self.spec.n_layers)
+        ]
+        return KVState(layers)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        state: KVState,
+        ids: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        *,
+        logits_at: Tensor | None = None,
+        all_logits: bool = False,
+    ) -> Tensor | None:
+        """One forward pass of T tokens per row.
+
+        ids, positions (B, T) int64; valid (B, T) bool. ``logits_at`` (B,) picks one token per row
+        whose logits are returned as (B, V) fp32; ``all_logits`` returns (B, T, V); neither: no
+        logits are computed at all (context chunks never materialise vocabulary-sized outputs).
+        """
+        state.positions, state.valid = positions, valid
+        B = ids.shape[0]
+        # A 4-D mask is passed through untouched by transformers' mask preparation (no mask is
+        # built, no host sync); our attention ignores it: causality and padding are the stores'.
+        out = self.decoder(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids.device),
+            past_key_values=None,
+            use_cache=False,
+            kv_state=state,
+        )
+        self.n_forward += 1
+        hidden = out.last_hidden_state  # (B, T, hidden)
+        if all_logits:
+            return self.lm_head(hidden).float()  # (B, T, V)
+        if logits_at is None:
+            return None
+        h = hidden[torch.arange(B, device=hidden.device), logits_at]  # (B, hidden)
+        return self.lm_head(h).float()  # (B, V)
+
+    def run_segment(
+        self,
+        state: KVState,
+        seqs: Sequence[Sequence[int]],
+        offsets: Sequence[int],
+        *,
+        chunk: int | None,
+        want_last: Sequence[bool],
+        last_logits: Tensor | None,
+    ) -> Tensor | None:
+        """Feed each row's ``seqs[b]`` at positions ``offsets[b] + i`` in chunks (right-padded).
+
+        For rows with ``want_last[b]`` the logits of the row's last token are written into
+        ``last_logits`` (B, V), allocated on first use and returned.
+        """
+        B = len(seqs)
+        lens = [len(s) for s in seqs]
+        L = max(lens, default=0)
+        if L == 0:
+            return last_logits
+        step = int(chunk) if chunk else L
+        dev = self.device
+        for s in range(0, L, step):
+            e = min(L, s + step)
+            T = e - s
+            ids = torch.zeros(B, T, dtype=torch.long)
+            for b, seq in enumerate(seqs):
+                part = list(seq[s:e])
+                if part:
+                    ids[b, : len(part)] = torch.tensor(part, dtype=torch.long)
+            t = torch.arange(T)
+            valid = (s + t)[None, :] < torch.tensor(lens)[:, None]  # (B, T)
+            positions = torch.tensor(offsets)[:, None] + s + t[None, :]  # (B, T)
+            ends = [b for b in range(B) if want_last[b] and s < lens[b] <= e]
+            logits_at = None
+            if ends:
+                logits_at = torch.tensor([max(0, min(T - 1, lens[b] - 1 - s)) for b in range(B)], device=dev)
+            logits = self.forward(state, ids.to(dev), positions.to(dev), valid.to(dev), logits_at=logits_at)
+            if logits is not None:
+                if last_logits is None:
+                    last_logits = torch.zeros(B, logits.shape[-1], dtype=torch.float32, device=dev)
+                rows = torch.tensor(ends, device=dev)
+                last_logits[rows] = logits[rows]
+        return last_logits
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        protocol: str = "query_agnostic",
+        return_logits: bool = False,
+    ) -> GenerationOutput:
+        """Context -> end_of_context -> question -> greedy decode, for a batch of prompts."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        B = len(prompts)
+        if protocol == "query_aware":
+            first = [list(p.context) + list(p.question) for p in prompts]
+            second: list[list[int]] = [[] for _ in prompts]
+        else:
+            first = [list(p.context) for p in prompts]
+            second = [list(p.question) for p in prompts]
+        for b in range(B):
+            if not first[b] and not second[b]:
+                raise ValueError(f"prompt {b} is empty")
+        calls0, fwd0 = 0, self.n_forward
+        capacity = max(map(len, first)) + max(map(len, second)) + max_new_tokens
+        state = self.new_state(B, capacity)
+        n_ctx = sum(map(len, first))
+        with self.monitor.phase("prefill", tokens=n_ctx):
+            last = self.run_segment(
+                state, first, [0] * B, chunk=self.prefill_chunk, want_last=[not q for q in second], last_logits=None
+            )
+        with self.monitor.phase("compress"):
+            state.end_of_context()
+        stats_context = state.stats()
+        with self.monitor.phase("question", tokens=sum(map(len, second))):
+            last = self.run_segment(
+                state, second, [len(f) for f in first], chunk=self.prefill_chunk, want_last=[bool(q) for q in second],
+                last_logits=last,
+            )
+        assert last is not None
+        dev = self.device
+        pos = torch.tensor([len(f) + len(q) for f, q in zip(first, second)], device=dev)  # (B,)
+        stop = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        tokens, logits_steps, done_steps = [], [], []
+        logits = last
+        with self.monitor.phase("decode", tokens=B * max_new_tokens):
+            for i in range(max_new_tokens):
+                tok = logits.argmax(-1)  # (B,)
+                tokens.append(tok)
+                done_steps.append(finished.clone())
+                if return_logits:
+                    logits_steps.append(logits)
+                finished = finished | torch.isin(tok, stop)
+                if i == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                with self.monitor.decode_step():
+                    logits = self.forward(
+                        state, tok[:, None], pos[:, None], ~finished[:, None], logits_at=torch.zeros(B, dtype=torch.long, device=dev)
+                    )
+                pos = pos + 1
+        stats_final = state.stats()
+        toks = torch.stack(tokens, 1).tolist()  # (B, n)
+        was_done = torch.stack(done_steps, 1).tolist()
+        stop_set = set(int(s) for s in stop_ids)
+        out_tokens, stopped, out_logits = [], [], []
+        for b in range(B):
+            row: list[int] = []
+            hit = False
+            for j, t in enumerate(toks[b]):
+                if was_done[b][j]:
+                    break
+                if t in stop_set:
+                    hit = True
+                    break
+                row.append(t)
+            out_tokens.append(row)
+            stopped.append(hit)
+            if return_logits:
+                n = len(row) + (1 if hit else 0)
+                out_logits.append(torch.stack([step[b] for step in logits_steps[:n]]).cpu())
+        return GenerationOutput(
+            tokens=out_tokens,
+            stopped=stopped,
+            logits=out_logits if return_logits else None,
+            stats_context=stats_context,
+            stats_final=stats_final,
+            n_forward=self.n_forward - fwd0,
+            attention_calls=state.attention_calls - calls0,
+        )

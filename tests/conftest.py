@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A tiny random Llama (fp32, CPU) shared by tests that do not modify it."""
+    from harness.models import build_random_model, tiny_config
+
+    return build_random_model(tiny_config("llama"), seed=0)
+
+
+@pytest.fixture
+def fresh_llama(tiny_llama):
+    """A private copy (the engine switches a model's attention implementation)."""
+    import copy
+
+    return copy.deepcopy(tiny_llama)
