@@ -150,8 +150,8 @@ class KVStats:
     nominal dtype (a CPU run computes in fp32, a deployment stores bf16), so CPU and GPU rows agree.
     """
 
-    tokens_kept: Tensor  # (B, H_kv) int64: tokens each kv head holds now
-    tokens_seen: Tensor  # (B,) int64: valid tokens that entered the store
+    tokens_kept: Tensor  # (B, H_kv) int64: tokens each kv head holds now (summed over layers in a KVState)
+    tokens_seen: Tensor  # (B,) int64: valid tokens that entered the store (likewise)
     bytes_stored: int
     bytes_allocated: int
     bytes_read_per_step: int  # bytes one decode step reads from this store

@@ -1,0 +1,104 @@
+"""The method contract (methods/api.py) and the engine's model checks."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.engine import Engine, UnsupportedModel
+from harness.models import build_random_model, tiny_config
+from methods.api import KVMethod, LayerKV, ModelSpec
+from methods.full import Full
+from methods.streaming_llm import StreamingLLM
+from methods.uniform_int import UniformInt
+from tests.helpers import random_prompts
+
+METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2)]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_methods_satisfy_the_protocols(method, tiny_llama):
+    assert isinstance(method, KVMethod)
+    spec = ModelSpec.from_config(tiny_llama.config)
+    store = method.new_layer(spec.layer(0), batch=2, capacity=16, device="cpu", dtype=torch.float32)
+    assert isinstance(store, LayerKV)
+    assert method.family in ("none", "quantization", "eviction", "sparse", "composed")
+    assert method.memory in ("physical", "simulated")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_fork_is_independent(method, tiny_llama):
+    prompts = random_prompts([20, 13])
+    engine = Engine(copy.deepcopy(tiny_llama), method, prefill_chunk=6)
+    state = engine.new_state(2, 64)
+    engine.run_segment(state, prompts, [0, 0], chunk=6, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    before = [{n: t.clone() for n, t in vars(layer).items() if isinstance(t, torch.Tensor)} for layer in state.layers]
+    stats_before = state.stats()
+
+    def continue_(st):
+        cont = random_prompts([5, 5], seed=11)
+        return engine.run_segment(st, cont, [20, 13], chunk=None, want_last=[True, True], last_logits=None)
+
+    forked = state.fork()
+    a = continue_(forked)
+    for layer, saved in zip(state.layers, before):  # the original is untouched
+        for name, t in saved.items():
+            assert torch.equal(getattr(layer, name), t), name
+    assert state.stats().bytes_stored == stats_before.bytes_stored
+    assert torch.equal(state.stats().tokens_kept, stats_before.tokens_kept)
+    b = continue_(state)  # and continuing the original gives what the fork gave
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sliding_window_layer_is_refused():
+    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    spec = ModelSpec.from_config(config)
+    assert spec.layer_types == ("full_attention", "sliding_attention")
+    for method in METHODS:
+        reasons = method.validate(spec)
+        assert any("sliding_attention" in r for r in reasons), reasons
+    with pytest.raises(UnsupportedModel, match="full attention"):
+        Engine(build_random_model(config), Full())
+
+
+def test_mistral_sliding_window_field_is_read_when_layer_types_absent():
+    assert "sliding_attention" in ModelSpec.from_config(tiny_config("mistral", sliding_window=64)).layer_types
+    assert set(ModelSpec.from_config(tiny_config("mistral")).layer_types) == {"full_attention"}
+    # Qwen2 sets sliding_window only when use_sliding_window is on: layer_types decides
+    assert set(ModelSpec.from_config(tiny_config("qwen2")).layer_types) == {"full_attention"}
+
+
+def test_no_torch_work_or_registration_at_import():
+    code = (
+        "import sys, methods.api; assert 'torch' not in sys.modules, 'methods.api imported torch';"
+        "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm;"
+        "from transformers import AttentionInterface;"
+        "assert 'kvbench' not in AttentionInterface._global_mapping, 'registered at import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_switch_is_per_model(tiny_llama):
+    other = copy.deepcopy(tiny_llama)
+    Engine(copy.deepcopy(tiny_llama), Full())
+    assert other.config._attn_implementation == "sdpa"
+    with torch.inference_mode():
+        other(input_ids=torch.tensor([[1, 2, 3]]))  # still runs through sdpa, no kv_state needed
+
+
+def test_kvbench_model_called_without_state_says_what_to_do(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    Engine(model, Full())
+    with pytest.raises(RuntimeError, match="through harness.engine.Engine"):
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
+
+
+def test_capacity_overflow_is_an_error(tiny_llama):
+    engine = Engine(copy.deepcopy(tiny_llama), Full())
+    state = engine.new_state(1, 4)
+    with pytest.raises(RuntimeError, match="capacity"):
+        engine.run_segment(state, [[1, 2, 3, 4, 5]], [0], chunk=None, want_last=[False], last_logits=None)
