@@ -7,8 +7,13 @@ STAMP   := $(VENV)/.installed-stamp
 # The CPU build of torch these machines carry as a local file (an unpinned torch resolves to a
 # multi-GB CUDA build). The GPU machine brings its own torch 2.11; pyproject asks for torch>=2.4.
 TORCH_CPU ?= torch==2.13.0
+METHOD  ?=
+ARGS    ?=
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test lint clean
+.PHONY: help install run test sweep table regress regress-update lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -21,8 +26,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv if missing and install kvbench with its dev tools
 
+run: install  ## the default job: full + one method per family on the embedded tiny model, then the table
+	$(PYTHON) -m harness.sweep --default $(ARGS)
+	@$(MAKE) --no-print-directory table
+
 test: install  ## run the test suite (CPU, offline)
 	$(PYTHON) -m pytest -q
+
+sweep: install  ## sweep one method over its family's ratios x the default tasks: make sweep METHOD=streaming_llm
+	@test -n "$(METHOD)" || { echo "usage: make sweep METHOD=<name>  (one of: $$(ls conf/method | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }
+	$(PYTHON) -m harness.sweep method=$(METHOD) $(ARGS)
+	@$(MAKE) --no-print-directory table
+
+table: install  ## rows -> results/summary.{csv,parquet,md}, and print the markdown
+	$(PYTHON) scripts/aggregate.py
+
+regress: install  ## re-run the pinned CI matrix and compare with results/baseline/ci/ (exit 1 on a regression)
+	$(PYTHON) scripts/regress.py
+
+regress-update: install  ## rewrite results/baseline/ci/<method>.csv from the pinned CI matrix (commit them)
+	$(PYTHON) scripts/regress.py --update
 
 lint: install  ## ruff
 	$(BIN)/ruff check harness methods tasks scripts tests

@@ -282,3 +282,82 @@ class Engine:
             n_forward=self.n_forward - fwd0,
             attention_calls=state.attention_calls - calls0,
         )
+
+    # -- scoring (lm-eval loglikelihood / loglikelihood_rolling) --------------------------------
+    def _prefill_prompt(self, prompt: Prompt, *, extra: int, protocol: str) -> tuple[KVState, Tensor, KVStats]:
+        """Prefill one prompt (context, end_of_context, question); returns the state, the logits
+        of the prompt's last token (V,) and the stats right after end_of_context."""
+        if protocol == "query_aware":
+            first, second = list(prompt.context) + list(prompt.question), []
+        else:
+            first, second = list(prompt.context), list(prompt.question)
+        if not first and not second:
+            raise ValueError("cannot score a continuation of an empty prompt")
+        state = self.new_state(1, len(first) + len(second) + extra)
+        with self.monitor.phase("prefill", tokens=len(first)):
+            last = self.run_segment(state, [first], [0], chunk=self.prefill_chunk, want_last=[not second], last_logits=None)
+        with self.monitor.phase("compress"):
+            state.end_of_context()
+        stats = state.stats()
+        last = self.run_segment(state, [second], [len(first)], chunk=self.prefill_chunk, want_last=[bool(second)],
+                                last_logits=last)
+        assert last is not None
+        return state, last[0], stats
+
+    @torch.inference_mode()
+    def score_continuations(
+        self, prompt: Prompt, continuations: Sequence[Sequence[int]], *, protocol: str = "query_agnostic"
+    ) -> tuple[list[tuple[float, bool]], KVStats]:
+        """Compress the prompt once, then teacher-force each continuation on a fork of the state.
+
+        Returns ``[(sum log p(continuation), greedy)]`` (greedy: every token is the argmax) and the
+        stats after end_of_context. No eviction happens inside a continuation beyond what the
+        store does on its own while extending.
+        """
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("continuations must be non-empty")
+        n0 = len(prompt.context) + len(prompt.question)
+        state, last, stats = self._prefill_prompt(prompt, extra=max(map(len, continuations)), protocol=protocol)
+        results = []
+        for cont in continuations:
+            cont = list(cont)
+            logits = last[None]  # (1, V) predicts cont[0]
+            if len(cont) > 1:
+                st = state.fork()
+                ids = torch.tensor([cont[:-1]], device=self.device)
+                pos = torch.arange(n0, n0 + len(cont) - 1, device=self.device)[None]
+                valid = torch.ones_like(ids, dtype=torch.bool)
+                more = self.forward(st, ids, pos, valid, all_logits=True)[0]  # (n-1, V)
+                logits = torch.cat([logits, more], dim=0)  # (n, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            target = torch.tensor(cont, device=self.device)
+            total = float(logp.gather(1, target[:, None]).sum())
+            greedy = bool((logits.argmax(-1) == target).all())
+            results.append((total, greedy))
+        return results, stats
+
+    @torch.inference_mode()
+    def score_rolling(self, tokens: Sequence[int], *, chunk: int) -> tuple[float, int, KVStats | None]:
+        """Perplexity: feed ``tokens`` in chunks of ``chunk``; the first chunk is the context
+        (compressed at its end), every later chunk attends to the compressed past.
+
+        Returns (sum log p(tokens[1:]), number of scored tokens, stats after end_of_context).
+        """
+        tokens = list(tokens)
+        if len(tokens) < 2:
+            return 0.0, 0, None
+        state = self.new_state(1, len(tokens))
+        total, scored, stats = 0.0, 0, None
+        for s in range(0, len(tokens) - 1, chunk):
+            e = min(len(tokens) - 1, s + chunk)  # inputs tokens[s:e] predict tokens[s+1:e+1]
+            ids = torch.tensor([tokens[s:e]], device=self.device)
+            pos = torch.arange(s, e, device=self.device)[None]
+            logits = self.forward(state, ids, pos, torch.ones_like(ids, dtype=torch.bool), all_logits=True)[0]
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+            target = torch.tensor(tokens[s + 1 : e + 1], device=self.device)
+            total += float(logp.gather(1, target[:, None]).sum())
+            scored += e - s
+            if s == 0:
+                state.end_of_context()
+                stats = state.stats()
+        return total, scored, stats

@@ -1,0 +1,112 @@
+"""Load a model and its tokenizer: a local directory, a Hugging Face id (from the local cache, at a
+pinned revision), or a config with random weights (speed and memory at full scale).
+
+Loaded models are cached per process, so a Hydra multirun loads each model once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    weights: str  # "trained" | "random"
+    revision: str | None
+
+
+_CACHE: dict[tuple, Loaded] = {}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but torch sees no GPU; use device=cpu or device=auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device, config: Any = None) -> torch.dtype:
+    """auto: float32 on CPU (bf16 matmuls are ~3x slower there), else the model's dtype (bf16)."""
+    if name in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        dt = getattr(config, "dtype", None) if config is not None else None
+        if isinstance(dt, str):
+            dt = getattr(torch, dt, None)
+        return dt if isinstance(dt, torch.dtype) and dt != torch.float32 else torch.bfloat16
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return dt
+
+
+def _local(path: str) -> str:
+    """A repo-relative path (models/...) resolved against the repo; anything else as given."""
+    p = Path(path)
+    if not p.is_absolute() and (REPO / p).exists():
+        return str(REPO / p)
+    return path
+
+
+def _not_found(path: str, revision: str | None, err: Exception) -> ValueError:
+    rev = f" --revision {revision}" if revision else ""
+    return ValueError(
+        f"model {path!r} is not available locally ({type(err).__name__}: {err}). Download it once with "
+        f"`huggingface-cli download {path}{rev}`, or point model.path at a local directory that holds "
+        "config.json, the weights and the tokenizer."
+    )
+
+
+def load(model_cfg: dict[str, Any], *, device: str | None = "auto") -> Loaded:
+    """Load (or fetch from the per-process cache) the model described by a ``conf/model`` entry."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    path = _local(str(model_cfg["path"]))
+    revision = model_cfg.get("revision")
+    random_init = bool(model_cfg.get("random_init", False))
+    tok_path = _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))
+    offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE", "1") != "0" else {}
+    key = (path, revision, random_init, model_cfg.get("random_seed"), str(dev), model_cfg.get("dtype"), tok_path)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, **offline)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=None if tok_path != path else revision, **offline)
+    except (OSError, ValueError) as e:
+        raise _not_found(path, revision, e) from e
+    dtype = resolve_dtype(model_cfg.get("dtype"), dev, config)
+    if random_init:
+        torch.manual_seed(int(model_cfg.get("random_seed") or 0))
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        weights = "random"
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=revision, dtype=dtype, attn_implementation="sdpa", **offline
+            ).to(dev)
+        except OSError as e:
+            raise _not_found(path, revision, e) from e
+        weights = str(model_cfg.get("weights") or "trained")
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = Loaded(model=model, tokenizer=tokenizer, device=dev, dtype=dtype, weights=weights, revision=revision)
+    _CACHE[key] = loaded
+    return loaded

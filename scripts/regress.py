@@ -1,0 +1,143 @@
+"""CI regression check on results (DESIGN §1).
+
+    python scripts/regress.py --update   # write results/baseline/ci/<method>.csv from the pinned matrix
+    python scripts/regress.py            # re-run the matrix and compare; exit 1 on a regression
+
+The matrix is pinned below (tiny model, CPU, limit 20). Tolerances: accuracy within
+max(1/limit, the method's stated tolerance), since another CPU can flip a greedy token; byte
+columns exact; status exact; speed and memory of a CPU run are not compared. One baseline file
+per method, so work on different methods never collides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BASELINE = Path("results/baseline/ci")
+LIMIT = 20
+TASKS = ("niah_single", "variable_tracking")
+# method -> ratios (a ratio the method cannot honour is kept on purpose: its skipped row is compared too)
+MATRIX: dict[str, tuple[float, ...]] = {
+    "full": (0.0, 0.5),
+    "uniform_int": (0.5, 0.875),
+    "streaming_llm": (0.5, 0.75),
+}
+SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
+            "bench.enabled=false", "progress=false", "force=true")
+ACCURACY_TOL: dict[str, float] = {}  # a method's stated tolerance beyond 1/limit, if it needs one
+EXACT = ("status", "n_samples", "kv_bytes_full", "kv_bytes_stored", "kv_bytes_stored_final", "kv_bytes_read_per_step")
+FIELDS = ("method", "ratio", "task", "limit", *EXACT, "accuracy", "reason")
+
+
+def run_matrix(methods: list[str], tasks: list[str], limit: int, overrides: list[str]) -> list[dict]:
+    from harness.run import run_job
+    from harness.sweep import compose
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            for ratio in MATRIX[method]:
+                for task in tasks:
+                    cfg = compose([f"method={method}", f"ratio={ratio}", f"task={task}", f"limit={limit}",
+                                   f"results_dir={tmp}", *SETTINGS, *overrides])
+                    row = run_job(cfg, method_name=method)
+                    rec = {k: row.get(k) for k in FIELDS if k != "limit"}
+                    rec.update(method=method, ratio=ratio, task=task, limit=limit)
+                    rows.append(rec)
+                    print(f"  {method:>14} ratio={ratio:<6} {task:<18} {row.get('status'):<8} "
+                          f"acc={row.get('accuracy')} stored={row.get('kv_bytes_stored')}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _norm(v) -> str:
+    return "" if v is None else str(v)
+
+
+def write_baseline(rows: list[dict], baseline: Path) -> None:
+    baseline.mkdir(parents=True, exist_ok=True)
+    for method in sorted({r["method"] for r in rows}):
+        with open(baseline / f"{method}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            for r in rows:
+                if r["method"] == method:
+                    w.writerow({k: _norm(r.get(k)) for k in FIELDS})
+
+
+def read_baseline(baseline: Path, methods: list[str]) -> dict[tuple, dict]:
+    out = {}
+    for method in methods:
+        path = baseline / f"{method}.csv"
+        if not path.exists():
+            raise SystemExit(f"no baseline {path}; run `make regress-update` and commit it")
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                out[(r["method"], float(r["ratio"]), r["task"])] = r
+    return out
+
+
+def compare(rows: list[dict], base: dict[tuple, dict]) -> list[str]:
+    problems = []
+    for r in rows:
+        key = (r["method"], float(r["ratio"]), r["task"])
+        b = base.get(key)
+        name = f"{key[0]} ratio={key[1]} task={key[2]}"
+        if b is None:
+            problems.append(f"{name}: not in the baseline (run `make regress-update` if the matrix changed)")
+            continue
+        for col in EXACT:
+            if _norm(r.get(col)) != b.get(col, ""):
+                problems.append(f"{name}: {col} {b.get(col)!r} -> {_norm(r.get(col))!r} (must match exactly)")
+        if b.get("accuracy") or r.get("accuracy") is not None:
+            if not b.get("accuracy") or r.get("accuracy") is None:
+                problems.append(f"{name}: accuracy {b.get('accuracy')!r} -> {r.get('accuracy')!r}")
+            else:
+                limit = int(b.get("limit") or LIMIT)
+                tol = max(1.0 / limit, ACCURACY_TOL.get(key[0], 0.0)) + 1e-9
+                d = float(r["accuracy"]) - float(b["accuracy"])
+                if abs(d) > tol:
+                    problems.append(f"{name}: accuracy {float(b['accuracy']):.3f} -> {float(r['accuracy']):.3f} "
+                                    f"(|diff| {abs(d):.3f} > tolerance {tol:.3f})")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--update", action="store_true", help="write the baseline instead of comparing")
+    ap.add_argument("--baseline", default=str(BASELINE))
+    ap.add_argument("--methods", default=",".join(MATRIX), help="subset of the matrix's methods")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--limit", type=int, default=LIMIT)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. to test a change)")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in MATRIX]
+    if unknown:
+        ap.error(f"methods {unknown} are not in the CI matrix {sorted(MATRIX)}")
+    tasks = [t for t in args.tasks.split(",") if t]
+    baseline = Path(args.baseline)
+    print(f"[regress] {len(methods)} methods x ratios x {len(tasks)} tasks, limit {args.limit}", file=sys.stderr)
+    rows = run_matrix(methods, tasks, args.limit, args.overrides)
+    if args.update:
+        write_baseline(rows, baseline)
+        print(f"[regress] wrote {baseline}/<method>.csv for {', '.join(methods)}")
+        return 0
+    problems = compare(rows, read_baseline(baseline, methods))
+    if problems:
+        print(f"[regress] {len(problems)} regression(s) against {baseline}:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"[regress] ok: {len(rows)} runs within tolerance of {baseline}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
