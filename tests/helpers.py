@@ -24,3 +24,45 @@ def run(model, method, prompts, *, n_new=8, chunk=None, questions=None, protocol
         return_logits=True,
         protocol=protocol,
     )
+
+
+def read_wandb_offline(path):
+    """Records of an offline W&B run file (``run-*.wandb``): a 7-byte header, then LevelDB-log
+    framed protobuf records in 32 KiB blocks. Returns (summary dict, config keys, record kinds)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    block, pos, buf, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):
+            buf = chunk
+        else:
+            buf += chunk
+        if kind in (1, 4):
+            records.append(buf)
+            buf = b""
+    summary, config, kinds = {}, set(), []
+    for raw in records:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        kinds.append(kind)
+        if kind == "summary":
+            for item in rec.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "config":
+            config.update(item.key for item in rec.config.update)
+        elif kind == "run":
+            config.update(item.key for item in rec.run.config.update)
+    return summary, config, kinds

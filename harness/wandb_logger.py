@@ -1,0 +1,45 @@
+"""Mirror a run to Weights & Biases (``logger=wandb``): config = the resolved Hydra config,
+summary = the row, plus a Table of per-sample predictions. Offline unless ``WANDB_MODE`` (or
+``logger.mode``) says otherwise; sync later with ``wandb sync <dir>``. The JSON row in
+``results/runs/`` stays the source of truth."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def log_run(logger_cfg: Any, config: dict[str, Any], row: dict[str, Any], samples: list[dict]) -> str | None:
+    """Log one run; returns the local run directory (or None when W&B is disabled)."""
+    import wandb
+
+    mode = str(logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline")
+    if mode == "disabled":
+        return None
+    directory = Path(str(logger_cfg.get("dir") or "results/wandb"))
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{row.get('model')}/{row.get('method')}@{row.get('ratio')}/{row.get('task')}"
+    run = wandb.init(
+        project=str(logger_cfg.get("project") or "kvbench"),
+        entity=logger_cfg.get("entity"),
+        group=logger_cfg.get("group"),
+        tags=list(logger_cfg.get("tags") or []) + [str(row.get("status"))],
+        name=name,
+        id=None,
+        mode=mode,
+        dir=str(directory),
+        config={k: v for k, v in config.items() if k != "logger"},
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+    )
+    try:
+        summary = {k: v for k, v in row.items() if k != "config" and (v is None or isinstance(v, (int, float, str, bool)))}
+        run.summary.update(summary)
+        if samples:
+            cols = sorted({k for s in samples for k in s})
+            table = wandb.Table(columns=cols, data=[[s.get(c) for c in cols] for s in samples])
+            run.log({"predictions": table})
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()

@@ -1,0 +1,68 @@
+"""Generate the README's method table from the method configs and their docstrings.
+
+    python scripts/method_table.py            # print the table
+    python scripts/method_table.py --write    # replace it in README.md (between the markers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
+
+
+def rows() -> list[dict]:
+    out = []
+    for path in sorted((REPO / "conf" / "method").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        mod_name, _, cls_name = cfg["_target_"].rpartition(".")
+        mod = importlib.import_module(mod_name)
+        cls = getattr(mod, cls_name)
+        summary = (mod.__doc__ or cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        prefix = f"``{path.stem}``:"
+        summary = summary[len(prefix):].strip() if summary.startswith(prefix) else summary
+        knobs = [f.name for f in dataclasses.fields(cls) if f.name != "ratio"] if dataclasses.is_dataclass(cls) else []
+        out.append({"name": path.stem, "family": cls.family, "memory": cls.memory, "kernel": cls.kernel,
+                    "summary": summary, "knobs": ", ".join(f"`{k}`" for k in knobs) or "-"})
+    return out
+
+
+def table() -> str:
+    lines = ["| method | family | memory | kernel | knobs | what it is |", "|---|---|---|---|---|---|"]
+    for r in rows():
+        lines.append(f"| `{r['name']}` | {r['family']} | {r['memory']} | {r['kernel']} | {r['knobs']} | {r['summary']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--readme", default=str(REPO / "README.md"))
+    args = ap.parse_args(argv)
+    t = table()
+    if not args.write:
+        print(t)
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"error: {readme} has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{t}\n{END}{tail}")
+    print(f"updated {os.path.relpath(readme)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
