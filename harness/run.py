@@ -244,7 +244,7 @@ def _accuracy_pass(cfg: Any, engine: Any, tok: Any, samples: list[dict]) -> dict
         metadata["ppl_file"] = str(task.file)
     if task.get("builtin"):
         metadata["max_seq_lengths"] = [int(cfg.context_length)]
-        metadata["pretrained"] = getattr(tok, "name_or_path", None)
+        metadata["tokenizer"] = getattr(tok, "name_or_path", None)  # lm-eval's own tasks load it by name
         tm = TaskManager(metadata=metadata)
     else:
         tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
