@@ -54,7 +54,7 @@ def run_default(extra: list[str]) -> int:
     from .run import run_job
 
     jobs = []
-    for family, (method, ratio) in REPRESENTATIVES.items():
+    for method, ratio in REPRESENTATIVES.values():
         if (CONF / "method" / f"{method}.yaml").exists():
             for task in DEFAULT_TASKS:
                 jobs.append([f"method={method}", f"ratio={ratio}", f"task={task}", *DEFAULT_SETTINGS, *extra])

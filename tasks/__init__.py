@@ -3,7 +3,7 @@
 - :mod:`tasks.synthetic`: pure-Python, tokenizer-agnostic generators (``make_samples``,
   ``make_ppl_docs``, ``score``).
 - :mod:`tasks.datasets`: lm-eval ``custom_dataset`` functions, one per task.
-- :mod:`tasks.metrics`: lm-eval ``process_results``.
+- :mod:`tasks.datasets` also holds lm-eval's ``process_results``.
 - ``*.yaml`` in this folder: lm-eval tasks ``kvbench_<task>`` and ``kvbench_ppl``; load them with
   ``lm_eval.tasks.TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={...})``.
 

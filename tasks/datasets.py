@@ -149,3 +149,10 @@ def ppl(**kw) -> dict:
     """lm-eval dataset of ``kvbench_ppl``: documents (``id``, ``text``, ``num_tokens``) for perplexity."""
     opts = _options(kw, "kvbench_ppl")
     return _to_dataset(_synthetic().make_ppl_docs(**opts, file=kw.get("ppl_file")))
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval ``process_results``: ``{"accuracy": fraction of the doc's answers found in the
+    generation}`` (RULER's string_match_all)."""
+    prediction = results[0] if results else ""
+    return {"accuracy": _synthetic().score(doc["task"], prediction, list(doc["answers"]))}
