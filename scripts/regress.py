@@ -4,8 +4,9 @@
     python scripts/regress.py            # re-run the matrix and compare; exit 1 on a regression
 
 The matrix is pinned below (tiny model, CPU, limit 20). Tolerances: accuracy within
-max(1/limit, the method's stated tolerance), since another CPU can flip a greedy token; byte
-columns exact; status exact; speed and memory of a CPU run are not compared. One baseline file
+max(1/limit, the method's stated tolerance), since another CPU can flip a greedy token; the KV
+bytes stored at end of context exact; status exact; speed and memory of a CPU run are not
+compared (nor the bytes after decode, which follow the number of generated tokens). One baseline file
 per method, so work on different methods never collides.
 """
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINE = Path("results/baseline/ci")
 LIMIT = 20
-TASKS = ("niah_single", "variable_tracking")
+TASKS = ("niah_single", "niah_multivalue")  # tasks the tiny model solves at full cache
 # method -> ratios (a ratio the method cannot honour is kept on purpose: its skipped row is compared too)
 MATRIX: dict[str, tuple[float, ...]] = {
     "full": (0.0, 0.5),
@@ -32,8 +33,12 @@ MATRIX: dict[str, tuple[float, ...]] = {
 SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
             "bench.enabled=false", "progress=false", "force=true")
 ACCURACY_TOL: dict[str, float] = {}  # a method's stated tolerance beyond 1/limit, if it needs one
-EXACT = ("status", "n_samples", "kv_bytes_full", "kv_bytes_stored", "kv_bytes_stored_final", "kv_bytes_read_per_step")
-FIELDS = ("method", "ratio", "task", "limit", *EXACT, "accuracy", "reason")
+# Bytes measured right after end_of_context do not depend on what the model generates: exact.
+# Bytes after decode depend on how many tokens were generated, which a flipped greedy token can
+# change on another CPU: recorded for reference, not compared.
+EXACT = ("status", "n_samples", "kv_bytes_full", "kv_bytes_stored")
+RECORDED = ("kv_bytes_stored_final", "kv_bytes_read_per_step")
+FIELDS = ("method", "ratio", "task", "limit", *EXACT, *RECORDED, "accuracy", "reason")
 
 
 def run_matrix(methods: list[str], tasks: list[str], limit: int, overrides: list[str]) -> list[dict]:

@@ -34,5 +34,6 @@ def test_compare_tolerances():
            "kv_bytes_stored": 50, "kv_bytes_stored_final": 60, "kv_bytes_read_per_step": 60, "accuracy": 0.55}
     assert regress.compare([row], base) == []  # one sample of 20 may flip
     assert regress.compare([{**row, "accuracy": 0.6}], base)  # two may not
-    assert regress.compare([{**row, "kv_bytes_stored": 51}], base)  # bytes are exact
+    assert regress.compare([{**row, "kv_bytes_stored": 51}], base)  # bytes at end of context are exact
+    assert regress.compare([{**row, "kv_bytes_stored_final": 61}], base) == []  # follow generation length
     assert regress.compare([{**row, "status": "failed"}], base)

@@ -1,0 +1,142 @@
+"""Tests of scripts/train_tiny_model.py (CPU): the --smoke run writes a loadable Hugging Face directory,
+training text comes from split="train" streams only, and the training format is the evaluation format."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "scripts")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import train_tiny_model as T  # noqa: E402
+
+from tasks import synthetic as S  # noqa: E402
+
+TOK_DIR = ROOT / "models" / "kvbench-tiny"
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One --smoke run (in-process, no worker processes); records every seed key the generators use."""
+    out = tmp_path_factory.mktemp("kvbench-tiny")
+    keys: list[str] = []
+    real = S.sample_seed_key
+
+    def spy(task, split, seed, i):
+        key = real(task, split, seed, i)
+        keys.append(key)
+        return key
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(S, "sample_seed_key", spy)
+    try:
+        rc = T.main(["--smoke", "--out", str(out), "--tokenizer", str(TOK_DIR), "--eval-n", "1"])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out, keys
+
+
+def test_smoke_output_loads(smoke):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = smoke
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    weights = out / "model.safetensors"
+    assert weights.stat().st_size <= 16 * 2**20
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    cfg = model.config
+    assert cfg.model_type == "llama"
+    assert cfg.num_attention_heads // cfg.num_key_value_heads >= 2
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    assert cfg.head_dim in (64, 128) and cfg.num_hidden_layers >= 4
+    assert cfg.max_position_embeddings >= 8192
+    assert cfg.vocab_size == len(tok)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_token_id == cfg.eos_token_id
+    ids = tok("One of the special magic numbers for calm-fox is: 1234567.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
+    readme = (out / "README.md").read_text()
+    assert "Full-cache accuracy (measured through python -m harness.run)" in readme
+    assert "python scripts/train_tiny_model.py" in readme
+
+
+def test_training_draws_only_from_the_train_split(smoke):
+    _, keys = smoke
+    parsed = [k.split("|") for k in keys]
+    assert all(p[0] == "kvbench" and len(p) == 5 for p in parsed)
+    eval_keys = {k for k, p in zip(keys, parsed) if p[2] == "eval"}
+    train = [p for p in parsed if p[2] == "train"]
+    # the only eval-split sample is the report-only generation check (1 sample of niah_single at 256)
+    assert eval_keys == {S.sample_seed_key("niah_single", "eval", 0, 0)}
+    assert len(train) >= 2 and len(train) + len(eval_keys) == len(keys)
+    assert not {"|".join(p) for p in train} & eval_keys
+    # and the code names no other split for its training text
+    src = (ROOT / "scripts" / "train_tiny_model.py").read_text()
+    assert src.count("split=TRAIN_SPLIT") >= 3 and src.count("split=EVAL_SPLIT") == 1
+    assert T.TRAIN_SPLIT == "train" and T.EVAL_SPLIT == "eval"
+
+
+def test_generation_settings_match_task_yamls():
+    import yaml
+
+    for task in S.TASKS:
+        text = (ROOT / "tasks" / f"{task}.yaml").read_text()
+        text = "\n".join(line for line in text.splitlines() if "!function" not in line)
+        kw = yaml.safe_load(text)["generation_kwargs"]
+        until, max_new = T.GEN[task]
+        assert tuple(kw["until"]) == until and kw["max_gen_toks"] == max_new, task
+
+
+def test_questions_are_the_evaluation_questions():
+    for i in range(3):
+        for task in ("niah_single", "niah_multikey"):
+            s = S.make_sample(task, count_tokens=words, context_length=600, seed=1, index=i, split="train")
+            assert T.niah_question(s["keys"][0]) == s["question"]
+        s = S.make_sample("kv_retrieval", count_tokens=words, context_length=600, seed=1, index=i, split="train")
+        assert T.kv_question(s["keys"][0]) == s["question"]
+        s = S.make_sample("variable_tracking", count_tokens=words, context_length=600, seed=1, index=i,
+                          split="train")
+        chains = T.vt_chains(s["context"])
+        assert chains[s["keys"][0]] == s["answers"] and len(chains) == S.PARAMS.vt_chains
+        qas = T.qa_pairs("variable_tracking", s, random.Random(0))
+        assert qas[0] == (s["question"], s["answers"]) and len(qas) == S.PARAMS.vt_chains
+
+
+def test_episode_is_prompt_then_answer_then_eos():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOK_DIR))
+    ratios = {t: 4.0 for t in S.TASKS}
+    maker = T.BatchMaker(str(TOK_DIR), ratios, seed=3, worker=0, tokens_per_step=2048, max_len=512)
+    for task in ("niah_multikey", "kv_retrieval", "niah_multivalue", "dense_niah"):
+        ids, spans = maker.episode(task, 512)
+        start, end, first = spans[0]
+        assert first == 1 and all(f == 0 for _, _, f in spans[1:])
+        prompt = tok.decode(ids[:start])
+        assert prompt.endswith(" is:") or prompt.endswith(" are:")
+        # the prompt is tokenized as a whole, exactly as the harness tokenizes context + question
+        assert tok(prompt)["input_ids"] == ids[:start]
+        answer = tok.decode(ids[start:end])
+        assert answer.startswith(" ") and answer.endswith("\n<|eos|>")
+        if task == "dense_niah":
+            assert len(spans) >= 3
+        b = maker.batch(1)
+        assert b["x"].shape[0] == len(b["lens"]) and b["span_task"].shape == b["span_first"].shape
