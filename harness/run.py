@@ -256,11 +256,14 @@ def _accuracy_pass(cfg: Any, engine: Any, tok: Any, samples: list[dict]) -> dict
     )
     if results is None:
         raise RuntimeError("lm-eval returned no results")
-    out = _task_metrics(results, name, task.get("metric"))
+    metric = task.get("metric")
+    if metric is None and str(int(cfg.context_length)) in {k.split(",")[0] for k in results["results"].get(name, {})}:
+        metric = str(int(cfg.context_length))  # RULER in lm-eval names its metrics by sequence length
+    out = _task_metrics(results, name, metric)
     if "accuracy" not in out:
         raise RuntimeError(f"task {name} reported no metric {task.get('metric')!r}: {sorted(results['results'][name])}")
     recs = results.get("samples", {}).get(name, [])
-    main = task.get("metric") or "accuracy"
+    main = metric or "accuracy"
     per_sample = [float(r[main]) for r in recs if isinstance(r.get(main), (int, float))]
     if out.get("accuracy_stderr") is None and len(per_sample) > 1:  # standard error of the mean
         mean = sum(per_sample) / len(per_sample)
@@ -274,7 +277,7 @@ def _accuracy_pass(cfg: Any, engine: Any, tok: Any, samples: list[dict]) -> dict
         while isinstance(pred, list) and pred:
             pred = pred[0]
         samples.append({"doc_id": r.get("doc_id"), "target": json.dumps(r.get("target"), default=str),
-                        "prediction": str(pred), "score": r.get(task.get("metric") or "accuracy")})
+                        "prediction": str(pred), "score": r.get(main)})
     out.update(lm.totals.columns())
     out["n_truncated"] = splitter.n_truncated
     if cfg.protocol == "query_agnostic" and splitter.fallbacks:
