@@ -110,39 +110,15 @@ def synthetic_dataset(task: str, **kw) -> dict:
     return _to_dataset(_synthetic().make_samples(task, **_options(kw, f"kvbench_{task}")))
 
 
-def niah_single(**kw) -> dict:
-    """lm-eval dataset of ``niah_single``."""
-    return synthetic_dataset("niah_single", **kw)
-
-
-def niah_multikey(**kw) -> dict:
-    """lm-eval dataset of ``niah_multikey``."""
-    return synthetic_dataset("niah_multikey", **kw)
-
-
-def niah_multivalue(**kw) -> dict:
-    """lm-eval dataset of ``niah_multivalue``."""
-    return synthetic_dataset("niah_multivalue", **kw)
-
-
-def niah_multiquery(**kw) -> dict:
-    """lm-eval dataset of ``niah_multiquery``."""
-    return synthetic_dataset("niah_multiquery", **kw)
-
-
-def variable_tracking(**kw) -> dict:
-    """lm-eval dataset of ``variable_tracking``."""
-    return synthetic_dataset("variable_tracking", **kw)
-
-
-def common_words(**kw) -> dict:
-    """lm-eval dataset of ``common_words``."""
-    return synthetic_dataset("common_words", **kw)
-
-
-def kv_retrieval(**kw) -> dict:
-    """lm-eval dataset of ``kv_retrieval``."""
-    return synthetic_dataset("kv_retrieval", **kw)
+# One entry point per task YAML (`custom_dataset: !function datasets.<task>`); lm-eval calls it with the
+# metadata as keyword arguments.
+niah_single = functools.partial(synthetic_dataset, "niah_single")
+niah_multikey = functools.partial(synthetic_dataset, "niah_multikey")
+niah_multivalue = functools.partial(synthetic_dataset, "niah_multivalue")
+niah_multiquery = functools.partial(synthetic_dataset, "niah_multiquery")
+variable_tracking = functools.partial(synthetic_dataset, "variable_tracking")
+common_words = functools.partial(synthetic_dataset, "common_words")
+kv_retrieval = functools.partial(synthetic_dataset, "kv_retrieval")
 
 
 def ppl(**kw) -> dict:
