@@ -62,7 +62,7 @@ from tasks import synthetic as S  # noqa: E402
 TRAIN_SPLIT = "train"  # the only split training text is ever drawn from
 EVAL_SPLIT = "eval"  # used only by the report-only generation check at the end
 
-TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "ppl")
+TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "ppl")
 TASK_ID = {t: i for i, t in enumerate(TRAIN_TASKS)}
 # share of training sequences per task
 MIX: dict[str, float] = {
@@ -73,21 +73,25 @@ MIX: dict[str, float] = {
     "variable_tracking": 0.16,
     "common_words": 0.05,
     "kv_retrieval": 0.13,
-    "dense_niah": 0.18,
+    "dense_niah": 0.14,
+    "mqar": 0.04,
     "ppl": 0.03,
 }
 # share at the first (shortest) stage: mostly many needles and many questions per context
 STAGE0_MIX: dict[str, float] = {
-    "dense_niah": 0.50,
-    "niah_multikey": 0.12,
-    "niah_multiquery": 0.08,
-    "niah_single": 0.06,
-    "niah_multivalue": 0.06,
-    "kv_retrieval": 0.09,
-    "variable_tracking": 0.09,
+    "mqar": 0.35,
+    "dense_niah": 0.30,
+    "niah_multikey": 0.08,
+    "niah_multiquery": 0.05,
+    "niah_single": 0.04,
+    "niah_multivalue": 0.04,
+    "kv_retrieval": 0.07,
+    "variable_tracking": 0.07,
 }
-# tasks whose teacher-forced accuracy drives the curriculum
-CURRICULUM_TASKS = ("niah_multikey", "niah_multiquery", "dense_niah", "kv_retrieval")
+# tasks whose teacher-forced accuracy (all questions) drives the curriculum: key-conditional retrieval
+CURRICULUM_TASKS = ("niah_multikey", "dense_niah", "mqar")
+# answer tokens whose loss is multiplied by --first-weight: the first two, where the key decides
+FIRST_TOKENS = 2
 # evaluation settings, as in tasks/<task>.yaml: (stop strings, max new tokens)
 GEN: dict[str, tuple[tuple[str, ...], int]] = {
     "niah_single": (("\n",), 32),
@@ -280,6 +284,8 @@ class BatchMaker:
             return int(len(text) / ratio) + 1
 
         cap = L + self.tail(L)
+        if task == "mqar":
+            return self.mqar(L, cap)
         try:
             if task == "ppl":
                 doc = S.make_ppl_docs(count_tokens=count, context_length=cap - 8, n=1,
@@ -311,6 +317,53 @@ class BatchMaker:
             ids += ai
         return ids, spans
 
+    def mqar(self, L: int, cap: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Multi-query associative recall in the needle template, with keys and values drawn from the whole
+        vocabulary: 8-16 needles ``One of the special magic numbers for <w1>-<w2> is: <value>.`` in random
+        word-token filler, then every key asked back in the needle's own words. Keys far more varied than the
+        task generators' (943 x 1379 word tokens) and no shared filler words make key matching the only way
+        to lower the loss: this is where the key-matching circuit forms (tiny-model-notes.md)."""
+        if not hasattr(self, "_mq"):
+            vocab = self.tok.get_vocab()
+            self._mq = ([i for t, i in vocab.items() if re.fullmatch("\u0120[a-z]{3,}", t)],
+                        [i for t, i in vocab.items() if re.fullmatch("[a-z]{3,}", t)],
+                        self.enc("One of the special magic numbers for"), self.enc("-"), self.enc(" is:"),
+                        self.enc(" "), self.enc("."), self.enc(" The special magic numbers are hidden below.\n\n"))
+        words_sp, words, pre, dash, is_, space, dot, head = self._mq
+        r = self.rng
+        n = r.randint(8, 16)
+        pairs, seen = [], set()
+        while len(pairs) < n:
+            k = (r.choice(words_sp), r.choice(words))
+            if k in seen:
+                continue
+            seen.add(k)
+            v = ([self.enc(str(r.randint(0, 9)))[0] for _ in range(7)] if r.random() < 0.5
+                 else [r.choice(words) for _ in range(3)])
+            pairs.append((k, v))
+        needle_len = len(pre) + 3 + len(is_) + len(space) + 7 + len(dot)
+        filler = max(0, L - len(head) - n * needle_len)
+        cuts = sorted(r.randint(0, filler) for _ in range(n))
+        ids, last = list(head), 0
+        for (k, v), c in zip(pairs, cuts):
+            ids += [r.choice(words_sp) for _ in range(c - last)]
+            last = c
+            ids += pre + [k[0]] + dash + [k[1]] + is_ + space + v + dot
+        ids += [r.choice(words_sp) for _ in range(filler - last)] + self.enc("\n\n")
+        order = list(range(n))
+        r.shuffle(order)
+        spans = []
+        for j, q in enumerate(order):
+            (k, v) = pairs[q]
+            qi = pre + [k[0]] + dash + [k[1]] + is_
+            ai = space + v + self.enc("\n") + [self.eos]
+            if len(ids) + len(qi) + len(ai) > cap:
+                break
+            ids += qi
+            spans.append((len(ids), len(ids) + len(ai), int(j == 0)))
+            ids += ai
+        return ids, spans
+
     def batch(self, stage: int) -> dict:
         self.stage = stage
         L = self.length_for(stage)
@@ -328,15 +381,17 @@ class BatchMaker:
         x = np.full((B, T), self.pad, dtype=np.int32)
         lens = np.zeros(B, dtype=np.int32)
         span_tok = np.full((B, T), -1, dtype=np.int32)
+        span_pos = np.zeros((B, T), dtype=np.int8)  # 1 on the first FIRST_TOKENS tokens of each answer
         span_task, span_first = [], []
         for b, (task, ids, spans) in enumerate(eps):
             x[b, : len(ids)] = ids
             lens[b] = len(ids)
             for st, en, first in spans:
                 span_tok[b, st:en] = len(span_task)
+                span_pos[b, st : min(en, st + FIRST_TOKENS)] = 1
                 span_task.append(TASK_ID[task])
                 span_first.append(first)
-        return {"L": L, "stage": stage, "x": x, "lens": lens, "span_tok": span_tok,
+        return {"L": L, "stage": stage, "x": x, "lens": lens, "span_tok": span_tok, "span_pos": span_pos,
                 "span_task": np.array(span_task, dtype=np.int64), "span_first": np.array(span_first, dtype=np.int64)}
 
 
@@ -484,6 +539,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens-per-step", type=int, default=98304)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--first-weight", type=float, default=3.0,
+                    help="loss weight of the first two tokens of every answer (where the key decides) vs 1 for the rest")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
     ap.add_argument("--lm-weight0", type=float, default=0.0, help="weight of the all-token loss at stage 0")
     ap.add_argument("--lm-frac", type=float, default=0.25, help="share of non-answer positions the LM loss samples")
@@ -672,9 +729,11 @@ def main(argv: list[str] | None = None) -> int:
         wait_s += time.time() - t_get
         x = torch.from_numpy(b["x"]).long()
         span_tok = torch.from_numpy(b["span_tok"]).long()
+        span_pos = torch.from_numpy(b["span_pos"])
         lens = torch.from_numpy(b["lens"]).long()
         if device.type == "cuda":
-            x, span_tok, lens = (t.pin_memory().to(device, non_blocking=True) for t in (x, span_tok, lens))
+            x, span_tok, lens, span_pos = (t.pin_memory().to(device, non_blocking=True)
+                                           for t in (x, span_tok, lens, span_pos))
         span_task = torch.from_numpy(b["span_task"]).to(device, non_blocking=True)
         span_first = torch.from_numpy(b["span_first"]).to(device, non_blocking=True)
         B, T = x.shape
@@ -694,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
             logits = model.lm_head(h[sel])
         ce = F.cross_entropy(logits.float(), y[sel], reduction="none")
         is_ans = ans[sel]
-        ans_loss = (ce * is_ans).sum() / is_ans.sum().clamp(min=1)
+        w = torch.where(span_pos[:, 1:][sel].bool(), args.first_weight, 1.0) * is_ans
+        ans_loss = (ce * w).sum() / w.sum().clamp(min=1)
         lm_loss = (ce * ~is_ans).sum() / (~is_ans).sum().clamp(min=1)
         loss = ans_loss + lm_w * lm_loss
         opt.zero_grad(set_to_none=True)
@@ -752,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"step {step} stage {lengths[stage]} batch {B}x{T} loss {la[0]:.3f} ans {la[1]:.3f} lm {la[2]:.3f} "
                 f"lr {lr:.2e} tok/s {rec['tok_per_s']:,} q {producer.qsize()} data-wait {wait_s / max(el, 1e-6):.0%}\n"
                 f"    acc(first q) " + " ".join(f"{t}={v:.2f}" for t, v in first.items())
-                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} kv={allq['kv_retrieval']:.2f}"
+                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} mqar={allq['mqar']:.2f} kv={allq['kv_retrieval']:.2f} vt={allq['variable_tracking']:.2f}"
                 + " by len " + " ".join(f"{n}={v:.2f}" for n, v in per_len.items()))
             stats.zero_()
             loss_acc.zero_()
