@@ -539,6 +539,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens-per-step", type=int, default=98304)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--mqar-share", type=float, default=STAGE0_MIX["mqar"],
+                    help="weight of the mqar warm-up task in the stage-0 mix (the other tasks' weights are kept)")
     ap.add_argument("--first-weight", type=float, default=3.0,
                     help="loss weight of the first two tokens of every answer (where the key decides) vs 1 for the rest")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
@@ -646,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
 
         eval_pool = ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
         eval_futures = [eval_pool.submit(_eval_prompts, j) for j in jobs]
+    STAGE0_MIX["mqar"] = args.mqar_share  # module state: worker processes are forked after this
     producer = Producer(n_workers, str(out), ratios, args.seed, args.tokens_per_step, args.max_len, args.scaffold)
     log(f"{n_workers} data workers")
 
