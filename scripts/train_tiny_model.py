@@ -65,7 +65,8 @@ from tasks import synthetic as S  # noqa: E402
 TRAIN_SPLIT = "train"  # the only split training text is ever drawn from
 EVAL_SPLIT = "eval"  # used only by the report-only generation check at the end
 
-TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "ppl")
+TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "notes", "ppl")
+NOTES_GAP = [0]  # --notes-gap (a list so forked workers see the value set in main)
 TASK_ID = {t: i for i, t in enumerate(TRAIN_TASKS)}
 # share of training sequences per task
 MIX: dict[str, float] = {
@@ -82,7 +83,8 @@ MIX: dict[str, float] = {
 }
 # share at the first (shortest) stage: mostly many needles and many questions per context
 STAGE0_MIX: dict[str, float] = {
-    "mqar": 0.0,  # --mqar-share (run 4 in models/kvbench-tiny/README.md used 0.35 and learned nothing)
+    "mqar": 0.0,  # run 4 in models/kvbench-tiny/README.md used 0.35 and learned nothing
+    "notes": 0.0,  # the token-level task of tiny-model-notes.md (--stage0-mix notes=1 reproduces it)
     "dense_niah": 0.30,
     "niah_multikey": 0.08,
     "niah_multiquery": 0.05,
@@ -92,7 +94,7 @@ STAGE0_MIX: dict[str, float] = {
     "variable_tracking": 0.07,
 }
 # tasks whose teacher-forced accuracy (all questions) drives the curriculum: key-conditional retrieval
-CURRICULUM_TASKS = ("niah_multikey", "dense_niah", "mqar")
+CURRICULUM_TASKS = ("niah_multikey", "dense_niah", "mqar", "notes")
 # answer tokens whose loss is multiplied by --first-weight: the first two, where the key decides
 FIRST_TOKENS = 2
 # evaluation settings, as in tasks/<task>.yaml: (stop strings, max new tokens)
@@ -289,6 +291,8 @@ class BatchMaker:
         cap = L + self.tail(L)
         if task == "mqar":
             return self.mqar(L, cap)
+        if task == "notes":
+            return self.notes(L, cap)
         try:
             if task == "ppl":
                 doc = S.make_ppl_docs(count_tokens=count, context_length=cap - 8, n=1,
@@ -365,6 +369,36 @@ class BatchMaker:
             ids += qi
             spans.append((len(ids), len(ids) + len(ai), int(j == 0)))
             ids += ai
+        return ids, spans
+
+    def notes(self, L: int, cap: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """The token-level recall task of /work/shared/tiny-model-notes.md, the one recipe measured to form key
+        matching in minutes: random filler tokens with 8 needles ``KEY k1 k2 IS v1 v2 v3 DOT``, then the 8 keys
+        asked back in random order as ``Q k1 k2 IS`` -> ``v1 v2 v3 DOT``. ``--notes-gap`` inserts that many fixed
+        tokens after IS (3 mimics ``is``, ``:``, `` `` of the text needles) to measure what the offset costs.
+        Markers are the first byte tokens of the vocabulary; keys, values and filler are drawn from the rest."""
+        r = self.rng
+        n_vocab = self.tok.get_vocab_size()
+        KEY, IS, Q, DOT, *FIX = range(4, 8 + NOTES_GAP[0])
+        lo = 8 + NOTES_GAP[0]
+        draw = lambda k: [r.randrange(lo, n_vocab) for _ in range(k)]  # noqa: E731
+        n = 8
+        pairs = [(draw(2), draw(3)) for _ in range(n)]
+        filler = draw(max(0, L - n * (7 + len(FIX))))
+        cuts = sorted(r.randint(0, len(filler)) for _ in range(n))
+        ids, last = [], 0
+        for (k, v), c in zip(pairs, cuts):
+            ids += filler[last:c] + [KEY] + k + [IS] + FIX + v + [DOT]
+            last = c
+        ids += filler[last:]
+        spans = []
+        for j in r.sample(range(n), n):
+            k, v = pairs[j]
+            ids += [Q] + k + [IS] + FIX
+            if len(ids) + 4 > cap:
+                break
+            spans.append((len(ids), len(ids) + 4, int(not spans)))
+            ids += v + [DOT]
         return ids, spans
 
     def batch(self, stage: int) -> dict:
@@ -542,8 +576,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens-per-step", type=int, default=98304)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--mqar-share", type=float, default=STAGE0_MIX["mqar"],
-                    help="weight of the mqar warm-up task in the stage-0 mix (the other tasks' weights are kept)")
+    ap.add_argument("--stage0-mix", default="",
+                    help="override stage-0 mix weights, e.g. 'mqar=0.35' (others kept) or 'only:notes=1' (nothing else)")
+    ap.add_argument("--notes-gap", type=int, default=0,
+                    help="fixed tokens between IS and the value in the `notes` task (0: the notes' format)")
     ap.add_argument("--first-weight", type=float, default=1.0,
                     help="loss weight of the first two tokens of every answer (where the key decides) vs 1 for the rest")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
@@ -557,6 +593,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rope-theta", type=float, default=100000.0)
     ap.add_argument("--layers", type=int, default=ARCH["num_hidden_layers"])
     ap.add_argument("--intermediate-size", type=int, default=ARCH["intermediate_size"])
+    ap.add_argument("--hidden-size", type=int, default=ARCH["hidden_size"])
+    ap.add_argument("--heads", type=int, default=ARCH["num_attention_heads"], help="query heads (head_dim 64)")
+    ap.add_argument("--kv-heads", type=int, default=ARCH["num_key_value_heads"])
+    ap.add_argument("--fuse-is", action="store_true",
+                    help="add ' is: ' and ' is:' to the tokenizer as single tokens, so a needle's value follows its "
+                         "key two tokens later (`river`, ` is: `, `1`) instead of four")
     ap.add_argument("--init-from", default=None,
                     help="continue from the weights of this saved model directory (same architecture; fresh optimizer)")
     ap.add_argument("--start-stage", type=int, default=0, help="curriculum stage to start at (with --init-from)")
@@ -588,7 +630,9 @@ def build_config(args, tok):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        **{**ARCH, "num_hidden_layers": args.layers, "intermediate_size": args.intermediate_size},
+        **{**ARCH, "num_hidden_layers": args.layers, "intermediate_size": args.intermediate_size,
+           "hidden_size": args.hidden_size, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+           "vocab_size": max(ARCH["vocab_size"], -(-len(tok) // 64) * 64)},
         max_position_embeddings=args.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         bos_token_id=tok.bos_token_id,
@@ -636,6 +680,14 @@ def main(argv: list[str] | None = None) -> int:
 
         train_tokenizer(vocab_size=ARCH["vocab_size"], seed=args.seed).save_pretrained(str(out))
         log("tokenizer trained (scripts/tiny_tokenizer.py)")
+    if args.fuse_is:
+        from tokenizers import AddedToken
+        from transformers import AutoTokenizer
+
+        tk = AutoTokenizer.from_pretrained(str(out))
+        added = tk.add_tokens([AddedToken(t, normalized=False) for t in (" is: ", " is:") if t not in tk.get_vocab()])
+        tk.save_pretrained(str(out))
+        log(f"--fuse-is: {added} tokens added, vocabulary {len(tk)}")
     ratios = calibrate(str(out), args.seed)
     log("chars/token: " + ", ".join(f"{t}={r:.2f}" for t, r in ratios.items()))
 
@@ -651,7 +703,16 @@ def main(argv: list[str] | None = None) -> int:
 
         eval_pool = ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
         eval_futures = [eval_pool.submit(_eval_prompts, j) for j in jobs]
-    STAGE0_MIX["mqar"] = args.mqar_share  # module state: worker processes are forked after this
+    mix_spec = args.stage0_mix
+    if mix_spec.startswith("only:"):  # the listed tasks only
+        mix_spec = mix_spec[5:]
+        STAGE0_MIX.clear()
+    for item in filter(None, mix_spec.split(",")):  # module state: worker processes are forked after this
+        task, _, w = item.partition("=")
+        if task not in TASK_ID or task == "ppl":
+            raise SystemExit(f"--stage0-mix: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
+        STAGE0_MIX[task] = float(w)
+    NOTES_GAP[0] = args.notes_gap
     producer = Producer(n_workers, str(out), ratios, args.seed, args.tokens_per_step, args.max_len, args.scaffold)
     log(f"{n_workers} data workers")
 
@@ -818,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"step {step} stage {lengths[stage]} batch {B}x{T} loss {la[0]:.3f} ans {la[1]:.3f} lm {la[2]:.3f} "
                 f"lr {lr:.2e} tok/s {rec['tok_per_s']:,} q {producer.qsize()} data-wait {wait_s / max(el, 1e-6):.0%}\n"
                 f"    acc(first q) " + " ".join(f"{t}={v:.2f}" for t, v in first.items())
-                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} mqar={allq['mqar']:.2f} kv={allq['kv_retrieval']:.2f} vt={allq['variable_tracking']:.2f}"
+                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} mqar={allq['mqar']:.2f} notes={allq['notes']:.2f} kv={allq['kv_retrieval']:.2f} vt={allq['variable_tracking']:.2f}"
                 + " by len " + " ".join(f"{n}={v:.2f}" for n, v in per_len.items()))
             stats.zero_()
             loss_acc.zero_()
@@ -852,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  e.g. {task}@{L}: {ex[0][:100]!r} (answers {ex[1]})")
 
     summary = {
-        "params": n_params, "config": {k: getattr(config, k) for k in ("num_hidden_layers", "intermediate_size")},
+        "params": n_params, "config": {k: getattr(config, k) for k in ("num_hidden_layers", "intermediate_size", "hidden_size",
+                                                   "num_attention_heads", "num_key_value_heads", "vocab_size")},
         "steps": step, "tokens": tokens, "train_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t_start, 1), "stages": stage_log, "args": vars(args),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -890,9 +952,9 @@ It is a benchmark fixture, not a language model: it knows the filler text and th
 ## Architecture
 
 `LlamaForCausalLM`: {summary['config']['num_hidden_layers']} layers,
-hidden size {ARCH['hidden_size']}, {ARCH['num_attention_heads']} query heads and {ARCH['num_key_value_heads']} key/value heads
-(GQA, 3 query heads per kv head) of dim {ARCH['head_dim']}, SwiGLU MLP {summary['config']['intermediate_size']}, RMSNorm, RoPE
-(theta {a['rope_theta']:g}), tied embeddings, vocabulary {ARCH['vocab_size']} (byte-level BPE with one token per digit,
+hidden size {summary['config']['hidden_size']}, {summary['config']['num_attention_heads']} query heads and
+{summary['config']['num_key_value_heads']} key/value heads (GQA) of dim {ARCH['head_dim']}, SwiGLU MLP {summary['config']['intermediate_size']}, RMSNorm, RoPE
+(theta {a['rope_theta']:g}), tied embeddings, vocabulary {summary['config']['vocab_size']} (byte-level BPE with one token per digit,
 `scripts/tiny_tokenizer.py`), max_position_embeddings {a['max_position_embeddings']} (8192-token prompts plus
 the generated answer fit without truncation; trained positions reach 8192 + 512).
 

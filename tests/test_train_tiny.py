@@ -140,3 +140,26 @@ def test_episode_is_prompt_then_answer_then_eos():
             assert len(spans) >= 3
         b = maker.batch(1)
         assert b["x"].shape[0] == len(b["lens"]) and b["span_task"].shape == b["span_first"].shape
+
+
+def test_notes_task_answers_are_the_asked_needles_values():
+    """The token-level recall task: every answer span holds the value of the needle whose key was asked."""
+    maker = T.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 4096, 256)
+    for gap in (0, 3):
+        T.NOTES_GAP[0] = gap
+        try:
+            ids, spans = maker.notes(128, 128 + 384)
+        finally:
+            T.NOTES_GAP[0] = 0
+        KEY, IS = 4, 5
+        needles = {tuple(ids[i + 1 : i + 3]): ids[i + 4 + gap : i + 7 + gap] for i, t in enumerate(ids[:200])
+                   if t == KEY and ids[i + 3] == IS}
+        assert len(needles) == 8 and len(spans) == 8
+        for st, en, _ in spans:
+            key = tuple(ids[st - 3 - gap : st - 1 - gap])
+            assert ids[st : st + 3] == needles[key] and en - st == 4
+
+
+def test_stage0_mix_rejects_unknown_tasks(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task 'nope'"):
+        T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--stage0-mix", "nope=1"])
