@@ -220,7 +220,7 @@ class Louver(MethodBase):
     """Range-search index over keys; ``ratio`` sets the read fraction f = 1 - ratio (``budget``)."""
 
     ratio: float = 0.9
-    n_subspaces: int = 8
+    n_subspaces: int = 16
     branching: int = 4
     threshold: str = "budget"
     sample_size: int = 256
