@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--fraction", type=float, default=0.1, help="read budget f = 1 - ratio")
-    ap.add_argument("--n-subspaces", type=int, default=16)
+    ap.add_argument("--n-subspaces", type=int, default=32)
     ap.add_argument("--branching", type=int, default=4)
     ap.add_argument("--sample-size", type=int, default=256)
     ap.add_argument("--page-size", type=int, default=16)
