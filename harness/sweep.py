@@ -24,6 +24,7 @@ REPRESENTATIVES: dict[str, tuple[str, float]] = {
     "none": ("full", 0.0),
     "quantization": ("uniform_int", 0.75),
     "eviction": ("streaming_llm", 0.5),
+    "sparse": ("louver", 0.9),
 }
 # Tasks the embedded tiny model can do at full cache (see models/kvbench-tiny/README.md); add niah_multikey
 # once the tiny model tells needles apart by key (issue 4).

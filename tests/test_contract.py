@@ -11,11 +11,14 @@ from harness.engine import Engine, UnsupportedModel
 from harness.models import build_random_model, tiny_config
 from methods.api import KVMethod, LayerKV, ModelSpec
 from methods.full import Full
+from methods.louver import Louver
+from methods.quest import Quest
 from methods.streaming_llm import StreamingLLM
 from methods.uniform_int import UniformInt
 from tests.helpers import random_prompts
 
-METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2)]
+METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2),
+           Louver(ratio=0.5, n_subspaces=4, merge_every=2), Quest(ratio=0.5, page_size=4, dense_layers=1)]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
@@ -74,7 +77,7 @@ def test_mistral_sliding_window_field_is_read_when_layer_types_absent():
 def test_no_torch_work_or_registration_at_import():
     code = (
         "import sys, methods.api; assert 'torch' not in sys.modules, 'methods.api imported torch';"
-        "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm;"
+        "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm, methods.louver, methods.quest;"
         "from transformers import AttentionInterface;"
         "assert 'kvbench' not in AttentionInterface._global_mapping, 'registered at import'"
     )

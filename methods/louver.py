@@ -1,0 +1,354 @@
+"""``louver``: decode attention as halfspace range search over keys, with zero false negatives
+(Dehghankar & Asudeh, "Sparse Attention as a Range Searching Problem: Towards an Inference-Efficient
+Index for KV Cache", arXiv:2605.06763; shared/papers.md §5).
+
+Every token stays (K/V are not compressed); a decode step reads only the keys whose Cauchy-Schwarz
+upper bound reaches the query's threshold t, scores them exactly and attends over them plus a dense
+buffer of recent tokens. ``ratio`` maps onto the read fraction: ``threshold="budget"`` sets t so that a
+fraction f = 1 - ratio of a key sample scores at least t. The row reports the bytes actually read
+(index included) in ``kv_bytes_read_per_step`` / ``read_ratio_achieved``; ``kv_bytes_stored`` is the
+full K/V plus the index, so ``ratio_achieved`` is negative: Louver trades memory for reads.
+
+Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
+- head_dim D is split into ``n_subspaces`` S contiguous subspaces of D/S dims. Default S = 32 (the
+  paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/index_recall.py``
+  measured 71% of keys scanned at S = 8, 41% at S = 16, 15% at S = 32, and the bytes read per step
+  (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32);
+- in each subspace the keys are grouped into parents of about ``branching`` keys by a *balanced PCA
+  tree*: recursively split each group at the median of its projection onto its principal axis (power
+  iteration), with leaf counts kept proportional, until there are ceil(n / branching) leaves of
+  ``branching`` or ``branching - 1`` keys. Chosen because it is balanced by construction, vectorises
+  over heads and subspaces, and needs no iterations to converge; the paper's code uses k-center
+  clustering with balanced assignment (5 refinement iterations).
+- each parent is a ball: centre mu = mean of its children (rounded to the store's dtype), radius
+  r = max child distance to that rounded centre, computed in fp32 and rounded *up* when stored;
+- ``parent`` maps each key slot to its parent in every subspace; a reservoir sample of
+  ``sample_size`` keys per kv head (Algorithm R over the indexed stream) sets thresholds.
+
+The gate, and why it has zero false negatives. For a query q and a key k with parent ball (mu_s, r_s)
+in subspace s, Cauchy-Schwarz gives
+    q_s.k_s = q_s.mu_s + q_s.(k_s - mu_s) <= q_s.mu_s + |q_s| |k_s - mu_s| <= q_s.mu_s + |q_s| r_s =: ub_s,
+and summing over the subspaces, q.k = sum_s q_s.k_s <= sum_s ub_s(parent_s(k)) =: U(k).
+A key survives iff U(k) >= t - margin, so every key with q.k >= t survives: zero false negatives by
+construction, whatever the clustering. The per-subspace form of the same test: a parent p of
+subspace s can be pruned with all its children when ub_s(p) < t - sum_{s' != s} max_p' ub_s'(p'),
+thresholds that sum to t minus the slack of the other subspaces. Note that an AND over subspaces
+with fixed thresholds t_s summing to t (or the paper code's t_s = min over sample keys of the
+subspace partial products) is *not* exact: a key above t may fall below t_s in one subspace and make
+up for it in another. Gates run in fp32; ``margin = gate_eps * |q| * max|k|`` absorbs fp32 rounding of
+the sums (the paper's fp16 gates missed 0.08% of keys).
+
+Decode (T == 1): thresholds per query head from the sample (``budget``: the ceil(f * m)-th largest of
+the m sample scores; the paper's oracle modes ``sample_max``, ``sample_mean_max`` = (max + mean) / 2,
+``sample_gap`` = the score above the largest gap in the top half of the sorted sample scores; oracle
+modes do not use ``ratio`` except ratio 0); exact softmax over the survivors and the buffer; the buffer
+(question and generated tokens) is merged into the index every ``merge_every`` steps (256 in the paper).
+Prefill and the question attend densely (the paper sparsifies decode only). ratio 0 reads everything
+and equals ``full``. A kv head's bytes read count each key once however many of its query heads
+select it; the gate reads every parent's centre and radius, every indexed key's parent ids and the
+sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.stores import SparseReadStore
+
+THRESHOLDS = ("budget", "sample_max", "sample_mean_max", "sample_gap")
+
+
+# -- the index: pure tensor functions (the store, tests and scripts/index_recall.py use them) --------
+def balanced_groups(x: Tensor, valid: Tensor, *, branching: int, power_iters: int = 4) -> tuple[Tensor, Tensor]:
+    """Group each point set into ceil(n / branching) leaves of ``branching`` or fewer points (never
+    empty) by a balanced PCA tree. x (N, W, d) fp32; valid (N, W) bool.
+
+    Returns parent (N, W) long (leaf of each point, -1 for invalid points; leaves numbered from 0
+    per set) and the number of leaves per set (N,) long.
+    """
+    N, W, d = x.shape
+    dev = x.device
+    r = valid.sum(1)  # (N,) points per set
+    p_root = (r + branching - 1) // branching  # (N,) leaves per set
+    P_max = int(p_root.max()) if N else 0
+    L = max(0, math.ceil(math.log2(P_max))) if P_max > 0 else 0
+    Wp = branching * (1 << L)
+    xp = torch.zeros(N, Wp, d, dtype=torch.float32, device=dev)
+    vp = torch.zeros(N, Wp, dtype=torch.bool, device=dev)
+    order = torch.full((N, Wp), -1, dtype=torch.long, device=dev)
+    # valid points first, in order (padding after): a row's valid count is r
+    rank = torch.where(valid, valid.long().cumsum(1) - 1, (~valid).long().cumsum(1) - 1 + r[:, None])  # (N, W)
+    xp.scatter_(1, rank[..., None].expand(N, W, d), x.float())
+    vp.scatter_(1, rank, valid)
+    order.scatter_(1, rank, torch.arange(W, device=dev).expand(N, W))
+    p = p_root[:, None]  # (N, g) leaves to make in each group
+    for level in range(L):
+        g, m = 1 << level, Wp >> level
+        half = m // 2
+        xs, vs, os_ = xp.view(N, g, m, d), vp.view(N, g, m), order.view(N, g, m)
+        w = vs.float()[..., None]  # (N, g, m, 1)
+        cnt = vs.sum(2)  # (N, g)
+        mean = (xs * w).sum(2) / cnt.clamp(min=1)[..., None]  # (N, g, d)
+        xc = (xs - mean[:, :, None]) * w  # (N, g, m, d)
+        cov = xc.transpose(-1, -2) @ xc  # (N, g, d, d)
+        axis = torch.nn.functional.one_hot(cov.diagonal(dim1=-2, dim2=-1).argmax(-1), d).float()  # (N, g, d)
+        for _ in range(power_iters):
+            axis = (cov @ axis[..., None])[..., 0]
+            axis = axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+        proj = (xc * axis[:, :, None]).sum(-1).masked_fill(~vs, float("inf"))  # (N, g, m)
+        srt = proj.argsort(dim=-1, stable=True)  # (N, g, m): valid by projection, then padding
+        p_l = (p + 1) // 2  # (N, g) leaves of the left half
+        c = torch.where(p > 0, (cnt * p_l + p - 1) // p.clamp(min=1), cnt)  # ceil(cnt * p_l / p) points left
+        i = torch.arange(m, device=dev)  # sorted position
+        j = i - cnt[..., None]  # padding index (>= 0 for padding)
+        pad_left = half - c  # (N, g)
+        dest = torch.where(
+            i < cnt[..., None],
+            torch.where(i < c[..., None], i, half + i - c[..., None]),
+            torch.where(j < pad_left[..., None], c[..., None] + j, half + cnt[..., None] - c[..., None] + j - pad_left[..., None]),
+        )  # (N, g, m): new position of the point at sorted position i
+        src = torch.empty_like(dest).scatter_(2, dest, srt)  # (N, g, m): old position of each new slot
+        xp = xs.gather(2, src[..., None].expand(N, g, m, d)).reshape(N, Wp, d)
+        vp = vs.gather(2, src).reshape(N, Wp)
+        order = os_.gather(2, src).reshape(N, Wp)
+        p = torch.stack([p_l, p - p_l], dim=-1).reshape(N, 2 * g)
+    leaf_of_group = p.cumsum(1) - 1  # (N, 2^L): groups with p == 1 are the leaves, numbered in order
+    leaf = leaf_of_group.repeat_interleave(branching, dim=1)  # (N, Wp)
+    leaf = torch.where(vp, leaf, torch.full_like(leaf, -1))
+    parent = torch.full((N, W + 1), -1, dtype=torch.long, device=dev)
+    parent.scatter_(1, torch.where(order >= 0, order, torch.full_like(order, W)), leaf)
+    return parent[:, :W], p_root
+
+
+def ball_bounds(x: Tensor, parent: Tensor, n_parents: int, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Enclosing balls of the groups: x (N, W, d) fp32, parent (N, W) long (-1 = none).
+
+    Returns centres (N, P, d) in ``dtype`` (the mean, rounded) and radii (N, P) in ``dtype``: the max
+    distance of a child to the *rounded* centre, computed in fp32 and rounded up, so the bound holds
+    for the stored values. Parents without children get radius 0 (no key refers to them).
+    """
+    N, W, d = x.shape
+    ok = parent >= 0
+    idx = parent.clamp(min=0)
+    sums = torch.zeros(N, n_parents + 1, d, device=x.device).scatter_add_(
+        1, torch.where(ok, idx, n_parents)[..., None].expand(N, W, d), x.float())[:, :n_parents]
+    cnt = torch.zeros(N, n_parents + 1, device=x.device).scatter_add_(
+        1, torch.where(ok, idx, n_parents), ok.float())[:, :n_parents]
+    centres = (sums / cnt.clamp(min=1)[..., None]).to(dtype)  # (N, P, d)
+    c = centres.float().gather(1, idx[..., None].expand(N, W, d))  # (N, W, d)
+    dist = torch.where(ok, (x.float() - c).norm(dim=-1), torch.zeros((), device=x.device))  # (N, W)
+    radii = torch.zeros(N, n_parents + 1, device=x.device).scatter_reduce_(
+        1, torch.where(ok, idx, n_parents), dist, reduce="amax")[:, :n_parents]
+    up = 1.0 + 2.0 * torch.finfo(dtype).eps  # round-to-nearest errs by <= eps/2 relative: stored radius >= r
+    return centres, (radii * up).to(dtype)
+
+
+class BallIndex(NamedTuple):
+    centres: Tensor  # (B, H_kv, S, P, D/S)
+    radii: Tensor  # (B, H_kv, S, P)
+    parent: Tensor  # (B, H_kv, S, N) long, -1 = not indexed
+
+
+def build_index(keys: Tensor, valid: Tensor, *, n_subspaces: int, branching: int, dtype: torch.dtype | None = None,
+                power_iters: int = 4) -> BallIndex:
+    """Louver's index over keys (B, H_kv, N, D); valid (B, N) bool. Parents are numbered per
+    (row, head, subspace) from 0; P = the most any of them has."""
+    B, H, N, D = keys.shape
+    S, ds = n_subspaces, D // n_subspaces
+    x = keys.float().reshape(B, H, N, S, ds).permute(0, 1, 3, 2, 4).reshape(B * H * S, N, ds)  # (BHS, N, ds)
+    v = valid[:, None, None, :].expand(B, H, S, N).reshape(B * H * S, N)
+    parent, n_par = balanced_groups(x, v, branching=branching, power_iters=power_iters)
+    P = int(n_par.max()) if n_par.numel() else 0
+    centres, radii = ball_bounds(x, parent, P, dtype=dtype or keys.dtype)
+    return BallIndex(centres.view(B, H, S, P, ds), radii.view(B, H, S, P), parent.view(B, H, S, N))
+
+
+def thresholds(qg: Tensor, sample: Tensor, sample_valid: Tensor, *, mode: str, fraction: float) -> Tensor:
+    """Per-query thresholds from a key sample. qg (B, H_kv, G, D) fp32; sample (B, H_kv, M, D);
+    sample_valid (B, H_kv, M) bool -> t (B, H_kv, G) fp32 (-inf where the sample is empty)."""
+    scores = torch.einsum("bhgd,bhmd->bhgm", qg.float(), sample.float())  # (B, H_kv, G, M)
+    scores = scores.masked_fill(~sample_valid[:, :, None], float("-inf"))
+    srt = scores.sort(-1, descending=True).values  # (B, H_kv, G, M)
+    m = sample_valid.sum(-1)[:, :, None].expand_as(srt[..., 0])  # (B, H_kv, G)
+    if mode == "budget":
+        k = torch.ceil(fraction * m.double()).long().clamp(min=1)
+        t = srt.gather(-1, (k - 1).clamp(max=srt.shape[-1] - 1)[..., None])[..., 0]
+    elif mode == "sample_max":
+        t = srt[..., 0]
+    elif mode == "sample_mean_max":
+        mean = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt)).sum(-1) / m.clamp(min=1)
+        t = (srt[..., 0] + mean) / 2
+    elif mode == "sample_gap":
+        top = max(1, srt.shape[-1] // 2)
+        gaps = srt[..., :top] - srt[..., 1 : top + 1] if srt.shape[-1] > 1 else torch.zeros_like(srt[..., :1])
+        pos = torch.arange(gaps.shape[-1], device=srt.device)
+        gaps = torch.where((pos + 1 < m[..., None]) & (pos < (m[..., None] + 1) // 2), gaps, torch.full_like(gaps, -1))
+        gaps = torch.nan_to_num(gaps, nan=-1.0, posinf=-1.0, neginf=-1.0)
+        t = srt.gather(-1, gaps.argmax(-1, keepdim=True))[..., 0]
+    else:
+        raise ValueError(f"unknown threshold mode {mode!r}; use one of {THRESHOLDS}")
+    return torch.where(m > 0, t, torch.full_like(t, float("-inf")))
+
+
+def upper_bounds(qg: Tensor, index: BallIndex) -> Tensor:
+    """U(k) = sum_s q_s.mu_s + |q_s| r_s over each key's parents: qg (B, H_kv, G, D) fp32 ->
+    (B, H_kv, G, N) fp32 (keys outside the index get -inf)."""
+    B, H, G, D = qg.shape
+    S, P, ds = index.centres.shape[2:]
+    N = index.parent.shape[-1]
+    qs = qg.float().reshape(B, H, G, S, ds)  # (B, H_kv, G, S, ds)
+    ub = torch.einsum("bhgsd,bhspd->bhgsp", qs, index.centres.float())  # (B, H_kv, G, S, P)
+    ub = ub + qs.norm(dim=-1)[..., None] * index.radii.float()[:, :, None]
+    par = index.parent.long()
+    bound = ub.gather(-1, par.clamp(min=0)[:, :, None].expand(B, H, G, S, N)).sum(3)  # (B, H_kv, G, N)
+    return bound.masked_fill((par < 0).any(2)[:, :, None], float("-inf"))
+
+
+def survivors(qg: Tensor, index: BallIndex, t: Tensor, *, kmax: Tensor, gate_eps: float) -> Tensor:
+    """Keys whose upper bound reaches t (B, H_kv, G) minus the fp32 margin -> (B, H_kv, G, N) bool.
+    Every key with q.k >= t is among them (module docstring)."""
+    margin = gate_eps * qg.float().norm(dim=-1) * kmax[:, :, None].float()  # (B, H_kv, G)
+    return upper_bounds(qg, index) >= (t - margin)[..., None]
+
+
+# -- the method ----------------------------------------------------------------------------------
+@dataclass
+class Louver(MethodBase):
+    """Range-search index over keys; ``ratio`` sets the read fraction f = 1 - ratio (``budget``)."""
+
+    ratio: float = 0.9
+    n_subspaces: int = 32
+    branching: int = 4
+    threshold: str = "budget"
+    sample_size: int = 256
+    merge_every: int = 256
+    power_iters: int = 4
+    gate_eps: float = 1e-5
+    seed: int = 0
+
+    family = "sparse"
+    memory = "physical"
+    kernel = "reference"
+    name = "louver"
+
+    def __post_init__(self) -> None:
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"unknown threshold {self.threshold!r}; use one of {THRESHOLDS}")
+        for knob in ("n_subspaces", "branching", "sample_size", "merge_every"):
+            if int(getattr(self, knob)) < 1:
+                raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
+        if int(self.power_iters) < 0 or float(self.gate_eps) < 0:
+            raise ValueError("power_iters and gate_eps must be >= 0")
+
+    def validate(self, model: ModelSpec) -> list[str]:
+        reasons = super().validate(model)
+        if not 0.0 <= float(self.ratio) < 1.0:
+            reasons.append(f"louver reads (1 - ratio) of the keys per step; ratio must be in [0, 1), got {self.ratio}")
+        if model.head_dim % int(self.n_subspaces):
+            reasons.append(f"n_subspaces={self.n_subspaces} does not divide head_dim {model.head_dim}")
+        return reasons
+
+    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> LouverStore:
+        return LouverStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
+
+
+class LouverStore(SparseReadStore):
+    """Dense K/V plus the ball index (preallocated parents; ``p_hi`` of them in use)."""
+
+    index_fields = ("centres", "radii", "parent", "sample", "sample_valid", "kmax")
+    bookkeeping = (*SparseReadStore.bookkeeping, "res_seen")
+
+    def __init__(self, layer: LayerSpec, method: Louver, *, batch: int, capacity: int, device: Any, dtype: Any):
+        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype,
+                         merge_every=int(method.merge_every))
+        self.method = method
+        self.dense_decode = float(method.ratio) == 0.0
+        self.p_hi = 0
+
+    def _leaves(self, width: int) -> int:
+        return (width + self.method.branching - 1) // self.method.branching
+
+    def _index_reset(self) -> None:
+        m, L = self.method, self.layer
+        B, H, D = self.batch, L.n_kv_heads, L.head_dim
+        S, ds = int(m.n_subspaces), D // int(m.n_subspaces)
+        rest = self.capacity - self.hi  # question + decode slots
+        p_cap = self._leaves(self.hi) + self._leaves(rest) + rest // max(1, m.merge_every) + 2
+        dev, dt = self.device, self.dtype
+        self.centres = torch.zeros(B, H, S, p_cap, ds, dtype=dt, device=dev)  # (B, H_kv, S, P, D/S)
+        self.radii = torch.zeros(B, H, S, p_cap, dtype=dt, device=dev)  # (B, H_kv, S, P)
+        pdt = torch.int16 if p_cap < 2**15 else torch.int32
+        self.parent = torch.full((B, H, S, self.capacity), -1, dtype=pdt, device=dev)  # (B, H_kv, S, N)
+        self.sample = torch.zeros(B, H, int(m.sample_size), D, dtype=dt, device=dev)  # (B, H_kv, M, D)
+        self.sample_valid = torch.zeros(B, H, int(m.sample_size), dtype=torch.bool, device=dev)
+        self.kmax = torch.zeros(B, H, dtype=torch.float32, device=dev)  # (B, H_kv) max key norm
+        self.res_seen = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) keys the reservoir saw
+
+    def _index_add(self, keys: Tensor, valid: Tensor, slots: Tensor) -> None:
+        m = self.method
+        B, H, W, D = keys.shape
+        ix = build_index(keys, valid, n_subspaces=int(m.n_subspaces), branching=int(m.branching), dtype=self.dtype,
+                         power_iters=int(m.power_iters))
+        P = ix.centres.shape[3]
+        if self.p_hi + P > self.centres.shape[3]:
+            raise RuntimeError(f"louver index capacity {self.centres.shape[3]} parents exceeded ({self.p_hi} + {P})")
+        self.centres[:, :, :, self.p_hi : self.p_hi + P] = ix.centres
+        self.radii[:, :, :, self.p_hi : self.p_hi + P] = ix.radii
+        S = ix.parent.shape[2]
+        dst = slots[:, None, None, :].expand(B, H, S, W)  # (B, H_kv, S, W)
+        old = self.parent.gather(-1, dst)
+        new = torch.where(valid[:, None, None, :], ix.parent + self.p_hi, old.long())
+        self.parent.scatter_(-1, dst, new.to(self.parent.dtype))
+        self.p_hi += P
+        norms = keys.norm(dim=-1).masked_fill(~valid[:, None, :], 0.0)  # (B, H_kv, W)
+        self.kmax = torch.maximum(self.kmax, norms.amax(-1))
+        self._reservoir(keys, valid)
+
+    def _reservoir(self, keys: Tensor, valid: Tensor) -> None:
+        """Algorithm R over the stream of indexed keys, vectorised over a window (last writer wins)."""
+        B, H, W, D = keys.shape
+        M = self.sample.shape[2]
+        g = torch.Generator(device=self.device).manual_seed(
+            int(self.method.seed) * 1_000_003 + self.layer.layer_idx * 1009 + self.n_merges)
+        i = self.res_seen[:, None] + valid.long().cumsum(1) - 1  # (B, W) stream index of each key
+        u = (torch.rand(B, H, W, generator=g, device=self.device) * (i[:, None] + 1)).long()  # (B, H_kv, W)
+        target = torch.where(i[:, None] < M, i[:, None].expand(B, H, W), u)
+        take = valid[:, None] & (target < M)
+        score = torch.where(take, torch.arange(W, device=self.device).expand(B, H, W), -1)
+        winner = torch.full((B, H, M), -1, dtype=torch.long, device=self.device).scatter_reduce(
+            -1, target.clamp(max=M - 1), score, reduce="amax")  # (B, H_kv, M)
+        has = winner >= 0
+        new = keys.gather(2, winner.clamp(min=0)[..., None].expand(B, H, M, D))  # (B, H_kv, M, D)
+        self.sample = torch.where(has[..., None], new.to(self.dtype), self.sample)
+        self.sample_valid = self.sample_valid | has
+        self.res_seen = self.res_seen + valid.sum(1)
+
+    def index(self) -> BallIndex:
+        return BallIndex(self.centres[:, :, :, : self.p_hi], self.radii[:, :, :, : self.p_hi], self.parent)
+
+    def _select(self, qg: Tensor) -> Tensor:
+        m = self.method
+        t = thresholds(qg, self.sample, self.sample_valid, mode=m.threshold, fraction=1.0 - float(m.ratio))
+        return survivors(qg, self.index(), t, kmax=self.kmax, gate_eps=float(m.gate_eps))
+
+    def _index_read_bytes(self) -> Tensor:
+        H, S = self.layer.n_kv_heads, self.centres.shape[2]
+        ds = self.centres.shape[4]
+        elem = self._nominal_size()
+        gate = H * S * self.p_hi * (ds + 1) * elem + self.sample[0].numel() * elem  # centres, radii, sample
+        ids = self.idx_end.to(torch.float64) * H * S * self.parent.element_size()  # parent ids of indexed keys
+        return ids + gate
+
+    def _index_stored_bytes(self, root: str, t: Tensor, elem: int) -> int:
+        if root in ("centres", "radii"):
+            return t.numel() // t.shape[3] * self.p_hi * elem
+        if root == "parent":
+            per_slot = t.shape[1] * t.shape[2] * elem
+            return int(self.idx_end.sum()) * per_slot
+        return t.numel() * elem

@@ -1,0 +1,193 @@
+"""louver and quest: the range-search gate has zero false negatives; outputs are exact over what is read."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from harness.engine import Engine
+from methods.full import Full
+from methods.louver import Louver, balanced_groups, build_index, survivors, thresholds, upper_bounds
+from methods.quest import Quest
+from methods.stores import attend
+from tests.helpers import random_prompts, run
+
+
+def _keys(seed, B=2, H=2, N=300, D=32, aniso=True):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, N, D, generator=g)
+    if aniso:  # real keys: a few large channels and a mean offset
+        k = k * torch.linspace(0.1, 4.0, D) + torch.randn(D, generator=g)
+    return k, g
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 17, 64, 129])
+def test_balanced_groups_are_complete_and_small(n):
+    x = torch.randn(3, n, 4)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[1, n // 2 :] = False
+    parent, n_par = balanced_groups(x, valid, branching=4)
+    for b in range(3):
+        assert (parent[b][~valid[b]] == -1).all()
+        cnt = torch.bincount(parent[b][valid[b]], minlength=int(n_par[b]))
+        assert len(cnt) == int(n_par[b]) == math.ceil(int(valid[b].sum()) / 4)
+        if len(cnt):
+            assert 1 <= int(cnt.min()) and int(cnt.max()) <= 4
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_false_negatives_on_random_keys(seed):
+    k, g = _keys(seed, aniso=seed % 2 == 0)
+    B, H, N, D = k.shape
+    valid = torch.rand(B, N, generator=g) < 0.9
+    S = [2, 4, 8][seed % 3]
+    ix = build_index(k, valid, n_subspaces=S, branching=4, dtype=torch.float32)
+    q = torch.randn(B, H, 3, D, generator=g) * 2
+    sample = k[:, :, :64]
+    t = thresholds(q, sample, valid[:, None, :64].expand(B, H, 64), mode="budget", fraction=[0.05, 0.1, 0.3][seed % 3])
+    kmax = k.norm(dim=-1).amax(-1)
+    surv = survivors(q, ix, t, kmax=kmax, gate_eps=1e-5)  # (B, H, G, N)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q, k)
+    must = (exact >= t[..., None]) & valid[:, None, None, :]
+    assert must.any()
+    assert not (must & ~surv).any()
+    assert not (surv & ~valid[:, None, None, :]).any()  # only indexed keys survive
+    bound = upper_bounds(q, ix)
+    assert (bound[..., valid[0]][0] >= exact[..., valid[0]][0] - 1e-4).all()  # the bound is an upper bound
+
+
+def test_bf16_index_keeps_the_guarantee():
+    k, g = _keys(7)
+    k = k.to(torch.bfloat16)
+    B, H, N, D = k.shape
+    valid = torch.ones(B, N, dtype=torch.bool)
+    ix = build_index(k, valid, n_subspaces=4, branching=4, dtype=torch.bfloat16)
+    q = torch.randn(B, H, 4, D, generator=g)
+    t = thresholds(q, k[:, :, :128], valid[:, None, :128].expand(B, H, 128), mode="budget", fraction=0.1)
+    surv = survivors(q, ix, t, kmax=k.float().norm(dim=-1).amax(-1), gate_eps=1e-5)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q, k.float())
+    assert not ((exact >= t[..., None]) & ~surv).any()
+
+
+@pytest.mark.parametrize("mode", ["budget", "sample_max", "sample_mean_max", "sample_gap"])
+def test_threshold_modes(mode):
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 2, 100, 16, generator=g)
+    q = torch.randn(1, 2, 3, 16, generator=g)
+    valid = torch.ones(1, 2, 100, dtype=torch.bool)
+    t = thresholds(q, sample, valid, mode=mode, fraction=0.1)
+    s = torch.einsum("bhgd,bhmd->bhgm", q, sample)
+    frac = (s >= t[..., None]).float().mean(-1)
+    if mode == "budget":
+        assert torch.allclose(frac, torch.full_like(frac, 0.1))
+    elif mode == "sample_max":
+        assert torch.allclose(frac, torch.full_like(frac, 0.01))
+    else:
+        assert ((frac > 0) & (frac <= 0.5)).all()
+    assert torch.isinf(thresholds(q, sample, valid & False, mode=mode, fraction=0.1)).all()
+
+
+def test_no_false_negatives_on_captured_keys(tiny_llama):
+    """Decode queries and keys captured from a model through the store itself, many steps."""
+    prompts = random_prompts([70, 45])
+    method = Louver(ratio=0.8, n_subspaces=4, sample_size=32, merge_every=5)
+    engine = Engine(copy.deepcopy(tiny_llama), method, prefill_chunk=16)
+    state = engine.new_state(2, 100)
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    seen = {}
+    for layer in state.layers:  # record each gate decision against exact scores
+        orig = layer._select
+
+        def select(qg, layer=layer, orig=orig):
+            sel = orig(qg)
+            m = layer.method
+            t = thresholds(qg, layer.sample, layer.sample_valid, mode=m.threshold, fraction=1 - m.ratio)
+            exact = torch.einsum("bhgd,bhnd->bhgn", qg, layer.k.float())
+            indexed = torch.arange(layer.capacity)[None] < layer.idx_end[:, None]  # (B, S)
+            must = (exact >= t[..., None]) & indexed[:, None, None]
+            seen[id(layer)] = seen.get(id(layer), 0) + int((must & ~sel).sum())
+            seen["must"] = seen.get("must", 0) + int(must.sum())
+            return sel
+
+        layer._select = select
+    for step in range(12):  # crosses two buffer merges
+        tok = torch.randint(0, 256, (2, 1))
+        pos = torch.tensor([[70 + step], [45 + step]])
+        engine.forward(state, tok, pos, torch.ones(2, 1, dtype=torch.bool), logits_at=torch.zeros(2, dtype=torch.long))
+    assert seen.pop("must") > 0
+    assert sum(seen.values()) == 0
+    assert all(layer.n_merges == 3 for layer in state.layers)  # the context, then two buffer merges
+
+
+@pytest.mark.parametrize("method", [Louver(ratio=0.7, n_subspaces=4, merge_every=3, sample_size=16),
+                                    Quest(ratio=0.7, page_size=4, dense_layers=0)], ids=lambda m: m.name)
+def test_output_is_dense_attention_over_what_was_read(method, tiny_llama):
+    prompts = random_prompts([50, 33])
+    engine = Engine(copy.deepcopy(tiny_llama), method, prefill_chunk=16)
+    state = engine.new_state(2, 70)
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    layer = state.layers[1]
+    checked = []
+    orig = layer._select
+
+    def select(qg):
+        sel = orig(qg)
+        checked.append(sel)
+        return sel
+
+    layer._select = select
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        B, H, D = 2, layer.layer.n_kv_heads, layer.layer.head_dim
+        q = torch.randn(B, layer.layer.n_q_heads, 1, D, generator=g)
+        k = torch.randn(B, H, 1, D, generator=g)
+        v = torch.randn(B, H, 1, D, generator=g)
+        valid = torch.ones(B, 1, dtype=torch.bool)
+        lengths, idx_end = layer.lengths.clone(), layer.idx_end.clone()
+        out = layer.extend(q, k, v, positions=None, valid=valid, scaling=0.125)
+        sel = checked[-1]  # (B, H, G, S)
+        slots = torch.arange(layer.capacity)
+        indexed = slots[None] < idx_end[:, None]
+        recent = (slots[None] >= idx_end[:, None]) & (slots[None] <= lengths[:, None])
+        keep = (sel & indexed[:, None, None]) | recent[:, None, None]
+        assert keep.float().mean() < 0.95  # something was skipped
+        mask = keep.reshape(B, -1, 1, layer.capacity)
+        ref = attend(q, layer.k, layer.v, mask, scaling=0.125)
+        assert torch.allclose(out, ref, atol=1e-6)
+    st = layer.stats()
+    assert st.bytes_read_per_step < st.bytes_stored  # measured reads: less than the store holds
+
+
+@pytest.mark.parametrize("method", [Louver(ratio=0.0), Quest(ratio=0.0)], ids=lambda m: m.name)
+def test_ratio_zero_equals_full(method, tiny_llama):
+    prompts = random_prompts([23, 17, 9])
+    ref = run(tiny_llama, Full(), prompts, chunk=7, n_new=6)
+    out = run(tiny_llama, method, prompts, chunk=7, n_new=6)
+    assert out.tokens == ref.tokens
+    assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= 1e-5
+    assert out.stats_context.bytes_stored == ref.stats_context.bytes_stored  # no index when reading everything
+
+
+def test_index_bytes_are_stored_and_reads_are_measured(tiny_llama):
+    prompts = random_prompts([60])
+    ref = run(tiny_llama, Full(), prompts, n_new=4)
+    out = run(tiny_llama, Louver(ratio=0.9, n_subspaces=4, sample_size=16), prompts, n_new=4)
+    assert out.stats_context.bytes_full == ref.stats_context.bytes_full
+    assert out.stats_context.bytes_stored > ref.stats_context.bytes_stored  # the index is kept on top of K/V
+    assert 0 < out.stats_final.bytes_read_per_step
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError, match="threshold"):
+        Louver(threshold="oracle")
+    with pytest.raises(ValueError, match="branching"):
+        Louver(branching=0)
+    from methods.api import ModelSpec
+    from harness.models import tiny_config
+
+    spec = ModelSpec.from_config(tiny_config("llama"))
+    assert any("divide" in r for r in Louver(n_subspaces=7).validate(spec))
+    assert any("ratio" in r for r in Quest(ratio=1.0).validate(spec))
