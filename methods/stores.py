@@ -183,6 +183,10 @@ class SlotStore:
         """(B, H_kv) tokens each kv head holds."""
         return self.lengths[:, None].expand(self.batch, self.layer.n_kv_heads)
 
+    def _slots(self, root: str, t: Tensor) -> int:
+        """Token slots a buffer holds (0: not a per-token buffer, every byte counts as stored)."""
+        return t.shape[0] * t.shape[1] * t.shape[2] if root in self.token_fields else 0
+
     def stats(self) -> KVStats:
         kept = self.tokens_kept().detach().to("cpu", torch.long)  # (B, H_kv)
         nominal = torch_dtype(self.layer.nominal_dtype)
@@ -195,9 +199,9 @@ class SlotStore:
             if t.is_floating_point() and t.dtype == self.dtype:
                 elem = torch.empty((), dtype=nominal).element_size()
             allocated += t.numel() * elem
-            if root in self.token_fields:
-                per_slot = (t.numel() // max(1, t.shape[0] * t.shape[1] * t.shape[2])) * elem
-                stored += int(kept.sum()) * per_slot
+            slots = self._slots(root, t)
+            if slots:
+                stored += int(kept.sum()) * (t.numel() // slots) * elem
             else:
                 stored += t.numel() * elem
         seen = self.seen.detach().to("cpu", torch.long)
