@@ -93,7 +93,9 @@ class EvictionMethod(MethodBase):
         """Re-select down to the budget when multi-token chunks or re-scoring repack the store."""
         return self.evicts_in_decode
 
-    rescore_every: ClassVar[int] = 0  # decode steps between re-scorings (0 = never)
+    def rescore_period(self) -> int:
+        """Decode steps between re-scorings of the kept tokens (0 = never)."""
+        return 0
 
     def observe_window(self) -> int:
         """How many of the context's last queries the store keeps for scoring (0 = none)."""
@@ -153,7 +155,12 @@ class EvictionMethod(MethodBase):
         recent = self.recent_window(budget)[..., None]  # (B, H, 1)
         sinks = torch.clamp(budget, max=int(self.n_sink))[..., None]
         protected = present & ((pos < sinks) | (pos > last - recent))
-        return select_topk(score.masked_fill(~present, float("-inf")), protected, budget)
+        key = self.rescore(v, present, pos, score).float()
+        return select_topk(key.masked_fill(~present, float("-inf")), protected, budget)
+
+    def rescore(self, v: Tensor, present: Tensor, pos: Tensor, score: Tensor) -> Tensor:
+        """Scores of kept + new tokens when re-selecting (default: the accumulated score)."""
+        return score
 
 
 def _fraction_window(budget: Tensor, n_sink: int, frac: float) -> Tensor:
@@ -251,14 +258,14 @@ class SnapKV(EvictionMethod):
 
     The last ``window`` queries of the context attend (causally) to it; their softmax weights,
     averaged over the window and over the query heads of a group, are pooled along the tokens
-    (``pooling`` with ``kernel``); each kv head keeps the window plus its top-scoring tokens.
+    (``pooling`` with ``pool_kernel``); each kv head keeps the window plus its top-scoring tokens.
 
     Choices: the paper's defaults (window 32, kernel 7, max pooling; KVCache-Factory uses 64, 5,
     avg); the window counts in the budget (C = (C - w) selected + w window); GQA heads averaged
     (kvpress); no sinks (``n_sink=0``)."""
 
     window: int = 32
-    kernel: int = 7
+    pool_kernel: int = 7
     pooling: str = "max"
     group_reduce: str = "mean"
 
@@ -280,7 +287,7 @@ class SnapKV(EvictionMethod):
 
     def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         a = self.reduce_mass(self.window_scores(store, n), store.layer.n_kv_heads)  # (B, H_kv, S)
-        return pool_scores(a, kernel=int(self.kernel), how=self.pooling)
+        return pool_scores(a, kernel=int(self.pool_kernel), how=self.pooling)
 
 
 @dataclass
@@ -356,7 +363,7 @@ class VATP(SnapKV):
     support: str = "accumulated"
     n_sink: int = 4
     recent_frac: float = 0.5
-    kernel: int = 1
+    pool_kernel: int = 1
     pooling: str = "none"
 
     name: ClassVar[str] = "vatp"
@@ -384,4 +391,4 @@ class VATP(SnapKV):
         else:
             a = self.reduce_mass(store.mass[:, :, : store.hi], H)
         s = a * store.v[:, :, : store.hi].float().abs().sum(-1)  # (B, H_kv, S)
-        return pool_scores(s, kernel=int(self.kernel), how=self.pooling)
+        return pool_scores(s, kernel=int(self.pool_kernel), how=self.pooling)

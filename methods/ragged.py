@@ -252,7 +252,7 @@ class EvictionStore(DenseStore):
         self.steps += 1
         if self.method.evicts_in_decode:
             self._evict_one(ok, seg, rel, pos_now)
-        elif self.method.rescore_every and self.steps % int(self.method.rescore_every) == 0:
+        elif self.method.rescore_period() and self.steps % self.method.rescore_period() == 0:
             self._repack_chunk(None, scaling=scaling)
         return out
 
@@ -316,7 +316,7 @@ class EvictionStore(DenseStore):
         if pos is not None:
             extras["pos"] = pos.to(torch.int32)
         if score is not None:
-            extras["score"] = score if not self.method.rescore_every else torch.zeros_like(score)
+            extras["score"] = torch.zeros_like(score) if self.method.rescore_period() else score
         self._pack(kk, vv, keep, extras)
         return out
 
