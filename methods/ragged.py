@@ -279,7 +279,7 @@ class EvictionStore(DenseStore):
         """Rebuild the flat buffers from the kept tokens plus ``new`` = (q, k, v, positions, valid)
         (or none: a decode-time re-scoring), evicted down to the budget if the method evicts after
         compaction; returns the new tokens' attention output."""
-        B, H, D = self.batch, self.layer.n_kv_heads, self.layer.head_dim
+        B, H = self.batch, self.layer.n_kv_heads
         idx, present = self._padded()  # (B, H, S_p)
         kk, vv = self.k[idx], self.v[idx]  # (B, H, S_p, D)
         pos = self.pos[idx].long() if self.pos is not None else None

@@ -148,7 +148,7 @@ def test_leave_block_out_matches_recomputing_the_output():
 
 def test_pooling_matches_naive_windows():
     x = torch.randn(1, 2, 11)
-    for how, f in (("max", max), ("avg", None)):
+    for how in ("max", "avg"):
         got = pool_scores(x, kernel=5, how=how)
         for h in range(2):
             for i in range(11):
