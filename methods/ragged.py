@@ -51,12 +51,12 @@ def segment_ids(offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def segment_attend(
-    q: Tensor, k: Tensor, v: Tensor, seg: Tensor, visible: Tensor, *, n_kv_heads: int, scaling: float
+    q: Tensor, k: Tensor, v: Tensor, seg: Tensor, sizes: Tensor, visible: Tensor, *, n_kv_heads: int, scaling: float
 ) -> tuple[Tensor, Tensor]:
     """Decode attention over a flat ragged buffer: one query per (row, query head).
 
-    q (B, H_q, 1, D); k, v (N, D) flat; seg (N,) segment b * H_kv + h of each slot; visible (N,)
-    bool. Every segment must see at least one slot. Returns the output (B, 1, H_q, D) in q's dtype
+    q (B, H_q, 1, D); k, v (N, D) flat, segment after segment; seg (N,) segment b * H_kv + h of each
+    slot; sizes (BH,) slots per segment; visible (N,) bool. Every segment must see at least one slot. Returns the output (B, 1, H_q, D) in q's dtype
     and the attention probabilities (N, G) float32 (G query heads per kv head; 0 where invisible).
     Equals dense softmax attention over each segment's visible slots; temporaries are the size of K.
     """
@@ -75,7 +75,7 @@ def segment_attend(
         den = torch.zeros(BH, device=k.device).index_add_(0, seg, e)  # (BH,)
         p = e / den[seg]
         probs[:, g] = p
-        out[:, g] = torch.zeros(BH, D, device=k.device).index_add_(0, seg, p[:, None] * vf)  # (BH, D)
+        out[:, g] = torch.segment_reduce(p[:, None] * vf, "sum", lengths=sizes, axis=0)  # (BH, D)
     return out.reshape(B, n_kv_heads * G, D)[:, None].to(q.dtype), probs  # (B, 1, H_q, D)
 
 
@@ -236,7 +236,7 @@ class EvictionStore(DenseStore):
         self.v[dest] = v.reshape(B * H, D).to(self.dtype)
         occ, seg, rel = self._occupied()
         visible = occ | (rel == rel_dest[seg])  # (N,)
-        out, probs = segment_attend(q, self.k, self.v, seg, visible, n_kv_heads=H, scaling=scaling)
+        out, probs = segment_attend(q, self.k, self.v, seg, self.sizes, visible, n_kv_heads=H, scaling=scaling)
         ok = valid[:, 0].repeat_interleave(H)  # (BH,) rows still generating
         pos_now = positions[:, 0].repeat_interleave(H)  # (BH,)
         if self.pos is not None:

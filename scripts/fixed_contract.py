@@ -46,7 +46,6 @@ PROBES = {  # name -> the one slot it swaps
     "support=decode_queries": {"support": "decode_queries"},
 }
 MARGIN_POINTS = 0.005  # margin > 0.5 points counts as positive
-MAX_NEW_TOKENS = 32
 STOP = "\n"
 
 
@@ -124,7 +123,7 @@ class Evaluator:
     def scores(self, model_name: str, task: str, method, label: str) -> tuple[list[float], dict]:
         params = {"method": type(method).__name__, **asdict(method)}
         ident = json.dumps({"model": model_name, "task": task, "ctx": self.args.context_length, "n": self.args.n,
-                            "seed": self.args.seed, "protocol": self.args.protocol, "chunk": self.args.prefill_chunk,
+                            "seed": self.args.seed, "protocol": self.args.protocol, "max_new": self.args.max_new_tokens, "chunk": self.args.prefill_chunk,
                             "params": params}, sort_keys=True, default=str)
         path = self.cache / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
         if path.exists():
@@ -143,7 +142,7 @@ class Evaluator:
         for s in range(0, len(items), bs):
             batch = items[s : s + bs]
             res = engine.generate([Prompt(context=c, question=q) for (c, q), _ in batch],
-                                  max_new_tokens=MAX_NEW_TOKENS, stop_ids=stops, protocol=self.args.protocol)
+                                  max_new_tokens=self.args.max_new_tokens, stop_ids=stops, protocol=self.args.protocol)
             kv_full += res.stats_context.bytes_full
             kv_stored += res.stats_context.bytes_stored
             for toks, (_, answers) in zip(res.tokens, batch):
@@ -281,15 +280,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (stops at a newline)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(REPO / "results" / "fixed_contract"))
     ap.add_argument("--tag", default=None, help="output file stem (default: derived from the grid)")
-    ap.add_argument("--smoke", action="store_true", help="tiny grid for a CPU test: 1 task, n=4, 256 tokens")
+    ap.add_argument("--smoke", action="store_true", help="tiny grid for a CPU test: 1 task, n=4, 256 tokens, 12 new tokens")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.tasks, args.n, args.context_length, args.batch_size = "niah_single", 4, 256, 4
-        args.window, args.block_size, args.prefill_chunk = 8, 8, 128
+        args.window, args.block_size, args.prefill_chunk, args.max_new_tokens = 8, 8, 128, 12
         args.tag = args.tag or "smoke"
     args.models = [m for m in args.models.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]

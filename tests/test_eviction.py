@@ -168,7 +168,7 @@ def test_segment_attention_equals_dense_masked_attention():
     seg = torch.repeat_interleave(torch.arange(B * H_kv), sizes)
     visible = torch.rand(N, generator=g) > 0.3
     visible[offsets] = True  # every segment sees a slot
-    out, probs = segment_attend(q, k, v, seg, visible, n_kv_heads=H_kv, scaling=0.3)
+    out, probs = segment_attend(q, k, v, seg, sizes, visible, n_kv_heads=H_kv, scaling=0.3)
     S = int(sizes.max())  # dense reference: pad each segment, mask what is invisible
     kd, vd = torch.zeros(B * H_kv, S, D), torch.zeros(B * H_kv, S, D)
     mask = torch.zeros(B * H_kv, S, dtype=torch.bool)
