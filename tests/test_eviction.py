@@ -311,3 +311,13 @@ def test_unknown_knobs_say_what_to_use():
         SnapKV(pooling="mean")
     reasons = SnapKV(ratio=1.0).validate(ModelSpec.from_config(tiny_config("llama")))
     assert any("[0, 1)" in r for r in reasons)
+
+
+def test_observation_window_holds_the_last_queries_of_each_row(tiny_llama):
+    prompts = random_prompts([30, 7, 19])
+    _, state = _prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=4)
+    for layer in state.layers:
+        assert layer.win_slot.tolist() == [list(range(24, 30)), [-1, 0, 1, 2, 3, 4, 5, 6][-6:], list(range(13, 19))]
+    _, whole = _prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=None)
+    for a, b in zip(state.layers, whole.layers):  # chunking changes nothing: same queries in the window
+        assert torch.allclose(a.win_q[0], b.win_q[0], atol=1e-5)
