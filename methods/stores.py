@@ -195,14 +195,8 @@ class SlotStore:
             if t.is_floating_point() and t.dtype == self.dtype:
                 elem = torch.empty((), dtype=nominal).element_size()
             allocated += t.numel() * elem
-            used = self._stored_bytes(root, t, elem)
-            if used is not None:  # a tensor with its own notion of used entries (an index's parents)
-                stored += used
-            elif root in self.token_fields:
-                per_slot = (t.numel() // max(1, t.shape[0] * t.shape[1] * t.shape[2])) * elem
-                stored += int(kept.sum()) * per_slot
-            else:
-                stored += t.numel() * elem
+            used = self._stored_bytes(root, t, elem, kept)
+            stored += t.numel() * elem if used is None else used
         seen = self.seen.detach().to("cpu", torch.long)
         full = int(seen.sum()) * 2 * self.layer.n_kv_heads * self.layer.head_dim * torch.empty(
             (), dtype=nominal
@@ -216,10 +210,21 @@ class SlotStore:
             bytes_full=full,
         )
 
-    def _stored_bytes(self, root: str, t: Tensor, elem: int) -> int | None:
-        """Bytes of ``t`` (an attribute named ``root``) that hold data now; None = the default
-        rule (token fields count kept slots, everything else counts whole)."""
-        return None
+    def _stored_bytes(self, root: str, t: Tensor, elem: int, kept: Tensor) -> int | None:
+        """Bytes of ``t`` (the attribute named ``root``, ``elem`` bytes per entry) that hold data now;
+        None counts the whole tensor. Default: a per-token buffer (B, H_kv, slots, ...) counts the
+        entries :meth:`slots_stored` reports; stores with other layouts (a flat ragged buffer, an
+        index's parents) override this."""
+        n = self.slots_stored(root, kept)
+        if n is None:
+            return None
+        per_slot = (t.numel() // max(1, t.shape[0] * t.shape[1] * t.shape[2])) * elem
+        return int(n.sum()) * per_slot
+
+    def slots_stored(self, field: str, kept: Tensor) -> Tensor | None:
+        """(B, H_kv) entries along axis 2 of buffer ``field`` that hold stored data, or None for a
+        tensor counted whole. Default: ``kept`` (B, H_kv) for ``token_fields``."""
+        return kept if field in self.token_fields else None
 
     def _read_per_step(self, stored: int) -> int:
         """Bytes one decode step reads; a dense store reads everything it stores."""
@@ -386,10 +391,10 @@ class SparseReadStore(DenseStore):
         total = float(self.indexed_keys.sum())
         return float(self.read_keys.sum()) / total if total else None
 
-    def _stored_bytes(self, root: str, t: Tensor, elem: int) -> int | None:
+    def _stored_bytes(self, root: str, t: Tensor, elem: int, kept: Tensor) -> int | None:
         if root in self.index_fields:
             return self._index_stored_bytes(root, t, elem)
-        return None
+        return super()._stored_bytes(root, t, elem, kept)
 
     def _read_per_step(self, stored: int) -> int:
         dense = self.lengths.to(torch.float64) * self.layer.n_kv_heads * 2 * self.layer.head_dim * self._nominal_size()

@@ -5,7 +5,8 @@ Keeps the first ``n_sink`` tokens of each sequence and a window of the most rece
 
 Choices the paper leaves open, and ours:
 - Budget: ``ratio`` is the fraction of context tokens removed; each row keeps
-  ``round((1 - ratio) * n_context)`` tokens (at least 1): ``min(n_sink, kept)`` sinks, the rest
+  ``keep_count(n_context, ratio)`` tokens (:mod:`methods.selectors`: round half up in exact
+  integers, at least 1): ``min(n_sink, kept)`` sinks, the rest
   window. The budget is per row, so a batch gives the same result as each prompt alone.
 - Prefill: the store holds the whole context while it is being prefilled (every chunk attends to
   all earlier context tokens, as in kvpress' query-agnostic protocol and every other eviction
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.selectors import keep_count
 from methods.stores import DenseStore, attend
 
 
@@ -54,8 +56,8 @@ class StreamingLLM(MethodBase):
         return reasons
 
     def kept_tokens(self, n_context: int) -> int:
-        """Tokens a row of ``n_context`` context tokens keeps."""
-        return max(1, int((1.0 - float(self.ratio)) * n_context + 0.5))
+        """Tokens a row of ``n_context`` context tokens keeps (the family's budget function)."""
+        return keep_count(n_context, self.ratio)
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> StreamingStore:
         return StreamingStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)

@@ -27,8 +27,10 @@ def rows() -> list[dict]:
         mod_name, _, cls_name = cfg["_target_"].rpartition(".")
         mod = importlib.import_module(mod_name)
         cls = getattr(mod, cls_name)
-        summary = (mod.__doc__ or cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         prefix = f"``{path.stem}``:"
+        own = (cls.__doc__ or "").strip()  # a family file documents each method in its class
+        doc = own if own.startswith(prefix) else (mod.__doc__ or cls.__doc__ or "")
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
         summary = summary[len(prefix):].strip() if summary.startswith(prefix) else summary
         knobs = [f.name for f in dataclasses.fields(cls) if f.name != "ratio"] if dataclasses.is_dataclass(cls) else []
         out.append({"name": path.stem, "family": cls.family, "memory": cls.memory, "kernel": cls.kernel,

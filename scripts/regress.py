@@ -30,6 +30,8 @@ MATRIX: dict[str, tuple[float, ...]] = {
     "uniform_int": (0.5, 0.875),
     "streaming_llm": (0.5, 0.75),
     "louver": (0.5, 0.9),
+    "snapkv": (0.5, 0.75),
+    "value_aware": (0.5, 0.75),
 }
 SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
             "bench.enabled=false", "progress=false", "force=true")

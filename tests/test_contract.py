@@ -10,14 +10,17 @@ import torch
 from harness.engine import Engine, UnsupportedModel
 from harness.models import build_random_model, tiny_config
 from methods.api import KVMethod, LayerKV, ModelSpec
+from methods.eviction import H2O, AdaKV, SnapKV
 from methods.full import Full
 from methods.louver import Louver
 from methods.quest import Quest
 from methods.streaming_llm import StreamingLLM
 from methods.uniform_int import UniformInt
+from methods.value_aware import ValueAware
 from tests.helpers import random_prompts
 
-METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2),
+METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2), SnapKV(ratio=0.5, window=4),
+           AdaKV(ratio=0.5, window=4), H2O(ratio=0.5), ValueAware(ratio=0.5, support="decode_queries", window=4),
            Louver(ratio=0.5, n_subspaces=4, merge_every=2), Quest(ratio=0.5, page_size=4, dense_layers=1)]
 
 
@@ -77,7 +80,8 @@ def test_mistral_sliding_window_field_is_read_when_layer_types_absent():
 def test_no_torch_work_or_registration_at_import():
     code = (
         "import sys, methods.api; assert 'torch' not in sys.modules, 'methods.api imported torch';"
-        "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm, methods.louver, methods.quest;"
+        "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm, methods.eviction,"
+        " methods.value_aware, methods.louver, methods.quest;"
         "from transformers import AttentionInterface;"
         "assert 'kvbench' not in AttentionInterface._global_mapping, 'registered at import'"
     )

@@ -1,0 +1,394 @@
+"""The eviction baselines: small scorers in front of the ragged store (:mod:`methods.ragged`).
+
+Every method here keeps ``keep_count(n, ratio)`` of a row's ``n`` context tokens per kv head
+(:func:`methods.selectors.keep_count`; PyramidKV and AdaKV redistribute that same total across
+layers or heads), compacts them physically at ``end_of_context`` and frees the prefill buffer.
+Question and decode tokens are added on top, except for H2O, whose cache stays within the budget
+function applied to every token seen so far (so ``ratio=0`` never evicts and equals ``full``).
+
+Choices common to the family (papers.md §6 and kvpress' query-agnostic protocol):
+- The context is prefilled in full (every chunk attends to every earlier context token), then
+  compressed once; with ``protocol=query_aware`` the question is part of the context, so
+  observation-window scorers see it.
+- Keys are scored after RoPE as stored; positions stay absolute (no re-indexing).
+- GQA: scorers work per kv head; the query heads of a group are combined by ``group_reduce``
+  (kvpress averages them; ``mean`` is the default everywhere).
+- Protected tokens (sinks, recent/observation window) count inside the budget and are clamped to
+  it: sinks first, then the most recent tokens.
+- Attention weights are computed in chunks of queries (``score_chunk``), never T x T at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.ragged import EvictionStore
+from methods.selectors import (
+    GROUP_REDUCE,
+    POOLING,
+    adakv_budgets,
+    group_reduce,
+    keep_count,
+    pool_scores,
+    protect_mask,
+    pyramid_budgets,
+    ratio_fraction,
+    select_topk,
+    window_attention,
+)
+
+__all__ = ["EvictionMethod", "RandomEviction", "KNorm", "H2O", "SnapKV", "PyramidKV", "AdaKV", "VATP"]
+
+
+@dataclass
+class EvictionMethod(MethodBase):
+    """Base of the eviction family: the hooks :class:`~methods.ragged.EvictionStore` calls.
+
+    Subclasses define ``scores`` (higher = keep) and, when they need them, the observers
+    (``observe_window``, ``observe_mass``) and budget allocation (``budgets``).
+    """
+
+    ratio: float = 0.5
+
+    family: ClassVar[str] = "eviction"
+    memory: ClassVar[str] = "physical"
+    kernel: ClassVar[str] = "reference"
+    score_chunk: ClassVar[int] = 256  # queries per attention-weight chunk (memory only; no effect on results)
+    keeps_positions: ClassVar[bool] = False  # store each kept token's position (recency, blocks)
+    keeps_scores: ClassVar[bool] = False  # store a per-token score updated during decode
+
+    n_sink: int = 0
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.n_sink) < 0 or int(self.window) < 0:
+            raise ValueError(f"n_sink and window must be >= 0, got {self.n_sink}, {self.window}")
+        if getattr(self, "group_reduce", "mean") not in GROUP_REDUCE:
+            raise ValueError(f"unknown group_reduce {self.group_reduce!r}; use one of {GROUP_REDUCE}")
+
+    def validate(self, model: ModelSpec) -> list[str]:
+        reasons = super().validate(model)
+        try:
+            ratio_fraction(self.ratio)
+        except ValueError as e:
+            reasons.append(f"{self.name}: {e}")
+        return reasons
+
+    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> EvictionStore:
+        return EvictionStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
+
+    # -- what the store asks ----------------------------------------------------------------------
+    @property
+    def evicts_in_decode(self) -> bool:
+        """Evict one token per decode step on device once over budget (H2O)."""
+        return False
+
+    @property
+    def evicts_after_compaction(self) -> bool:
+        """Re-select down to the budget when multi-token chunks or re-scoring repack the store."""
+        return self.evicts_in_decode
+
+    def rescore_period(self) -> int:
+        """Decode steps between re-scorings of the kept tokens (0 = never)."""
+        return 0
+
+    def observe_window(self) -> int:
+        """How many of the context's last queries the store keeps for scoring (0 = none)."""
+        return 0
+
+    def observe_mass(self) -> bool:
+        """Whether the store accumulates the attention every key receives during prefill."""
+        return False
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        """(B, H_kv, S) scores of the S = store.hi prefill slots, higher = keep."""
+        raise NotImplementedError
+
+    def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
+        """(B,) tokens per head each row keeps on average: the budget function."""
+        return torch.tensor([keep_count(int(x), self.ratio) for x in n.tolist()], dtype=torch.long, device=n.device)
+
+    def recent_window(self, budget: Tensor) -> Tensor:
+        """(B, H_kv) most recent tokens protected from eviction (clamped to the budget)."""
+        return torch.clamp(budget - int(self.n_sink), min=0).minimum(torch.full_like(budget, int(self.window)))
+
+    def budgets(self, store: EvictionStore, n: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H_kv) budgets and the (B, H_kv, S) protected tokens: uniform over heads and layers."""
+        budget = self.uniform_budget(store, n)[:, None].expand(-1, store.layer.n_kv_heads).contiguous()
+        return budget, self.protect(n, budget, scores.shape[-1])
+
+    def protect(self, n: Tensor, budget: Tensor, n_slots: int) -> Tensor:
+        return protect_mask(n, budget, n_slots=n_slots, n_sink=self.n_sink, window=self.recent_window(budget))
+
+    def plan(self, store: EvictionStore, n: Tensor) -> tuple[Tensor, Tensor]:
+        """Which prefill slots each (row, kv head) keeps: (B, H_kv, S) bool, and the budgets."""
+        S = store.hi
+        scores = self.scores(store, n).float()
+        empty = torch.arange(S, device=n.device)[None, None] >= n[:, None, None]  # (B, 1, S)
+        scores = scores.masked_fill(empty, float("-inf"))
+        budget, protected = self.budgets(store, n, scores)
+        return select_topk(scores, protected, budget), budget
+
+    def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        """(B, H_kv, S) per-token scores a method that keeps scores starts decode with."""
+        return torch.zeros(store.batch, store.layer.n_kv_heads, store.hi, device=store.device)
+
+    def reduce_probs(self, probs: Tensor) -> Tensor:
+        """Decode-step attention (N, G) -> per-slot score gain (N,)."""
+        return group_reduce(probs.T[None], 1, getattr(self, "group_reduce", "mean"))[0, 0]
+
+    def reduce_mass(self, mass: Tensor, n_kv_heads: int) -> Tensor:
+        """Attention mass (B, H_q, S) -> (B, H_kv, S)."""
+        return group_reduce(mass, n_kv_heads, getattr(self, "group_reduce", "mean"))
+
+    def reselect(self, store: EvictionStore, k: Tensor, v: Tensor, present: Tensor, pos: Tensor | None,
+                 score: Tensor | None, budget: Tensor) -> Tensor:
+        """Re-select after compaction (kept + new tokens, (B, H_kv, S) each) down to ``budget``:
+        sinks and recent window by position, then the highest score."""
+        assert pos is not None and score is not None, "reselect needs positions and scores"
+        last = pos.masked_fill(~present, -1).amax(-1, keepdim=True)  # (B, H, 1)
+        recent = self.recent_window(budget)[..., None]  # (B, H, 1)
+        sinks = torch.clamp(budget, max=int(self.n_sink))[..., None]
+        protected = present & ((pos < sinks) | (pos > last - recent))
+        key = self.rescore(v, present, pos, score).float()
+        return select_topk(key.masked_fill(~present, float("-inf")), protected, budget)
+
+    def rescore(self, v: Tensor, present: Tensor, pos: Tensor, score: Tensor) -> Tensor:
+        """Scores of kept + new tokens when re-selecting (default: the accumulated score)."""
+        return score
+
+
+def _fraction_window(budget: Tensor, n_sink: int, frac: float) -> Tensor:
+    """H2O's recent window: ``frac`` of the budget (rounded half up), within what the sinks leave."""
+    recent = torch.floor(budget.double() * float(frac) + 0.5).long()
+    return torch.minimum(recent, budget - torch.clamp(budget, max=int(n_sink)))
+
+
+def _seeded(seed: int, layer_idx: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer_idx))
+
+
+@dataclass
+class RandomEviction(EvictionMethod):
+    """``random``: keep a uniformly random subset of the context (a floor every scorer must beat).
+
+    Choices: the draw is seeded by ``seed`` and the layer (the same for every sample of a given
+    length, so runs are reproducible); no sinks or window unless asked (``n_sink``, ``window``)."""
+
+    seed: int = 0
+
+    name: ClassVar[str] = "random"
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        shape = (store.batch, store.layer.n_kv_heads, store.hi)
+        return torch.rand(shape, generator=_seeded(self.seed, store.layer.layer_idx)).to(store.device)
+
+
+@dataclass
+class KNorm(EvictionMethod):
+    """``knorm``: keep the keys with the smallest L2 norm (Devoto et al. 2024, "A Simple and
+    Effective L2 Norm-Based Strategy for KV Cache Compression"; kvpress ``KnormPress``).
+
+    Choices: norms of the post-RoPE keys as stored (RoPE rotates pairs of channels, so the norm is
+    the same before and after); no sinks or window by default, as in kvpress."""
+
+    name: ClassVar[str] = "knorm"
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        return -store.k[:, :, : store.hi].float().norm(dim=-1)  # (B, H_kv, S)
+
+
+@dataclass
+class H2O(EvictionMethod):
+    """``h2o``: heavy hitters + a recent window (Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter
+    Oracle"), evicting during decode too.
+
+    A token's score is the attention it has received from every query so far (context queries during
+    prefill, in chunks; then each question and decode query). The budget splits into a recent
+    window (``recent_frac`` of it, H2O's 50/50 split) and the highest-score other tokens.
+
+    Choices the paper leaves open, and ours:
+    - Budget during decode: the budget function applied to every token the row has seen, so the
+      cache never exceeds it (one eviction per step when a new token takes it over) and ``ratio=0``
+      never evicts. The new token attends before the eviction, as in H2O.
+    - GQA: the attention of a group's query heads is averaged (``group_reduce``).
+    - Scores are unnormalised sums (older tokens have had more queries), as in H2O; ties go to the
+      earlier slot. Per-token scores (float32) and positions (int32) are stored and counted.
+    - ``evict_in_decode=false`` freezes the cache after ``end_of_context`` (prefill-only H2O)."""
+
+    recent_frac: float = 0.5
+    group_reduce: str = "mean"
+    evict_in_decode: bool = True
+
+    name: ClassVar[str] = "h2o"
+    keeps_positions: ClassVar[bool] = True
+    keeps_scores: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= float(self.recent_frac) <= 1.0:
+            raise ValueError(f"recent_frac must be in [0, 1], got {self.recent_frac}")
+
+    @property
+    def evicts_in_decode(self) -> bool:
+        return bool(self.evict_in_decode)
+
+    def observe_mass(self) -> bool:
+        return True
+
+    def recent_window(self, budget: Tensor) -> Tensor:
+        return _fraction_window(budget, self.n_sink, self.recent_frac)
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        return self.reduce_mass(store.mass[:, :, : store.hi], store.layer.n_kv_heads)
+
+    def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        return self.scores(store, n)
+
+
+@dataclass
+class SnapKV(EvictionMethod):
+    """``snapkv``: observation-window attention, pooled (Li et al., NeurIPS 2024, "SnapKV: LLM
+    Knows What You are Looking for Before Generation").
+
+    The last ``window`` queries of the context attend (causally) to it; their softmax weights,
+    averaged over the window and over the query heads of a group, are pooled along the tokens
+    (``pooling`` with ``pool_kernel``); each kv head keeps the window plus its top-scoring tokens.
+
+    Choices: the paper's defaults (window 32, kernel 7, max pooling; KVCache-Factory uses 64, 5,
+    avg); the window counts in the budget (C = (C - w) selected + w window); GQA heads averaged
+    (kvpress); no sinks (``n_sink=0``)."""
+
+    window: int = 32
+    pool_kernel: int = 7
+    pooling: str = "max"
+    group_reduce: str = "mean"
+
+    name: ClassVar[str] = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLING:
+            raise ValueError(f"unknown pooling {self.pooling!r}; use one of {POOLING}")
+        if int(self.window) < 1:
+            raise ValueError(f"{self.name} needs an observation window of >= 1 query, got {self.window}")
+
+    def observe_window(self) -> int:
+        return int(self.window)
+
+    def window_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        """(B, H_q, S) window attention of the prefill slots."""
+        return window_attention(store.win_q, store.win_slot, store.k[:, :, : store.hi], n, scaling=store.scaling)
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        a = self.reduce_mass(self.window_scores(store, n), store.layer.n_kv_heads)  # (B, H_kv, S)
+        return pool_scores(a, kernel=int(self.pool_kernel), how=self.pooling)
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """``pyramidkv``: SnapKV scores with layer budgets decreasing linearly with depth (Cai et al.
+    2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling").
+
+    Outside the window, layer l keeps max - l (max - min) / (L - 1) tokens per head, with
+    min = (C - w) / ``beta`` and max = 2 (C - w) - min (``beta=20`` as in KVCache-Factory).
+
+    Choices: integer budgets by largest remainder so the layers sum to exactly L x C (the budget
+    function's total); a layer can hold at most its context, what it cannot hold goes to the
+    others (at low ratios the top of the pyramid is clipped)."""
+
+    beta: float = 20.0
+
+    name: ClassVar[str] = "pyramidkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if float(self.beta) <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+    def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
+        li, L = store.layer.layer_idx, store.layer.n_layers
+        out = [pyramid_budgets(x, keep_count(x, self.ratio), n_layers=L, window=self.window, beta=self.beta)[li]
+               if x > 0 else 0 for x in n.tolist()]
+        return torch.tensor(out, dtype=torch.long, device=n.device)
+
+
+@dataclass
+class AdaKV(SnapKV):
+    """``adakv``: head-adaptive budgets inside each layer over SnapKV scores (Feng et al. 2024,
+    "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"; kvpress ``AdaKVPress``).
+
+    The layer's H x C tokens go to the highest scores of all its kv heads pooled, after each head
+    got its window and a safeguard of ``floor(alpha_safeguard * C)`` of its own top tokens. The
+    store is physically ragged: each head holds exactly its own budget.
+
+    Choices: the safeguard default 0.2 as in kvpress; scores are comparable across heads because
+    each is a softmax average; layer budgets uniform (the budget function per layer)."""
+
+    alpha_safeguard: float = 0.2
+
+    name: ClassVar[str] = "adakv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= float(self.alpha_safeguard) <= 1.0:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+
+    def budgets(self, store: EvictionStore, n: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        uniform, protected = super().budgets(store, n, scores)
+        budget = adakv_budgets(scores, uniform[:, 0], protected, alpha=float(self.alpha_safeguard))
+        return budget.to(n.device), protected
+
+
+@dataclass
+class VATP(SnapKV):
+    """``vatp``: value-aware token pruning, attention x value L1 norm (Guo, Kamigaito, Watanabe,
+    EMNLP 2024, "Attention Score is not All You Need for Token Importance Indicator in KV Cache
+    Reduction: Value Also Matters").
+
+    Token score = a_i * ||v_i||_1 per kv head, where a_i is the accumulated attention of every
+    context query (``support=accumulated``, H2O's, the paper's main setting) or the observation
+    window's (``support=window``, SnapKV's). Attention sinks are always kept (``n_sink=4``): the paper
+    notes they have tiny value norms and must not be evicted.
+
+    Choices: with accumulated support the recent window is H2O's half of the budget
+    (``recent_frac``); with window support the protected window is ``window``; no pooling by
+    default; compression once at ``end_of_context`` (no decode-time eviction)."""
+
+    support: str = "accumulated"
+    n_sink: int = 4
+    recent_frac: float = 0.5
+    pool_kernel: int = 1
+    pooling: str = "none"
+
+    name: ClassVar[str] = "vatp"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.support not in ("accumulated", "window"):
+            raise ValueError(f"unknown support {self.support!r}; use accumulated or window")
+
+    def observe_window(self) -> int:
+        return int(self.window) if self.support == "window" else 0
+
+    def observe_mass(self) -> bool:
+        return self.support == "accumulated"
+
+    def recent_window(self, budget: Tensor) -> Tensor:
+        if self.support == "window":
+            return super().recent_window(budget)
+        return _fraction_window(budget, self.n_sink, self.recent_frac)
+
+    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
+        H = store.layer.n_kv_heads
+        if self.support == "window":
+            a = self.reduce_mass(self.window_scores(store, n), H)
+        else:
+            a = self.reduce_mass(store.mass[:, :, : store.hi], H)
+        s = a * store.v[:, :, : store.hi].float().abs().sum(-1)  # (B, H_kv, S)
+        return pool_scores(s, kernel=int(self.pool_kernel), how=self.pooling)

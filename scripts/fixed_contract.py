@@ -1,0 +1,316 @@
+"""Fixed-contract diagnostic for value-aware eviction (paper 3; papers.md §3).
+
+    python scripts/fixed_contract.py                  # default grid: tiny x 4 tasks x 2 budgets, n=100
+    python scripts/fixed_contract.py --smoke          # a seconds-long CPU run (tests use it)
+    python scripts/fixed_contract.py --models tiny,llama3_1_8b_instruct --ratios 0.8,0.95 --n 200
+
+Over a grid of cells (model x task x budget) the base contract (``value_aware`` with support
+``prefill_window``, ranking ``attention``, projection ``block``) is compared with probes that swap
+one decision slot at a time (ranking ``value_aware`` | ``vatp``, projection ``topk`` | ``dilate``,
+support ``decode_queries``). Per cell: full-cache, base and probe accuracy with 95% intervals,
+margin = full - base (positive when > 0.5 points, papers.md §3 (d) 4) and the probe's sign
+(probe - base > 0: +, < 0: -, equal: 0). Then, per probe, the share of cells where it helps among
+positive-margin and among non-positive-margin cells (the paper: 72.6% and 32.4% on LongBench). A
+task is flagged non-monotone for a selector only when its accuracy rises with compression (from one
+budget to the next, full cache counted as ratio 0) by more than 2 paired standard errors.
+
+Writes ``<out>/<tag>.csv`` (one row per cell x selector), ``<out>/<tag>.md`` (printed too) and
+prints a JSON summary as the last stdout line. Per-sample scores are cached under ``<out>/cache``,
+so an interrupted run resumes. Imports neither lm-eval, wandb nor Hydra: it runs on the GPU machine
+with torch, transformers and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
+BASE = {"support": "prefill_window", "ranking": "attention", "projection": "block"}
+PROBES = {  # name -> the one slot it swaps
+    "ranking=value_aware": {"ranking": "value_aware"},
+    "ranking=vatp": {"ranking": "vatp"},
+    "projection=topk": {"projection": "topk"},
+    "projection=dilate": {"projection": "dilate"},
+    "support=decode_queries": {"support": "decode_queries"},
+}
+MARGIN_POINTS = 0.005  # margin > 0.5 points counts as positive
+STOP = "\n"
+
+
+def model_config(name: str) -> dict:
+    """A conf/model entry by name (``tiny``) or a path to a local model directory."""
+    path = REPO / "conf" / "model" / f"{name}.yaml"
+    if path.exists():
+        import yaml
+
+        return yaml.safe_load(path.read_text())
+    return {"name": Path(name).name, "path": name}
+
+
+def split_prompt(tok, context: str, question: str) -> tuple[list[int], list[int]]:
+    """Tokenize context + question once and split at the first token starting in the question."""
+    enc = tok(context + question, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    i = next((j for j, (a, b) in enumerate(offsets) if a >= len(context) and b > a), len(ids))
+    return ids[:i], ids[i:]
+
+
+def stop_ids(tok) -> list[int]:
+    ids = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
+    ids |= {i for i in range(len(tok)) if STOP in tok.decode([i])}
+    return sorted(ids)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def ci95(xs: list[float]) -> tuple[float, float]:
+    m, se = mean_se(xs)
+    return max(0.0, m - 1.96 * se), min(1.0, m + 1.96 * se)
+
+
+def sign(d: float) -> int:
+    return (d > 1e-12) - (d < -1e-12)
+
+
+class Evaluator:
+    """Per-sample scores of one (model, task, method) at a context length, cached on disk."""
+
+    def __init__(self, args: argparse.Namespace, out: Path):
+        self.args, self.cache = args, out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._loaded: dict[str, tuple] = {}
+        self._samples: dict[tuple, list] = {}
+
+    def load(self, model_name: str):
+        if model_name not in self._loaded:
+            from harness.loading import load
+
+            cfg = model_config(model_name)
+            loaded = load(cfg, device=self.args.device)
+            self._loaded = {model_name: (cfg, loaded, stop_ids(loaded.tokenizer))}  # one model at a time
+        return self._loaded[model_name]
+
+    def samples(self, model_name: str, task: str):
+        key = (model_name, task)
+        if key not in self._samples:
+            from tasks.synthetic import make_samples, token_counter
+
+            _, loaded, _ = self.load(model_name)
+            tok = loaded.tokenizer
+            raw = make_samples(task, count_tokens=token_counter(tok), context_length=self.args.context_length,
+                               n=self.args.n, seed=self.args.seed)
+            self._samples[key] = [(split_prompt(tok, s["context"], s["question"]), s["answers"]) for s in raw]
+        return self._samples[key]
+
+    def scores(self, model_name: str, task: str, method, label: str) -> tuple[list[float], dict]:
+        params = {"method": type(method).__name__, **asdict(method)}
+        ident = json.dumps({"model": model_name, "task": task, "ctx": self.args.context_length, "n": self.args.n,
+                            "seed": self.args.seed, "protocol": self.args.protocol, "max_new": self.args.max_new_tokens, "chunk": self.args.prefill_chunk,
+                            "params": params}, sort_keys=True, default=str)
+        path = self.cache / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            return rec["scores"], rec["kv"]
+        from harness.engine import Engine, Prompt
+        from tasks.synthetic import score
+
+        cfg, loaded, stops = self.load(model_name)
+        engine = Engine(loaded.model, method, prefill_chunk=self.args.prefill_chunk)
+        items = self.samples(model_name, task)
+        out: list[float] = []
+        kv_full = kv_stored = 0
+        t0 = time.perf_counter()
+        bs = self.args.batch_size
+        for s in range(0, len(items), bs):
+            batch = items[s : s + bs]
+            res = engine.generate([Prompt(context=c, question=q) for (c, q), _ in batch],
+                                  max_new_tokens=self.args.max_new_tokens, stop_ids=stops, protocol=self.args.protocol)
+            kv_full += res.stats_context.bytes_full
+            kv_stored += res.stats_context.bytes_stored
+            for toks, (_, answers) in zip(res.tokens, batch):
+                text = loaded.tokenizer.decode(toks, skip_special_tokens=True).split(STOP)[0]
+                out.append(score(task, text, answers))
+        kv = {"ratio_achieved": 1 - kv_stored / kv_full if kv_full else None}
+        path.write_text(json.dumps({"ident": json.loads(ident), "scores": out, "kv": kv}))
+        print(f"[fixed_contract] {model_name} {task} {label}: acc {sum(out) / len(out):.3f} "
+              f"({len(out)} samples, {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        return out, kv
+
+
+def run_grid(args: argparse.Namespace) -> dict:
+    from methods.full import Full
+    from methods.value_aware import ValueAware
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(args, out)
+    probes = {p: PROBES[p] for p in args.probes}
+    rows, cells = [], []
+    series: dict[tuple, dict[float, list[float]]] = {}  # (model, task, selector) -> ratio -> scores
+    for model_name in args.models:
+        for task in args.tasks:
+            full, _ = ev.scores(model_name, task, Full(), "full")
+            for ratio in args.ratios:
+                contract = dict(ratio=ratio, n_sink=args.n_sink, window=args.window, block_size=args.block_size)
+                base, base_kv = ev.scores(model_name, task, ValueAware(**contract, **BASE), f"base r={ratio}")
+                margin = mean_se(full)[0] - mean_se(base)[0]
+                cell = {"model": model_name, "task": task, "ratio": ratio, "margin": margin,
+                        "positive_margin": margin > MARGIN_POINTS, "probes": {}}
+                for sel, scores_, kv in (("full", full, {"ratio_achieved": 0.0}), ("base", base, base_kv)):
+                    rows.append(_row(model_name, task, ratio, sel, scores_, kv, full, base, margin))
+                series.setdefault((model_name, task, "base"), {0.0: full})[ratio] = base
+                for name, swap in probes.items():
+                    probe, kv = ev.scores(model_name, task, ValueAware(**contract, **{**BASE, **swap}), f"{name} r={ratio}")
+                    rows.append(_row(model_name, task, ratio, name, probe, kv, full, base, margin))
+                    cell["probes"][name] = sign(mean_se(probe)[0] - mean_se(base)[0])
+                    series.setdefault((model_name, task, name), {0.0: full})[ratio] = probe
+                cells.append(cell)
+    summary = _summarise(cells, probes, series, args)
+    _write(out / f"{args.tag}.csv", rows)
+    md = _markdown(rows, summary, args)
+    (out / f"{args.tag}.md").write_text(md)
+    (out / f"{args.tag}.json").write_text(json.dumps(summary, indent=1))
+    print(md)
+    return summary
+
+
+def _row(model, task, ratio, selector, scores, kv, full, base, margin) -> dict:
+    acc, se = mean_se(scores)
+    lo, hi = ci95(scores)
+    d = [p - b for p, b in zip(scores, base)]
+    dm, dse = mean_se(d)
+    return {"model": model, "task": task, "ratio": ratio, "selector": selector, "n": len(scores),
+            "accuracy": round(acc, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
+            "full": round(mean_se(full)[0], 4), "base": round(mean_se(base)[0], 4), "margin": round(margin, 4),
+            "delta_vs_base": round(dm, 4), "delta_se": round(dse, 4),
+            "sign": sign(dm) if selector not in ("full", "base") else "",
+            "ratio_achieved": None if kv.get("ratio_achieved") is None else round(kv["ratio_achieved"], 4)}
+
+
+def _summarise(cells: list[dict], probes: dict, series: dict, args: argparse.Namespace) -> dict:
+    def share(name: str | None, positive: bool) -> dict:
+        signs = [s for c in cells if c["positive_margin"] == positive
+                 for p, s in c["probes"].items() if name is None or p == name]
+        helps = sum(s > 0 for s in signs)
+        return {"cells": len(signs), "helps": helps, "share": helps / len(signs) if signs else None}
+
+    shares = {name: {"positive_margin": share(name, True), "non_positive_margin": share(name, False)}
+              for name in [*probes, None]}
+    shares["all probes"] = shares.pop(None)
+    non_monotone = []
+    for (model, task, sel), by_ratio in series.items():
+        rs = sorted(by_ratio)
+        for r1, r2 in zip(rs, rs[1:]):
+            d = [b - a for a, b in zip(by_ratio[r1], by_ratio[r2])]
+            m, se = mean_se(d)
+            if m > 2 * se and m > 0:
+                non_monotone.append({"model": model, "task": task, "selector": sel, "from_ratio": r1, "to_ratio": r2,
+                                     "rise": round(m, 4), "paired_se": round(se, 4)})
+    return {"grid": {"models": args.models, "tasks": args.tasks, "ratios": args.ratios, "n": args.n,
+                     "context_length": args.context_length, "protocol": args.protocol, "probes": list(probes),
+                     "base": BASE, "contract": {"n_sink": args.n_sink, "window": args.window,
+                                                "block_size": args.block_size}},
+            "cells": len(cells), "shares": shares, "non_monotone": non_monotone,
+            "paper": {"positive_margin": 0.726, "non_positive_margin": 0.324}}
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _markdown(rows: list[dict], summary: dict, args: argparse.Namespace) -> str:
+    lines = [f"## Fixed-contract diagnostic ({args.tag})", "",
+             f"`python scripts/fixed_contract.py {' '.join(args.argv)}`".replace("  ", " "), "",
+             "| model | task | ratio | selector | n | accuracy [95% CI] | margin | delta vs base | sign |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {r['ratio']} | {r['selector']} | {r['n']} | "
+                     f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['margin']:+.3f} | "
+                     f"{r['delta_vs_base']:+.3f} ± {r['delta_se']:.3f} | {r['sign']} |")
+    lines += ["", "| probe | helps, positive-margin cells | helps, non-positive-margin cells |", "|---|---|---|"]
+    for name, s in summary["shares"].items():
+        p, q = s["positive_margin"], s["non_positive_margin"]
+        lines.append(f"| {name} | {_pct(p['share'])} ({p['helps']}/{p['cells']}) | "
+                     f"{_pct(q['share'])} ({q['helps']}/{q['cells']}) |")
+    lines += ["", "Paper (LongBench, 3 models x 2 budgets): 72.6% and 32.4%.", ""]
+    nm = summary["non_monotone"]
+    lines.append("Non-monotone (accuracy rises with compression by > 2 paired SE): " +
+                 ("none" if not nm else "; ".join(f"{x['task']} / {x['selector']} {x['from_ratio']}->{x['to_ratio']} "
+                                                  f"+{x['rise']:.3f} (SE {x['paired_se']:.3f})" for x in nm)))
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny", help="conf/model names or local model directories, comma-separated")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    ap.add_argument("--ratios", default="0.5,0.75", help="budgets as eviction ratios (fraction removed)")
+    ap.add_argument("--probes", default=",".join(PROBES))
+    ap.add_argument("--n", type=int, default=100, help="samples per cell")
+    ap.add_argument("--context-length", type=int, default=2048)
+    ap.add_argument("--protocol", default="query_agnostic", choices=("query_agnostic", "query_aware"))
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (stops at a newline)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(REPO / "results" / "fixed_contract"))
+    ap.add_argument("--tag", default=None, help="output file stem (default: derived from the grid)")
+    ap.add_argument("--smoke", action="store_true", help="tiny grid for a CPU test: 1 task, n=4, 256 tokens, 12 new tokens")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args.tasks, args.n, args.context_length, args.batch_size = "niah_single", 4, 256, 4
+        args.window, args.block_size, args.prefill_chunk, args.max_new_tokens = 8, 8, 128, 12
+        args.tag = args.tag or "smoke"
+    args.models = [m for m in args.models.split(",") if m]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.ratios = [float(r) for r in str(args.ratios).split(",") if r]
+    args.probes = [p for p in args.probes.split(",") if p]
+    unknown = [p for p in args.probes if p not in PROBES]
+    if unknown:
+        ap.error(f"unknown probes {unknown}; available: {', '.join(PROBES)}")
+    if args.tag is None:
+        args.tag = f"{'-'.join(args.models)}_ctx{args.context_length}_n{args.n}_{args.protocol}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse(argv)
+    summary = run_grid(args)
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
