@@ -20,7 +20,8 @@ from torch import Tensor
 
 from methods.api import KVStats, LayerSpec, torch_dtype
 
-__all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "SlotStore", "DenseStore"]
+__all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "scatter_slots", "SlotStore", "DenseStore",
+           "CodecStore"]
 
 
 def _sdpa_has_gqa() -> bool:
@@ -105,6 +106,13 @@ def causal_slot_mask(lengths_new: Tensor, dest: Tensor, n_slots: int) -> Tensor:
     d = dest[:, :, None]  # (B, T, 1)
     mask = (slots <= d) & ((slots < lengths_new[:, None, None]) | (slots == d))  # (B, T, S)
     return mask[:, None]  # (B, 1, T, S)
+
+
+def scatter_slots(buf: Tensor, dest: Tensor, val: Tensor) -> None:
+    """buf (B, H, S, *) [dest[b, t]] = val (B, H, T, *) along the slot axis, in place."""
+    B, H, T = val.shape[:3]
+    idx = dest[:, None, :, None].expand(B, H, T, val.shape[-1])  # (B, H, T, *)
+    buf.scatter_(2, idx, val.to(buf.dtype))
 
 
 class SlotStore:
@@ -234,3 +242,42 @@ class DenseStore(SlotStore):
 
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
         return self.k[:, :, :n_slots], self.v[:, :, :n_slots]
+
+
+class CodecStore(SlotStore):
+    """Per-token quantized K and V: each kv head's vector of each token is encoded by a codec
+    (``k_codec``, ``v_codec``) into named fields (packed codes, scales, zero points, norms, ...),
+    kept in slot buffers ``k_<field>``, ``v_<field>`` of shape (B, H_kv, S, n).
+
+    A codec has ``fields(dim) -> {name: (n, dtype or None = the compute dtype)}``,
+    ``encode_fields(x (..., D), meta_dtype) -> {name: (..., n)}`` and
+    ``decode_fields(parts, dtype) -> (..., D)``. Constants a codec holds (rotation signs, a
+    codebook, a sketch matrix) are reachable from the store, so ``stats`` counts them once.
+    """
+
+    def __init__(self, layer: LayerSpec, k_codec: Any, v_codec: Any, *, batch: int, capacity: int, device: Any,
+                 dtype: torch.dtype):
+        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.k_codec, self.v_codec = k_codec, v_codec
+        lead = (batch, layer.n_kv_heads, self.capacity)
+        fields = []
+        for name, codec in (("k", k_codec), ("v", v_codec)):
+            for f, (n, dt) in codec.fields(layer.head_dim).items():
+                setattr(self, f"{name}_{f}", torch.zeros(*lead, n, dtype=dt or dtype, device=self.device))
+                fields.append(f"{name}_{f}")
+        self.token_fields = tuple(fields)
+
+    def _names(self, name: str) -> list[str]:
+        return [f[len(name) + 1:] for f in self.token_fields if f.startswith(name + "_")]
+
+    def _write(self, dest: Tensor, k: Tensor, v: Tensor) -> None:
+        for name, x, codec in (("k", k, self.k_codec), ("v", v, self.v_codec)):
+            for f, val in codec.encode_fields(x, meta_dtype=self.dtype).items():  # (B, H_kv, T, n)
+                scatter_slots(getattr(self, f"{name}_{f}"), dest, val)
+
+    def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
+        out = []
+        for name, codec in (("k", self.k_codec), ("v", self.v_codec)):
+            parts = {f: getattr(self, f"{name}_{f}")[:, :, :n_slots] for f in self._names(name)}  # (B, H_kv, S, n)
+            out.append(codec.decode_fields(parts, dtype=self.dtype))  # (B, H_kv, S, D)
+        return out[0], out[1]

@@ -18,12 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from methods.api import LayerSpec, MethodBase, ModelSpec
 from methods.quantizers import UniformQuantizer
-from methods.stores import SlotStore
+from methods.stores import CodecStore
 
 SUPPORTED_BITS = (8, 4, 2)
 
@@ -74,38 +71,13 @@ class UniformInt(MethodBase):
         return QuantizedStore(layer, quant, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
 
-class QuantizedStore(SlotStore):
-    """Packed per-token codes + per-group scale and zero point for K and V, in slot order."""
-
-    token_fields = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+class QuantizedStore(CodecStore):
+    """Packed per-token codes + per-group scale and zero point for K and V, in slot order
+    (fields ``k_codes``, ``k_scale``, ``k_zero``, ``v_codes``, ``v_scale``, ``v_zero``)."""
 
     def __init__(self, layer: LayerSpec, quant: UniformQuantizer, *, batch: int, capacity: int, device: Any, dtype):
-        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
         reasons = quant.check_dim(layer.head_dim)
         if reasons:
             raise ValueError("; ".join(reasons))
         self.quant = quant
-        D, G = layer.head_dim, quant.group_size
-        lead = (batch, layer.n_kv_heads, self.capacity)
-        for name in ("k", "v"):
-            setattr(self, f"{name}_codes", torch.zeros(*lead, D * quant.bits // 8, dtype=torch.uint8, device=self.device))
-            setattr(self, f"{name}_scale", torch.zeros(*lead, D // G, dtype=dtype, device=self.device))
-            setattr(self, f"{name}_zero", torch.zeros(*lead, D // G, dtype=dtype, device=self.device))
-
-    def _write(self, dest: Tensor, k: Tensor, v: Tensor) -> None:
-        B, H_kv, T, _ = k.shape
-        for name, x in (("k", k), ("v", v)):
-            codes, scale, zero = self.quant.encode(x, meta_dtype=self.dtype)  # (B, H_kv, T, *)
-            for field, val in (("codes", codes), ("scale", scale), ("zero", zero)):
-                buf = getattr(self, f"{name}_{field}")  # (B, H_kv, S, *)
-                idx = dest[:, None, :, None].expand(B, H_kv, T, buf.shape[-1])
-                buf.scatter_(2, idx, val)
-
-    def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
-        out = []
-        for name in ("k", "v"):
-            codes = getattr(self, f"{name}_codes")[:, :, :n_slots]  # (B, H_kv, S, D*bits/8)
-            scale = getattr(self, f"{name}_scale")[:, :, :n_slots]  # (B, H_kv, S, D/G)
-            zero = getattr(self, f"{name}_zero")[:, :, :n_slots]
-            out.append(self.quant.decode(codes, scale, zero, dtype=self.dtype))  # (B, H_kv, S, D)
-        return out[0], out[1]
+        super().__init__(layer, quant, quant, batch=batch, capacity=capacity, device=device, dtype=dtype)
