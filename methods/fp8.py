@@ -76,21 +76,14 @@ class Fp8HeadStore(SlotStore):
         self.k_scale = torch.ones(batch, layer.n_kv_heads, 1, 1, dtype=dtype, device=self.device)  # (B, H_kv, 1, 1)
         self.v_scale = torch.ones(batch, layer.n_kv_heads, 1, 1, dtype=dtype, device=self.device)
 
-    def _write(self, dest: Tensor, k: Tensor, v: Tensor) -> None:
+    def _write_valid(self, dest: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> None:
         for name, x in (("k", k), ("v", v)):
             if self.hi == 0:  # the first chunk fixes the scale (over its valid tokens)
-                mask = self._valid[:, None, :, None]  # (B, 1, T, 1)
+                mask = valid[:, None, :, None]  # (B, 1, T, 1)
                 amax = (x.float().abs() * mask).amax(dim=(2, 3), keepdim=True)  # (B, H_kv, 1, 1)
                 scale = (amax * self.margin / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
                 setattr(self, f"{name}_scale", scale.to(self.dtype))
             scatter_slots(getattr(self, f"{name}_codes"), dest, fp8_encode(x, getattr(self, f"{name}_scale")))
-
-    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
-        self._valid = valid
-        try:
-            return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
-        finally:
-            del self._valid
 
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
         return (fp8_decode(self.k_codes[:, :, :n_slots], self.k_scale, dtype=self.dtype),

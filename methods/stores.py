@@ -146,9 +146,19 @@ class SlotStore:
         """Store k, v (B, H_kv, T, D) at slots dest (B, T)."""
         raise NotImplementedError
 
+    def _write_valid(self, dest: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        """Like :meth:`_write`, for stores that need ``valid`` (B, T); ``self.lengths`` still
+        holds the lengths before this call."""
+        self._write(dest, k, v)
+
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
         """Dense K, V (B, H_kv, n_slots, D) of the first n_slots slots, as stored."""
         raise NotImplementedError
+
+    def slots_stored(self, field: str, kept: Tensor) -> Tensor | None:
+        """(B, H_kv) entries along axis 2 of buffer ``field`` that hold stored data, or None for
+        a tensor counted whole. Default: ``kept`` for ``token_fields``."""
+        return kept if field in self.token_fields else None
 
     # -- LayerKV --------------------------------------------------------------------------------
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
@@ -165,9 +175,9 @@ class SlotStore:
             idx = dest[:, None, :, None].expand(B, H_kv, T, D)  # (B, H_kv, T, D)
             kk = kk.scatter(2, idx, k.to(kk.dtype))  # new tokens exact
             vv = vv.scatter(2, idx, v.to(vv.dtype))
-            self._write(dest, k, v)
+            self._write_valid(dest, k, v, valid)
         else:
-            self._write(dest, k, v)
+            self._write_valid(dest, k, v, valid)
             kk, vv = self._read(n_slots)
         lengths_new = self.lengths + valid.sum(1)  # (B,)
         mask = causal_slot_mask(lengths_new, dest, n_slots)  # (B, 1, T, S)
@@ -203,9 +213,10 @@ class SlotStore:
             if t.is_floating_point() and t.dtype == self.dtype:
                 elem = torch.empty((), dtype=nominal).element_size()
             allocated += t.numel() * elem
-            if root in self.token_fields:
+            n = self.slots_stored(root, kept)
+            if n is not None:
                 per_slot = (t.numel() // max(1, t.shape[0] * t.shape[1] * t.shape[2])) * elem
-                stored += int(kept.sum()) * per_slot
+                stored += int(n.sum()) * per_slot
             else:
                 stored += t.numel() * elem
         seen = self.seen.detach().to("cpu", torch.long)
