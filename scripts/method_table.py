@@ -27,8 +27,11 @@ def rows() -> list[dict]:
         mod_name, _, cls_name = cfg["_target_"].rpartition(".")
         mod = importlib.import_module(mod_name)
         cls = getattr(mod, cls_name)
-        summary = (mod.__doc__ or cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         prefix = f"``{path.stem}``:"
+        doc = mod.__doc__ or ""
+        if not doc.strip().startswith(prefix) and cls.__doc__:  # a module of several methods: the class says
+            doc = cls.__doc__
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
         summary = summary[len(prefix):].strip() if summary.startswith(prefix) else summary
         knobs = [f.name for f in dataclasses.fields(cls) if f.name != "ratio"] if dataclasses.is_dataclass(cls) else []
         out.append({"name": path.stem, "family": cls.family, "memory": cls.memory, "kernel": cls.kernel,
