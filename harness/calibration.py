@@ -1,8 +1,8 @@
 """Calibration data and engine access for ``KVMethod.calibrate`` (and scripts that study K/V).
 
 - :func:`calibration_samples`: held-out text, token ids: the synthetic ``ppl`` filler generator
-  on its ``calibration`` split (random streams of its own, so no sample repeats an eval document
-  or a retrieval haystack), deterministic by seed.
+  on its ``train`` split (random streams that never meet the ``eval`` split the tasks score on),
+  deterministic by seed.
 - :func:`engine_runner`: ``run(method, samples)`` -> one :class:`GenerationOutput` per sample, each
   sample prefilled as one context through the engine with ``method``'s stores (what
   :class:`methods.api.CalibrationContext` calls ``run``).
@@ -23,7 +23,7 @@ def calibration_samples(tokenizer: Any, *, n: int = 4, length: int = 512, seed: 
     from tasks.synthetic import make_ppl_docs, token_counter
 
     docs = make_ppl_docs(count_tokens=token_counter(tokenizer), context_length=length, n=n, seed=seed,
-                         split="calibration")
+                         split="train")
     out = []
     for d in docs:
         ids = tokenizer.encode(d["text"], add_special_tokens=False)
