@@ -103,30 +103,30 @@ def causal_probs(q: Tensor, k: Tensor, *, scaling: float) -> Tensor:
 
 def measure_distortion(base: Any, qkv: list[list[tuple[Tensor, Tensor, Tensor]]], widths: list[int], *,
                        n_queries: int, group_size: int = 1) -> Tensor:
-    """D (L, H, 2, W): attention-output MSE (summed over head_dim, averaged over query heads and
-    positions, then samples) when only unit (layer, head, K|V) is quantized at each width.
-    ``qkv``: per sample, per layer (q (1, H_q, T, D), k, v (1, H_kv, T, D))."""
+    """D (L, H, 2, W): attention-output MSE (summed over head_dim, averaged over samples, query
+    heads and the last ``n_queries`` positions) when only unit (layer, head, K|V) is quantized at
+    each width. ``qkv``: per sample, per layer (q (1, H_q, T, D), k, v (1, H_kv, T, D)); samples
+    are cut to a common length, a multiple of ``group_size``."""
     L = len(qkv[0])
     H = qkv[0][0][1].shape[1]
+    T = min(s[0][1].shape[2] for s in qkv) // group_size * group_size
     out = torch.zeros(L, H, 2, len(widths), dtype=torch.float64)
-    for per_layer in qkv:
-        for layer, (q, k, v) in enumerate(per_layer):
-            T = k.shape[2] // group_size * group_size
-            q, k, v = q[0, :, :T].float(), k[:, :, :T].float(), v[:, :, :T].float()  # q (H_q, T, D)
-            g = q.shape[0] // H
-            scaling = q.shape[-1] ** -0.5
-            for h in range(H):
-                qh = q[h * g:(h + 1) * g, -n_queries:]  # (g, Nq, D)
-                kh, vh = k[:, h:h + 1], v[:, h:h + 1]  # (1, 1, T, D)
-                p = causal_probs(qh, kh[0], scaling=scaling)  # (g, Nq, T)
-                ref = p @ vh[0]  # (g, Nq, D)
-                kq = torch.cat([base.roundtrip(kh, bits=b, kind="k", layer_idx=layer) for b in widths])  # (W, 1, T, D)
-                vq = torch.cat([base.roundtrip(vh, bits=b, kind="v", layer_idx=layer) for b in widths])
-                ok = causal_probs(qh[None], kq, scaling=scaling) @ vh[0]  # (W, g, Nq, D)
-                ov = p[None] @ vq  # (W, g, Nq, D)
-                out[layer, h, 0] += ((ok - ref) ** 2).sum(-1).mean((1, 2)).double()
-                out[layer, h, 1] += ((ov - ref) ** 2).sum(-1).mean((1, 2)).double()
-    return out / len(qkv)
+    for layer in range(L):
+        q, k, v = (torch.cat([s[layer][i][:, :, :T].float() for s in qkv]) for i in range(3))  # (S, H*, T, D)
+        g = q.shape[1] // H
+        scaling = q.shape[-1] ** -0.5
+        kq = torch.stack([base.roundtrip(k, bits=b, kind="k", layer_idx=layer) for b in widths])  # (W, S, H, T, D)
+        vq = torch.stack([base.roundtrip(v, bits=b, kind="v", layer_idx=layer) for b in widths])
+        for h in range(H):
+            qh = q[:, h * g:(h + 1) * g, -n_queries:]  # (S, g, Nq, D)
+            kh, vh = k[:, h:h + 1], v[:, h:h + 1]  # (S, 1, T, D)
+            p = causal_probs(qh, kh, scaling=scaling)  # (S, g, Nq, T)
+            ref = p @ vh  # (S, g, Nq, D)
+            ok = causal_probs(qh[None], kq[:, :, h:h + 1], scaling=scaling) @ vh  # (W, S, g, Nq, D)
+            ov = p[None] @ vq[:, :, h:h + 1]  # (W, S, g, Nq, D)
+            out[layer, h, 0] = ((ok - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
+            out[layer, h, 1] = ((ov - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
+    return out
 
 
 def fit_distortion(D: Tensor, widths: list[int]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ MATRIX: dict[str, tuple[float, ...]] = {
     "full": (0.0, 0.5),
     "uniform_int": (0.5, 0.875),
     "streaming_llm": (0.5, 0.75),
+    "fp8": (0.5,),
+    "kivi": (0.75, 0.84375),  # 4 bits, and 2.5 bits: a skipped row
 }
 SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
             "bench.enabled=false", "progress=false", "force=true")
