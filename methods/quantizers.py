@@ -219,7 +219,7 @@ CODEBOOK_FILE = Path(__file__).resolve().parent / "data" / "lloyd_max.json"
 CODEBOOK_LAWS = ("gaussian", "beta")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codebook_table() -> dict:
     return json.loads(CODEBOOK_FILE.read_text())
 

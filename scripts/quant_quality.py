@@ -175,7 +175,7 @@ def exp_kv_kqv_qkqv(args) -> dict:
     print("\n".join(lines))
     i4 = ns.index(4)
     ratio = {name: res["qkqv"]["kl"][i4] / res["kqv"]["kl"][i4] for name, res in results.items()}
-    print(f"\nKL(QKQV) / KL(KQV) at n = 4: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
+    print("\nKL(QKQV) / KL(KQV) at n = 4: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
           + " (paper: 2.25x)")
     return {"exp": "kv_kqv_qkqv", "d": args.d, "n": ns, "schemes": list(SCHEMES), "results": results,
             "kl_ratio_qkqv_over_kqv_n4": ratio}

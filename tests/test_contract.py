@@ -10,12 +10,26 @@ import torch
 from harness.engine import Engine, UnsupportedModel
 from harness.models import build_random_model, tiny_config
 from methods.api import KVMethod, LayerKV, ModelSpec
+from methods.fp8 import Fp8
 from methods.full import Full
+from methods.kivi import Kivi
+from methods.quarot import QuaRot
+from methods.ratequant import RateQuant
 from methods.streaming_llm import StreamingLLM
+from methods.turboquant import TurboQuantQKQV
 from methods.uniform_int import UniformInt
 from tests.helpers import random_prompts
 
-METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2)]
+
+def _ratequant():
+    m = RateQuant(ratio=0.8125, base="kivi", base_params={"group_size": 8, "residual_length": 8})
+    m.set_bits(torch.tensor([2, 3, 4, 3, 3, 2, 4, 3]), 2, 2)  # the tiny test model: 2 layers x 2 kv heads
+    return m
+
+
+METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2), Fp8(scale="head"),
+           Kivi(ratio=0.875, group_size=8, residual_length=8), QuaRot(ratio=0.8125), TurboQuantQKQV(ratio=0.75),
+           _ratequant()]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)

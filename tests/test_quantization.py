@@ -16,7 +16,6 @@ from methods.quantizers import (
     UniformQuantizer,
     lloyd_max_codebook,
     pack_codes,
-    random_signs,
     unpack_codes,
 )
 from methods.quarot import QuaRot
