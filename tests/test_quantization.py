@@ -239,3 +239,24 @@ def test_ratio_honouring(tiny_llama):
     reasons = TurboQuantKQV(ratio=0.75, qjl_dim=40).validate(spec)
     assert any("qjl_dim" in r for r in reasons)
     assert any("needs 0..8" in r for r in TurboQuantQKQV(ratio=0.9375, qjl_dim=64).validate(spec))  # 1 bit, m = 2D
+
+
+def _script_json(capsys, argv):
+    import json
+    import sys
+
+    sys.path.insert(0, "scripts")
+    import quant_quality
+
+    assert quant_quality.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_quant_quality_mse_and_qjl(capsys):
+    """The acceptance experiments at a smaller size (tolerances of the issue, widened for n)."""
+    mse = _script_json(capsys, ["--exp", "turboquant_mse", "--n", "4000"])
+    for got, ref in zip(mse["distortion"], [0.3634, 0.1175, 0.0345, 0.0095]):
+        assert abs(got / ref - 1) < 0.05, mse
+    qjl = _script_json(capsys, ["--exp", "qjl_bias", "--n-pairs", "3000"])
+    assert abs(qjl["mean"]) < 3.5 * qjl["stderr"], qjl
+    assert abs(qjl["var"] / qjl["var_theory"] - 1) < 0.15, qjl
