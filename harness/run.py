@@ -188,8 +188,12 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
     out["weights_bytes"] = nominal_weights_bytes(model, nominal)
 
     tc = time.perf_counter()
-    method.calibrate(CalibrationContext(model=model, spec=spec, samples=[], device=loaded.device, dtype=loaded.dtype,
-                                        seed=int(cfg.seed)))
+    from .calibration import calibration_samples, engine_runner
+
+    method.calibrate(CalibrationContext(
+        model=model, spec=spec, samples=[], device=loaded.device, dtype=loaded.dtype, seed=int(cfg.seed),
+        run=engine_runner(model),
+        make_samples=lambda n, length: calibration_samples(tok, n=n, length=length, seed=int(cfg.seed))))
     out["calibrate_ms"] = 1000 * (time.perf_counter() - tc)
     _log(f"model ready in {time.perf_counter() - t0:.1f}s; evaluating {cfg.task.name} "
          f"({cfg.limit} samples, {cfg.context_length} tokens)")

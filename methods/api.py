@@ -213,6 +213,7 @@ class CalibrationContext:
     seed: int = 0
     artifacts_dir: str = "results/calibration"
     run: Callable[..., Any] | None = None  # run(method, samples) -> per-sample outputs (engine)
+    make_samples: Callable[[int, int], Sequence[Tensor]] | None = None  # (n, length) -> held-out token ids
 
 
 @runtime_checkable

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from methods.api import KVStats, LayerSpec, torch_dtype
 
-__all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "SlotStore", "DenseStore", "SparseReadStore"]
+__all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "scatter_slots", "SlotStore", "DenseStore",
+           "CodecStore", "SparseReadStore"]
 
 
 def _sdpa_has_gqa() -> bool:
@@ -107,6 +108,13 @@ def causal_slot_mask(lengths_new: Tensor, dest: Tensor, n_slots: int) -> Tensor:
     return mask[:, None]  # (B, 1, T, S)
 
 
+def scatter_slots(buf: Tensor, dest: Tensor, val: Tensor) -> None:
+    """buf (B, H, S, *) [dest[b, t]] = val (B, H, T, *) along the slot axis, in place."""
+    B, H, T = val.shape[:3]
+    idx = dest[:, None, :, None].expand(B, H, T, val.shape[-1])  # (B, H, T, *)
+    buf.scatter_(2, idx, val.to(buf.dtype))
+
+
 class SlotStore:
     """Tokens in order in the slots of preallocated buffers ``(B, H_kv, capacity, ...)``.
 
@@ -138,9 +146,19 @@ class SlotStore:
         """Store k, v (B, H_kv, T, D) at slots dest (B, T)."""
         raise NotImplementedError
 
+    def _write_valid(self, dest: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        """Like :meth:`_write`, for stores that need ``valid`` (B, T); ``self.lengths`` still
+        holds the lengths before this call."""
+        self._write(dest, k, v)
+
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
         """Dense K, V (B, H_kv, n_slots, D) of the first n_slots slots, as stored."""
         raise NotImplementedError
+
+    def slots_stored(self, field: str, kept: Tensor) -> Tensor | None:
+        """(B, H_kv) entries along axis 2 of buffer ``field`` that hold stored data, or None for
+        a tensor counted whole. Default: ``kept`` for ``token_fields``."""
+        return kept if field in self.token_fields else None
 
     # -- LayerKV --------------------------------------------------------------------------------
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
@@ -157,9 +175,9 @@ class SlotStore:
             idx = dest[:, None, :, None].expand(B, H_kv, T, D)  # (B, H_kv, T, D)
             kk = kk.scatter(2, idx, k.to(kk.dtype))  # new tokens exact
             vv = vv.scatter(2, idx, v.to(vv.dtype))
-            self._write(dest, k, v)
+            self._write_valid(dest, k, v, valid)
         else:
-            self._write(dest, k, v)
+            self._write_valid(dest, k, v, valid)
             kk, vv = self._read(n_slots)
         lengths_new = self.lengths + valid.sum(1)  # (B,)
         mask = causal_slot_mask(lengths_new, dest, n_slots)  # (B, 1, T, S)
@@ -220,11 +238,6 @@ class SlotStore:
             return None
         per_slot = (t.numel() // max(1, t.shape[0] * t.shape[1] * t.shape[2])) * elem
         return int(n.sum()) * per_slot
-
-    def slots_stored(self, field: str, kept: Tensor) -> Tensor | None:
-        """(B, H_kv) entries along axis 2 of buffer ``field`` that hold stored data, or None for a
-        tensor counted whole. Default: ``kept`` (B, H_kv) for ``token_fields``."""
-        return kept if field in self.token_fields else None
 
     def _read_per_step(self, stored: int) -> int:
         """Bytes one decode step reads; a dense store reads everything it stores."""
@@ -401,3 +414,42 @@ class SparseReadStore(DenseStore):
         steps = self.read_steps.to(torch.float64)
         per_row = torch.where(steps > 0, self.read_bytes / steps.clamp(min=1), dense)  # (B,)
         return int(round(float(per_row.sum())))
+
+
+class CodecStore(SlotStore):
+    """Per-token quantized K and V: each kv head's vector of each token is encoded by a codec
+    (``k_codec``, ``v_codec``) into named fields (packed codes, scales, zero points, norms, ...),
+    kept in slot buffers ``k_<field>``, ``v_<field>`` of shape (B, H_kv, S, n).
+
+    A codec has ``fields(dim) -> {name: (n, dtype or None = the compute dtype)}``,
+    ``encode_fields(x (..., D), meta_dtype) -> {name: (..., n)}`` and
+    ``decode_fields(parts, dtype) -> (..., D)``. Constants a codec holds (rotation signs, a
+    codebook, a sketch matrix) are reachable from the store, so ``stats`` counts them once.
+    """
+
+    def __init__(self, layer: LayerSpec, k_codec: Any, v_codec: Any, *, batch: int, capacity: int, device: Any,
+                 dtype: torch.dtype):
+        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.k_codec, self.v_codec = k_codec, v_codec
+        lead = (batch, layer.n_kv_heads, self.capacity)
+        fields = []
+        for name, codec in (("k", k_codec), ("v", v_codec)):
+            for f, (n, dt) in codec.fields(layer.head_dim).items():
+                setattr(self, f"{name}_{f}", torch.zeros(*lead, n, dtype=dt or dtype, device=self.device))
+                fields.append(f"{name}_{f}")
+        self.token_fields = tuple(fields)
+
+    def _names(self, name: str) -> list[str]:
+        return [f[len(name) + 1:] for f in self.token_fields if f.startswith(name + "_")]
+
+    def _write(self, dest: Tensor, k: Tensor, v: Tensor) -> None:
+        for name, x, codec in (("k", k, self.k_codec), ("v", v, self.v_codec)):
+            for f, val in codec.encode_fields(x, meta_dtype=self.dtype).items():  # (B, H_kv, T, n)
+                scatter_slots(getattr(self, f"{name}_{f}"), dest, val)
+
+    def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
+        out = []
+        for name, codec in (("k", self.k_codec), ("v", self.v_codec)):
+            parts = {f: getattr(self, f"{name}_{f}")[:, :, :n_slots] for f in self._names(name)}  # (B, H_kv, S, n)
+            out.append(codec.decode_fields(parts, dtype=self.dtype))  # (B, H_kv, S, D)
+        return out[0], out[1]

@@ -6,7 +6,8 @@ and zero points are kept in the model dtype. Groups never cross tokens, so paddi
 quantization group.
 
 Ratio mapping (DESIGN §6): nominal code bits = 16 * (1 - ratio), which must be 8, 4 or 2 (ratio
-0.5, 0.75, 0.875); any other ratio gives a skipped row, never a silent rounding. The achieved ratio
+0.5, 0.75, 0.875), or 16 (ratio 0: stored unquantized, i.e. ``full``); any other ratio gives a
+skipped row, never a silent rounding. The achieved ratio
 includes the scale/zero-point overhead: 2 * 16 / group_size extra bits per element in bf16.
 
 Attention is the reference path (``kernel=reference``): stored tokens are dequantized, the new
@@ -18,94 +19,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, ModelSpec
+from methods.quant_base import QuantMethod, codec_roundtrip
 from methods.quantizers import UniformQuantizer
-from methods.stores import SlotStore
+from methods.stores import CodecStore
 
 SUPPORTED_BITS = (8, 4, 2)
 
 
-def ratio_to_bits(ratio: float) -> float:
-    """Nominal code bits for a target byte reduction against a 16-bit cache."""
-    return 16.0 * (1.0 - float(ratio))
-
-
 @dataclass
-class UniformInt(MethodBase):
-    """Per-token asymmetric INT-k (k in 8, 4, 2) with ``group_size`` channels per scale."""
+class UniformInt(QuantMethod):
+    """Per-token asymmetric INT-k (k in 8, 4, 2; 16 = unquantized) with ``group_size`` channels per scale."""
 
     ratio: float = 0.75
     group_size: int = 32
 
-    family = "quantization"
-    memory = "physical"
-    kernel = "reference"
     name = "uniform_int"
+    widths = SUPPORTED_BITS
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        super().__post_init__()
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
 
-    @property
-    def bits(self) -> int | None:
-        b = ratio_to_bits(self.ratio)
-        return int(round(b)) if abs(b - round(b)) < 1e-9 and int(round(b)) in SUPPORTED_BITS else None
+    def extra_reasons(self, model: ModelSpec, k_bits: int, v_bits: int) -> list[str]:
+        reasons: list[str] = []
+        for b in sorted({k_bits, v_bits}):
+            reasons += UniformQuantizer(b, self.group_size).check_dim(model.head_dim)
+        return list(dict.fromkeys(reasons))
 
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if self.bits is None:
-            reasons.append(
-                f"uniform_int cannot honour ratio {self.ratio}: it needs {ratio_to_bits(self.ratio):g} bits per "
-                f"element and supports {SUPPORTED_BITS} (ratios 0.5, 0.75, 0.875)"
-            )
-            return reasons
-        reasons += UniformQuantizer(self.bits, self.group_size).check_dim(model.head_dim)
-        return reasons
+    def store(self, layer: LayerSpec, *, k_bits: int, v_bits: int, batch: int, capacity: int, device: Any,
+              dtype: Any) -> CodecStore:
+        kq, vq = UniformQuantizer(k_bits, self.group_size), UniformQuantizer(v_bits, self.group_size)
+        if k_bits == v_bits:
+            return QuantizedStore(layer, kq, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        return CodecStore(layer, kq, vq, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
-    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> QuantizedStore:
-        if self.bits is None:
-            raise ValueError(f"uniform_int cannot honour ratio {self.ratio}; call validate() first")
-        quant = UniformQuantizer(self.bits, self.group_size)
-        return QuantizedStore(layer, quant, batch=batch, capacity=capacity, device=device, dtype=dtype)
+    def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
+        return codec_roundtrip(UniformQuantizer(bits, self.group_size), x)
 
 
-class QuantizedStore(SlotStore):
-    """Packed per-token codes + per-group scale and zero point for K and V, in slot order."""
-
-    token_fields = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+class QuantizedStore(CodecStore):
+    """Packed per-token codes + per-group scale and zero point for K and V, in slot order
+    (fields ``k_codes``, ``k_scale``, ``k_zero``, ``v_codes``, ``v_scale``, ``v_zero``)."""
 
     def __init__(self, layer: LayerSpec, quant: UniformQuantizer, *, batch: int, capacity: int, device: Any, dtype):
-        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
         reasons = quant.check_dim(layer.head_dim)
         if reasons:
             raise ValueError("; ".join(reasons))
         self.quant = quant
-        D, G = layer.head_dim, quant.group_size
-        lead = (batch, layer.n_kv_heads, self.capacity)
-        for name in ("k", "v"):
-            setattr(self, f"{name}_codes", torch.zeros(*lead, D * quant.bits // 8, dtype=torch.uint8, device=self.device))
-            setattr(self, f"{name}_scale", torch.zeros(*lead, D // G, dtype=dtype, device=self.device))
-            setattr(self, f"{name}_zero", torch.zeros(*lead, D // G, dtype=dtype, device=self.device))
-
-    def _write(self, dest: Tensor, k: Tensor, v: Tensor) -> None:
-        B, H_kv, T, _ = k.shape
-        for name, x in (("k", k), ("v", v)):
-            codes, scale, zero = self.quant.encode(x, meta_dtype=self.dtype)  # (B, H_kv, T, *)
-            for field, val in (("codes", codes), ("scale", scale), ("zero", zero)):
-                buf = getattr(self, f"{name}_{field}")  # (B, H_kv, S, *)
-                idx = dest[:, None, :, None].expand(B, H_kv, T, buf.shape[-1])
-                buf.scatter_(2, idx, val)
-
-    def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
-        out = []
-        for name in ("k", "v"):
-            codes = getattr(self, f"{name}_codes")[:, :, :n_slots]  # (B, H_kv, S, D*bits/8)
-            scale = getattr(self, f"{name}_scale")[:, :, :n_slots]  # (B, H_kv, S, D/G)
-            zero = getattr(self, f"{name}_zero")[:, :, :n_slots]
-            out.append(self.quant.decode(codes, scale, zero, dtype=self.dtype))  # (B, H_kv, S, D)
-        return out[0], out[1]
+        super().__init__(layer, quant, quant, batch=batch, capacity=capacity, device=device, dtype=dtype)

@@ -28,8 +28,9 @@ def rows() -> list[dict]:
         mod = importlib.import_module(mod_name)
         cls = getattr(mod, cls_name)
         prefix = f"``{path.stem}``:"
-        own = (cls.__doc__ or "").strip()  # a family file documents each method in its class
-        doc = own if own.startswith(prefix) else (mod.__doc__ or cls.__doc__ or "")
+        own, module = (cls.__doc__ or "").strip(), (mod.__doc__ or "").strip()
+        # the docstring that names the method; a module of several methods describes each in its class
+        doc = own if own.startswith(prefix) else module if module.startswith(prefix) else (own or module)
         summary = " ".join(doc.strip().split("\n\n")[0].split())
         summary = summary[len(prefix):].strip() if summary.startswith(prefix) else summary
         knobs = [f.name for f in dataclasses.fields(cls) if f.name != "ratio"] if dataclasses.is_dataclass(cls) else []

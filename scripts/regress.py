@@ -32,6 +32,8 @@ MATRIX: dict[str, tuple[float, ...]] = {
     "louver": (0.5, 0.9),
     "snapkv": (0.5, 0.75),
     "value_aware": (0.5, 0.75),
+    "fp8": (0.5,),
+    "kivi": (0.75, 0.84375),  # 4 bits, and 2.5 bits: a skipped row
 }
 SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
             "bench.enabled=false", "progress=false", "force=true")

@@ -11,17 +11,31 @@ from harness.engine import Engine, UnsupportedModel
 from harness.models import build_random_model, tiny_config
 from methods.api import KVMethod, LayerKV, ModelSpec
 from methods.eviction import H2O, AdaKV, SnapKV
+from methods.fp8 import Fp8
 from methods.full import Full
+from methods.kivi import Kivi
 from methods.louver import Louver
+from methods.quarot import QuaRot
 from methods.quest import Quest
+from methods.ratequant import RateQuant
 from methods.streaming_llm import StreamingLLM
+from methods.turboquant import TurboQuantQKQV
 from methods.uniform_int import UniformInt
 from methods.value_aware import ValueAware
 from tests.helpers import random_prompts
 
+
+def _ratequant():
+    m = RateQuant(ratio=0.8125, base="kivi", base_params={"group_size": 8, "residual_length": 8})
+    m.set_bits(torch.tensor([2, 3, 4, 3, 3, 2, 4, 3]), 2, 2)  # the tiny test model: 2 layers x 2 kv heads
+    return m
+
+
 METHODS = [Full(), UniformInt(ratio=0.75), StreamingLLM(ratio=0.5, n_sink=2), SnapKV(ratio=0.5, window=4),
            AdaKV(ratio=0.5, window=4), H2O(ratio=0.5), ValueAware(ratio=0.5, support="decode_queries", window=4),
-           Louver(ratio=0.5, n_subspaces=4, merge_every=2), Quest(ratio=0.5, page_size=4, dense_layers=1)]
+           Louver(ratio=0.5, n_subspaces=4, merge_every=2), Quest(ratio=0.5, page_size=4, dense_layers=1),
+           Fp8(scale="head"), Kivi(ratio=0.875, group_size=8, residual_length=8), QuaRot(ratio=0.8125),
+           TurboQuantQKQV(ratio=0.75), _ratequant()]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
@@ -81,7 +95,8 @@ def test_no_torch_work_or_registration_at_import():
     code = (
         "import sys, methods.api; assert 'torch' not in sys.modules, 'methods.api imported torch';"
         "import harness.engine, methods.full, methods.uniform_int, methods.streaming_llm, methods.eviction,"
-        " methods.value_aware, methods.louver, methods.quest;"
+        " methods.value_aware, methods.louver, methods.quest, methods.fp8, methods.kivi, methods.quarot,"
+        " methods.ratequant, methods.turboquant;"
         "from transformers import AttentionInterface;"
         "assert 'kvbench' not in AttentionInterface._global_mapping, 'registered at import'"
     )

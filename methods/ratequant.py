@@ -1,0 +1,403 @@
+"""``ratequant``: RateQuant (Zuo et al. 2026, "RateQuant: Optimal Mixed-Precision KV Cache
+Quantization via Rate-Distortion Theory", arXiv:2605.06675; papers.md §2): per-unit bit widths by
+reverse water-filling over a fitted distortion model D(b) = a * beta^-b, on top of a base quantizer.
+
+Units are (layer, kv head, K or V). Calibration (``calibrate``, on held-out text, cached per model,
+base and knobs under ``<artifacts_dir>/ratequant/``) runs the model once over the calibration
+samples with the full cache, captures post-RoPE q, k, v, and for each unit and each width in
+``widths`` quantizes only that unit's K (or V) with the base quantizer and measures the distortion.
+It fits log D_u(b) = log a_u - b log beta by least squares (a_u per unit, beta per base quantizer)
+and reports R^2; weighs units by an importance w_u; and allocates bits by reverse water-filling:
+minimise sum_u w_u a_u beta^-b_u subject to mean_u b_u = B (B = 16 * (1 - ratio)) and
+min(widths) <= b_u <= max(widths): b_u = clip(t + log_beta(w_u a_u)), the water level t found by
+bisection (without clipping b_u = B + log_beta(w_u a_u) - mean_j log_beta(w_j a_j)). The real-valued
+widths are rounded to supported widths keeping the budget exact: every unit starts at the widest
+supported width <= b_u, then the leftover bits go one step at a time to the unit with the largest
+gain per bit w_u a_u (beta^-b - beta^-b') / (b' - b). Each unit is stored by the base quantizer's
+own store at its width (one store per kv head), so memory is physical; the per-unit bit table
+(int8) is counted in ``bytes_stored``.
+
+Choices the paper leaves open, and ours (knobs):
+- ``base``: kivi | quarot | uniform_int | turboquant_kqv, with ``base_params`` for its knobs.
+- Distortion: the attention-output MSE of the unit's head, ||o - o~||^2 averaged over the last
+  ``calib_queries`` query positions of each of ``calib_samples`` samples of ``calib_length``
+  tokens (causal, the query heads of the kv head's group), the other units exact. The base is
+  measured without KIVI's full-precision window (the quantizer's own curve).
+- ``importance``: "wo" (default): w_u = ||W_O[:, group of u]||_F^2 / (group * head_dim), the mean
+  squared output-projection column of the unit's query heads, so w_u * D_u estimates the error
+  the unit adds to the layer output under isotropic errors (papers.md option (iii), without the
+  Var(o) factor, which D_u already carries); "none": w_u = 1.
+- ``allocation``: "calibrated" (the base's own fit), "uniform" (no calibration: floor(B) bits
+  everywhere and, for a fractional B, one more bit to an evenly spread subset of units ordered K
+  then V, by layer and head), "mismatched" (the fitted a_u and beta of ``mismatch_base``, default
+  quarot for kivi and kivi otherwise: the paper's failure mode).
+- ``widths``: supported widths (default 2..8); B must lie within them and B * units must be a
+  whole number of bits, else the row is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from methods.api import CalibrationContext, KVStats, LayerSpec, MethodBase, ModelSpec
+from methods.quant_base import integer_bits, ratio_to_bits
+from methods.stores import DenseStore
+
+BASES = ("kivi", "quarot", "uniform_int", "turboquant_kqv")
+ALLOCATIONS = ("calibrated", "uniform", "mismatched")
+IMPORTANCE = ("wo", "none")
+
+
+def make_base(name: str, params: dict | None = None) -> Any:
+    from methods.kivi import Kivi
+    from methods.quarot import QuaRot
+    from methods.turboquant import TurboQuantKQV
+    from methods.uniform_int import UniformInt
+
+    classes = {"kivi": Kivi, "quarot": QuaRot, "uniform_int": UniformInt, "turboquant_kqv": TurboQuantKQV}
+    if name not in classes:
+        raise ValueError(f"unknown base quantizer {name!r}; use one of {BASES}")
+    return classes[name](ratio=0.0, **dict(params or {}))
+
+
+# -- calibration: capture, distortion, fit ------------------------------------------------------------
+@dataclass
+class Capture(MethodBase):
+    """A full cache that records each layer's post-RoPE q, k, v (calibration only; not in conf/)."""
+
+    ratio: float = 0.0
+    name = "capture"
+
+    def __post_init__(self) -> None:
+        self.captured: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer, the last sample's
+
+    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> DenseStore:
+        method = self
+
+        class _Store(DenseStore):
+            def extend(self, q, k, v, **kw):
+                while len(method.captured) <= layer.layer_idx:
+                    method.captured.append(None)  # type: ignore[arg-type]
+                method.captured[layer.layer_idx] = (q.detach(), k.detach(), v.detach())
+                return super().extend(q, k, v, **kw)
+
+        return _Store(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+
+
+def causal_probs(q: Tensor, k: Tensor, *, scaling: float) -> Tensor:
+    """Softmax attention of the last Nq positions' queries q (..., g, Nq, D) over keys k (..., 1, T, D),
+    causal -> (..., g, Nq, T) fp32."""
+    T, Nq = k.shape[-2], q.shape[-2]
+    mask = torch.arange(T, device=q.device)[None, :] <= (T - Nq + torch.arange(Nq, device=q.device))[:, None]
+    s = (q @ k.transpose(-1, -2)) * scaling  # (..., g, Nq, T)
+    return s.masked_fill(~mask, -math.inf).softmax(-1)
+
+
+def measure_distortion(base: Any, qkv: list[list[tuple[Tensor, Tensor, Tensor]]], widths: list[int], *,
+                       n_queries: int, group_size: int = 1) -> Tensor:
+    """D (L, H, 2, W): attention-output MSE (summed over head_dim, averaged over samples, query
+    heads and the last ``n_queries`` positions) when only unit (layer, head, K|V) is quantized at
+    each width. ``qkv``: per sample, per layer (q (1, H_q, T, D), k, v (1, H_kv, T, D)); samples
+    are cut to a common length, a multiple of ``group_size``."""
+    L = len(qkv[0])
+    H = qkv[0][0][1].shape[1]
+    T = min(s[0][1].shape[2] for s in qkv) // group_size * group_size
+    out = torch.zeros(L, H, 2, len(widths), dtype=torch.float64)
+    for layer in range(L):
+        q, k, v = (torch.cat([s[layer][i][:, :, :T].float() for s in qkv]) for i in range(3))  # (S, H*, T, D)
+        g = q.shape[1] // H
+        scaling = q.shape[-1] ** -0.5
+        kq = torch.stack([base.roundtrip(k, bits=b, kind="k", layer_idx=layer) for b in widths])  # (W, S, H, T, D)
+        vq = torch.stack([base.roundtrip(v, bits=b, kind="v", layer_idx=layer) for b in widths])
+        for h in range(H):
+            qh = q[:, h * g:(h + 1) * g, -n_queries:]  # (S, g, Nq, D)
+            kh, vh = k[:, h:h + 1], v[:, h:h + 1]  # (S, 1, T, D)
+            p = causal_probs(qh, kh, scaling=scaling)  # (S, g, Nq, T)
+            ref = p @ vh  # (S, g, Nq, D)
+            ok = causal_probs(qh[None], kq[:, :, h:h + 1], scaling=scaling) @ vh  # (W, S, g, Nq, D)
+            ov = p[None] @ vq[:, :, h:h + 1]  # (W, S, g, Nq, D)
+            out[layer, h, 0] = ((ok - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
+            out[layer, h, 1] = ((ov - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
+    return out
+
+
+def fit_distortion(D: Tensor, widths: list[int]) -> dict[str, Any]:
+    """Least-squares fit of log D_u(b) = log a_u - b log beta with a_u per unit, beta shared.
+    D (..., W) -> {"beta", "log_a" (...), "r2"}; R^2 of the pooled fit around the mean of log D."""
+    y = D.clamp_min(1e-30).log().reshape(-1, len(widths))  # (U, W)
+    b = torch.tensor(widths, dtype=torch.float64)
+    bc = b - b.mean()
+    yc = y - y.mean(-1, keepdim=True)
+    slope = float((yc * bc).sum() / (bc * bc).sum() / y.shape[0])  # = -log beta
+    log_a = (y - slope * b).mean(-1)  # (U,)
+    pred = log_a[:, None] + slope * b
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"beta": math.exp(-slope), "log_a": log_a.reshape(D.shape[:-1]), "r2": 1 - ss_res / max(ss_tot, 1e-30)}
+
+
+# -- allocation ---------------------------------------------------------------------------------------
+def water_fill(log_c: Tensor, beta: float, mean_bits: float, lo: float, hi: float) -> Tensor:
+    """Real-valued reverse water-filling: b_u = clip(t + log_beta(c_u), lo, hi) with mean b = mean_bits.
+    log_c (U,) = log(w_u a_u)."""
+    x = log_c.double() / math.log(beta)
+    t_lo, t_hi = lo - float(x.max()) - 1, hi - float(x.min()) + 1
+    for _ in range(200):
+        t = (t_lo + t_hi) / 2
+        if float((t + x).clamp(lo, hi).mean()) < mean_bits:
+            t_lo = t
+        else:
+            t_hi = t
+    return (t_lo / 2 + t_hi / 2 + x).clamp(lo, hi)
+
+
+def round_to_widths(b: Tensor, log_c: Tensor, beta: float, total: int, widths: list[int]) -> Tensor:
+    """Integer widths from ``widths`` summing to ``total``: start at the widest supported width <= b_u,
+    then give the leftover bits step by step to the largest gain per bit w a (beta^-b - beta^-b')/(b' - b)."""
+    ws = sorted(widths)
+    cur = [max([w for w in ws if w <= float(x) + 1e-9] or [ws[0]]) for x in b.tolist()]
+    left = total - sum(cur)
+    if left < 0:
+        raise ValueError(f"cannot meet {total} bits: the floors already take {sum(cur)}")
+    c = log_c.double().exp().tolist()
+    while left > 0:
+        best, best_gain = None, -1.0
+        for u, w in enumerate(cur):
+            nxt = [x for x in ws if x > w and x - w <= left]
+            if not nxt:
+                continue
+            w2 = nxt[0]
+            gain = c[u] * (beta ** -w - beta ** -w2) / (w2 - w)
+            if gain > best_gain:
+                best, best_gain = (u, w2), gain
+        if best is None:
+            raise ValueError(f"cannot spend the last {left} bits on widths {ws}")
+        left -= best[1] - cur[best[0]]
+        cur[best[0]] = best[1]
+    return torch.tensor(cur, dtype=torch.int64)
+
+
+def uniform_widths(n_units_k: int, n_units: int, mean_bits: float) -> Tensor:
+    """floor(B) everywhere, plus one bit to an evenly spread subset (units ordered K then V, by layer, head)."""
+    base, frac = int(math.floor(mean_bits + 1e-9)), mean_bits - math.floor(mean_bits + 1e-9)
+    extra = [int(math.floor((i + 1) * frac + 1e-9) - math.floor(i * frac + 1e-9)) for i in range(n_units)]
+    return torch.tensor([base + e for e in extra], dtype=torch.int64)
+
+
+# -- the method --------------------------------------------------------------------------------------
+@dataclass
+class RateQuant(MethodBase):
+    """RateQuant: reverse water-filling of bits over (layer, kv head, K|V) by a fitted D(b) = a beta^-b,
+    on top of a base quantizer (kivi, quarot, uniform_int, turboquant_kqv)."""
+
+    ratio: float = 0.75
+    base: str = "kivi"
+    base_params: dict = field(default_factory=dict)
+    allocation: str = "calibrated"
+    mismatch_base: str = ""
+    importance: str = "wo"
+    widths: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    calib_samples: int = 2
+    calib_length: int = 512
+    calib_queries: int = 128
+    cache: bool = True
+    seed: int = 0
+
+    family = "quantization"
+    memory = "physical"
+    kernel = "reference"
+    name = "ratequant"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        for knob, value, allowed in (("base", self.base, BASES), ("allocation", self.allocation, ALLOCATIONS),
+                                     ("importance", self.importance, IMPORTANCE)):
+            if value not in allowed:
+                raise ValueError(f"{knob} must be one of {allowed}, got {value!r}")
+        if self.mismatch_base and self.mismatch_base not in BASES:
+            raise ValueError(f"mismatch_base must be one of {BASES}, got {self.mismatch_base!r}")
+        self.widths = sorted(int(w) for w in self.widths)
+        if not self.widths or self.widths[0] < 1 or self.widths[-1] > 8:
+            raise ValueError(f"widths must be bit widths in 1..8, got {self.widths}")
+        self.base_method = make_base(self.base, self.base_params)
+        self.bit_table: Tensor | None = None  # (L, H_kv, 2) int8 after calibrate()
+        self.fit: dict[str, Any] = {}
+
+    @property
+    def mean_bits(self) -> float:
+        return ratio_to_bits(self.ratio)
+
+    @property
+    def mismatched_with(self) -> str:
+        return self.mismatch_base or ("quarot" if self.base == "kivi" else "kivi")
+
+    def validate(self, model: ModelSpec) -> list[str]:
+        reasons = super().validate(model)
+        if integer_bits(self.ratio) == 16:
+            return reasons
+        B, U = self.mean_bits, 2 * model.n_layers * model.n_kv_heads
+        if not self.widths[0] <= B <= self.widths[-1]:
+            reasons.append(f"ratequant cannot honour ratio {self.ratio}: {B:g} average bits lie outside widths "
+                           f"{self.widths}")
+        if abs(B * U - round(B * U)) > 1e-6:
+            reasons.append(f"ratequant cannot honour ratio {self.ratio}: {B:g} bits x {U} units is not a whole "
+                           "number of bits")
+        for w in self.widths:
+            reasons += self.base_method.extra_reasons(model, w, w)
+        return list(dict.fromkeys(reasons))
+
+    # -- calibration ------------------------------------------------------------------------------
+    def _cache_path(self, ctx: CalibrationContext, base: str, fingerprint: str) -> Path:
+        key = json.dumps({"base": base, "params": self.base_params if base == self.base else {},
+                          "widths": self.widths, "n": self.calib_samples, "len": self.calib_length,
+                          "nq": self.calib_queries, "seed": [self.seed, ctx.seed], "importance": self.importance},
+                         sort_keys=True)
+        h = hashlib.sha1(key.encode()).hexdigest()[:12]
+        model = "".join(c if c.isalnum() or c in "-_." else "_" for c in ctx.spec.name)[-60:]
+        return Path(ctx.artifacts_dir) / "ratequant" / f"{model}-{fingerprint}" / f"{base}-{h}.json"
+
+    def _importance(self, model: Any, spec: ModelSpec) -> Tensor:
+        """(L, H_kv) importance weights."""
+        L, H, D = spec.n_layers, spec.n_kv_heads, spec.head_dim
+        g = spec.n_q_heads // H
+        w = torch.ones(L, H, dtype=torch.float64)
+        if self.importance == "none":
+            return w
+        mods = dict(model.named_modules())
+        for layer in range(L):
+            o = next((m for n, m in mods.items() if n.endswith(f"layers.{layer}.self_attn.o_proj")), None)
+            if o is None:
+                raise ValueError(f"importance='wo' found no layers.{layer}.self_attn.o_proj; use importance=none")
+            W = o.weight.detach().double()  # (hidden, H_q * D)
+            for h in range(H):
+                w[layer, h] = (W[:, h * g * D:(h + 1) * g * D] ** 2).sum() / (g * D)
+        return w
+
+    def fit_base(self, ctx: CalibrationContext, base: str, qkv_fn) -> dict[str, Any]:
+        """Fitted model of ``base`` (cached): D (L, H, 2, W), beta, log_a (L, H, 2), r2, importance (L, H)."""
+        fingerprint = _fingerprint(ctx.model)
+        path = self._cache_path(ctx, base, fingerprint)
+        if self.cache and path.exists():
+            data = json.loads(path.read_text())
+            return {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v for k, v in data.items()}
+        bm = self.base_method if base == self.base else make_base(base)
+        group = int(getattr(bm, "group_size", 1) or 1) if base == "kivi" else 1
+        D = measure_distortion(bm, qkv_fn(), self.widths, n_queries=self.calib_queries, group_size=group)
+        fit = fit_distortion(D, self.widths)
+        fit.update(D=D, importance=self._importance(ctx.model, ctx.spec), base=base)
+        if self.cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({k: v.tolist() if isinstance(v, Tensor) else v for k, v in fit.items()}))
+        return fit
+
+    def calibrate(self, ctx: CalibrationContext) -> None:
+        spec = ctx.spec
+        if integer_bits(self.ratio) == 16:
+            return
+        L, H = spec.n_layers, spec.n_kv_heads
+        U = 2 * L * H
+        total = int(round(self.mean_bits * U))
+        if self.allocation == "uniform":
+            self.set_bits(uniform_widths(L * H, U, self.mean_bits), L, H)
+            self.fit = {"allocation": "uniform"}
+            return
+        captured: list = []
+
+        def qkv():
+            if not captured:
+                if ctx.run is None:
+                    raise ValueError("ratequant needs CalibrationContext.run to capture q, k, v")
+                samples = list(ctx.samples) or (ctx.make_samples(self.calib_samples, self.calib_length)
+                                                 if ctx.make_samples else [])
+                if not samples:
+                    raise ValueError("ratequant needs calibration samples (CalibrationContext.samples or make_samples)")
+                for s in samples[: self.calib_samples]:
+                    cap = Capture()
+                    ctx.run(cap, [s])
+                    captured.append([(q.float(), k.float(), v.float()) for q, k, v in cap.captured])
+            return captured
+
+        own = self.fit_base(ctx, self.base, qkv)
+        src = own if self.allocation == "calibrated" else self.fit_base(ctx, self.mismatched_with, qkv)
+        # units ordered (kind, layer, head): K units first, as in uniform_widths
+        log_c = (src["log_a"] + src["importance"].log()[:, :, None]).permute(2, 0, 1).reshape(-1)  # (U,)
+        real = water_fill(log_c, src["beta"], self.mean_bits, self.widths[0], self.widths[-1])
+        bits = round_to_widths(real, log_c, src["beta"], total, self.widths)
+        self.set_bits(bits, L, H)
+        self.fit = {"allocation": self.allocation, "beta": own["beta"], "r2": own["r2"], "source": src["base"],
+                    "source_beta": src["beta"], "real_bits": real.reshape(2, L, H).permute(1, 2, 0)}
+
+    def set_bits(self, bits: Tensor, L: int, H: int) -> None:
+        """bits (U,) in (kind, layer, head) order -> bit_table (L, H, 2) int8."""
+        self.bit_table = bits.reshape(2, L, H).permute(1, 2, 0).to(torch.int8).contiguous()
+
+    # -- stores -----------------------------------------------------------------------------------
+    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> Any:
+        if integer_bits(self.ratio) == 16:
+            return DenseStore(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        if self.bit_table is None:
+            raise ValueError("ratequant has no bit allocation yet; call calibrate() first")
+        return PerHeadStore(layer, self.base_method, self.bit_table[layer.layer_idx].to(device), batch=batch,
+                            capacity=capacity, device=device, dtype=dtype)
+
+
+def _fingerprint(model: Any) -> str:
+    """A short hash of the model's config and a few of its weights (the cache follows retraining)."""
+    h = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class PerHeadStore:
+    """One layer as one base-quantizer store per kv head, each at its own K and V widths.
+    ``bits`` (H_kv, 2) int8 is the layer's slice of the per-unit bit table (counted in bytes)."""
+
+    def __init__(self, layer: LayerSpec, base: Any, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype):
+        self.layer = layer
+        self.bits = bits  # (H_kv, 2) int8
+        sub = LayerSpec(layer_idx=layer.layer_idx, n_layers=layer.n_layers, n_q_heads=layer.n_groups, n_kv_heads=1,
+                        head_dim=layer.head_dim, nominal_dtype=layer.nominal_dtype)
+        self.heads = [base.store(sub, k_bits=int(kb), v_bits=int(vb), batch=batch, capacity=capacity, device=device,
+                                 dtype=dtype) for kb, vb in bits.tolist()]
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        g = self.layer.n_groups
+        outs = [st.extend(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], positions=positions, valid=valid,
+                          scaling=scaling) for h, st in enumerate(self.heads)]  # each (B, T, g, D)
+        return torch.cat(outs, dim=2)  # (B, T, H_q, D)
+
+    def end_of_context(self) -> None:
+        for st in self.heads:
+            st.end_of_context()
+
+    def fork(self) -> PerHeadStore:
+        new = object.__new__(PerHeadStore)
+        new.layer, new.bits = self.layer, self.bits.clone()
+        new.heads = [st.fork() for st in self.heads]
+        return new
+
+    def stats(self) -> KVStats:
+        parts = [st.stats() for st in self.heads]
+        return KVStats(
+            tokens_kept=torch.cat([p.tokens_kept for p in parts], dim=1),  # (B, H_kv)
+            tokens_seen=parts[0].tokens_seen,
+            bytes_stored=sum(p.bytes_stored for p in parts) + self.bits.numel(),
+            bytes_allocated=sum(p.bytes_allocated for p in parts) + self.bits.numel(),
+            bytes_read_per_step=sum(p.bytes_read_per_step for p in parts) + self.bits.numel(),
+            bytes_full=sum(p.bytes_full for p in parts),
+        )
+
+
+__all__ = ["RateQuant", "Capture", "water_fill", "round_to_widths", "fit_distortion", "measure_distortion",
+           "uniform_widths", "make_base"]
