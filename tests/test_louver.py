@@ -185,8 +185,8 @@ def test_bad_parameters_are_refused():
         Louver(threshold="oracle")
     with pytest.raises(ValueError, match="branching"):
         Louver(branching=0)
-    from methods.api import ModelSpec
     from harness.models import tiny_config
+    from methods.api import ModelSpec
 
     spec = ModelSpec.from_config(tiny_config("llama"))
     assert any("divide" in r for r in Louver(n_subspaces=7).validate(spec))
