@@ -34,6 +34,7 @@ from methods.selectors import (
     adakv_budgets,
     group_reduce,
     keep_count,
+    keep_count_t,
     pool_scores,
     protect_mask,
     pyramid_budgets,
@@ -111,7 +112,7 @@ class EvictionMethod(MethodBase):
 
     def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
         """(B,) tokens per head each row keeps on average: the budget function."""
-        return torch.tensor([keep_count(int(x), self.ratio) for x in n.tolist()], dtype=torch.long, device=n.device)
+        return keep_count_t(n.long(), float(self.ratio))
 
     def recent_window(self, budget: Tensor) -> Tensor:
         """(B, H_kv) most recent tokens protected from eviction (clamped to the budget)."""
