@@ -7,9 +7,11 @@ A token-level multi-query recall task as in /work/shared/tiny-model-notes.md: 96
 holding 8 needles ``KEY k1 k2 IS [GAP fixed tokens] v1 v2 v3 DOT``, then the 8 keys asked back as
 ``Q k1 k2 IS [GAP]`` -> ``v1 v2 v3 DOT``; a randomly initialised LlamaForCausalLM, AdamW lr 2e-3, batch 64,
 loss on the answer tokens. Prints teacher-forced accuracy of the first value token and of all three every
-100 steps. About 0.35 s a step on one CPU thread at D_MODEL 64, 2 layers.
+100 steps. About 0.35 s a step on one CPU thread at D_MODEL 64, 2 layers. PROBE_VOCAB and PROBE_BATCH (env)
+change the vocabulary (512) and the number of sequences per step (64).
 """
 
+import os
 import random
 import sys
 import time
@@ -18,16 +20,21 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-V = 512  # vocabulary
+V = int(os.environ.get("PROBE_VOCAB", 512))  # vocabulary
 KEY, IS, Q, DOT = 1, 2, 3, 4
 FIXED = (5, 6, 7, 8)  # the gap tokens after IS, in order
 LO = 16  # keys, values and filler are drawn from [LO, V)
+DIGITS = os.environ.get("PROBE_DIGITS") == "1"  # values drawn from 10 tokens only
 
 
 def episode(rng: random.Random, gap: int, L: int = 96, n: int = 8) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 mask of the answer tokens (v1 v2 v3) of one sequence."""
     fix = list(FIXED[:gap])
-    pairs = [([rng.randrange(LO, V) for _ in range(2)], [rng.randrange(LO, V) for _ in range(3)]) for _ in range(n)]
+    if DIGITS:  # values from a 10-symbol alphabet (the digit tokens of the text needles)
+        pairs = [([rng.randrange(LO, V) for _ in range(2)], [rng.randrange(LO, LO + 10) for _ in range(3)])
+                 for _ in range(n)]
+    else:
+        pairs = [([rng.randrange(LO, V) for _ in range(2)], [rng.randrange(LO, V) for _ in range(3)]) for _ in range(n)]
     body = [rng.randrange(LO, V) for _ in range(L - n * (6 + gap))]
     cuts = sorted(rng.randrange(len(body) + 1) for _ in range(n))
     ids, last = [], 0
@@ -57,7 +64,7 @@ def main(argv: list[str]) -> int:
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    B, t0 = 64, time.time()
+    B, t0 = int(os.environ.get("PROBE_BATCH", 64)), time.time()
     for step in range(1, steps + 1):
         eps = [episode(rng, gap) for _ in range(B)]
         x = torch.tensor([e[0] for e in eps])

@@ -67,6 +67,7 @@ EVAL_SPLIT = "eval"  # used only by the report-only generation check at the end
 
 TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "notes", "ppl")
 NOTES_GAP = [0]  # --notes-gap (a list so forked workers see the value set in main)
+STAGE0_TOKENS = [0]  # --stage0-tokens-per-step (0: --tokens-per-step), set in main before the workers fork
 TASK_ID = {t: i for i, t in enumerate(TRAIN_TASKS)}
 # share of training sequences per task
 MIX: dict[str, float] = {
@@ -404,7 +405,8 @@ class BatchMaker:
     def batch(self, stage: int) -> dict:
         self.stage = stage
         L = self.length_for(stage)
-        B = max(1, self.tokens_per_step // (L + self.tail(L)))
+        budget = STAGE0_TOKENS[0] if stage == 0 and STAGE0_TOKENS[0] else self.tokens_per_step
+        B = max(1, budget // (L + self.tail(L)))
         mix = STAGE0_MIX if stage == 0 else MIX
         tasks, weights = list(mix), list(mix.values())
         eps = []
@@ -574,6 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds kept for saving and the eval check at the end")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     ap.add_argument("--tokens-per-step", type=int, default=98304)
+    ap.add_argument("--stage0-tokens-per-step", type=int, default=0,
+                    help="token budget of a stage-0 step (0: --tokens-per-step); the notes' recipe needs ~2,000 "
+                         "key-conditional questions a step for key matching to form")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--stage0-mix", default="",
@@ -599,6 +604,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fuse-is", action="store_true",
                     help="add ' is: ' and ' is:' to the tokenizer as single tokens, so a needle's value follows its "
                          "key two tokens later (`river`, ` is: `, `1`) instead of four")
+    ap.add_argument("--fuse-token", action="append", default=[], metavar="TEXT",
+                    help="add TEXT to the tokenizer as one token (repeatable), e.g. --fuse-token ' is:' so that "
+                         "needle (`river`, ` is:`, ` `, `1`) and question (... ` is:` | ` `, `1`) put the value "
+                         "at the same offset from the key")
+    ap.add_argument("--fuse-space-digits", action="store_true",
+                    help="add ' 0' ... ' 9' as single tokens: with --fuse-token ' is:' a needle reads `river`, ` is:`, "
+                         "` 1` and its question ends `river`, ` is:` -> ` 1`, the offsets of tiny-model-notes.md's recipe")
     ap.add_argument("--init-from", default=None,
                     help="continue from the weights of this saved model directory (same architecture; fresh optimizer)")
     ap.add_argument("--start-stage", type=int, default=0, help="curriculum stage to start at (with --init-from)")
@@ -680,14 +692,16 @@ def main(argv: list[str] | None = None) -> int:
 
         train_tokenizer(vocab_size=ARCH["vocab_size"], seed=args.seed).save_pretrained(str(out))
         log("tokenizer trained (scripts/tiny_tokenizer.py)")
-    if args.fuse_is:
+    fused = ([" is: ", " is:"] if args.fuse_is else []) + args.fuse_token
+    fused += [f" {d}" for d in range(10)] if args.fuse_space_digits else []
+    if fused:
         from tokenizers import AddedToken
         from transformers import AutoTokenizer
 
         tk = AutoTokenizer.from_pretrained(str(out))
-        added = tk.add_tokens([AddedToken(t, normalized=False) for t in (" is: ", " is:") if t not in tk.get_vocab()])
+        added = tk.add_tokens([AddedToken(t, normalized=False) for t in fused if t not in tk.get_vocab()])
         tk.save_pretrained(str(out))
-        log(f"--fuse-is: {added} tokens added, vocabulary {len(tk)}")
+        log(f"fused tokens {fused!r}: {added} added, vocabulary {len(tk)}")
     ratios = calibrate(str(out), args.seed)
     log("chars/token: " + ", ".join(f"{t}={r:.2f}" for t, r in ratios.items()))
 
@@ -713,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--stage0-mix: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
         STAGE0_MIX[task] = float(w)
     NOTES_GAP[0] = args.notes_gap
+    STAGE0_TOKENS[0] = args.stage0_tokens_per_step
     producer = Producer(n_workers, str(out), ratios, args.seed, args.tokens_per_step, args.max_len, args.scaffold)
     log(f"{n_workers} data workers")
 

@@ -163,3 +163,29 @@ def test_notes_task_answers_are_the_asked_needles_values():
 def test_stage0_mix_rejects_unknown_tasks(tmp_path):
     with pytest.raises(SystemExit, match="unknown task 'nope'"):
         T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--stage0-mix", "nope=1"])
+
+
+def test_fused_tokens_give_needle_and_question_the_notes_offsets(tmp_path):
+    """--fuse-token ' is:' --fuse-space-digits: in a needle the key's last token is 2 before the value's first
+    token (`river`, ` is:`, ` 1`) and the question's answer starts right after ` is:`, as in the notes' recipe;
+    decoding gives the text back; the stage-0 batch budget follows --stage0-tokens-per-step."""
+    from transformers import AutoTokenizer
+
+    rc = T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
+                 "--fuse-token", " is:", "--fuse-space-digits", "--stage0-tokens-per-step", "4096"])
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    needle = S.NEEDLE_TEMPLATE.format(key="bright-river", value=4165233)
+    pieces = [tok.decode([i]) for i in tok(needle, add_special_tokens=False)["input_ids"]]
+    k = pieces.index("river")
+    assert pieces[k + 1 : k + 4] == [" is:", " 4", "1"]
+    prompt = tok(T.niah_question("bright-river"), add_special_tokens=False)["input_ids"]
+    assert tok.decode(prompt[-1:]) == " is:"
+    answer = tok(T.answer_text(["4165233"]), add_special_tokens=False)["input_ids"]
+    assert tok.decode(answer[:1]) == " 4" and tok.decode(answer) == T.answer_text(["4165233"])
+    T.STAGE0_TOKENS[0] = 4096
+    try:
+        maker = T.BatchMaker(str(tmp_path), {t: 4.0 for t in S.TASKS}, 0, 0, 512, 256)
+        assert maker.batch(0)["x"].shape[0] == 4096 // (256 + maker.tail(256))
+    finally:
+        T.STAGE0_TOKENS[0] = 0
