@@ -14,6 +14,11 @@ Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
   paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/index_recall.py``
   measured 71% of keys scanned at S = 8, 41% at S = 16, 15% at S = 32, and the bytes read per step
   (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32);
+  three ways to shrink the index read were measured and dropped (same capture, f = 0.1, union of a
+  kv head's 3 query heads): grouping in 16 subspaces with two balls per parent (16 parent ids a key)
+  scans 0.41 of keys per query, as plain S = 16; building the index per 1,024-key chunk (8-bit parent
+  ids) raises the union from 0.35 to 0.45; fp8 centres and radii raise it to 0.44: each costs in
+  survivors' K/V about what it saves in index bytes;
 - in each subspace the keys are grouped into parents of about ``branching`` keys by a *balanced PCA
   tree*: recursively split each group at the median of its projection onto its principal axis (power
   iteration), with leaf counts kept proportional, until there are ceil(n / branching) leaves of

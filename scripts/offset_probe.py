@@ -8,7 +8,8 @@ holding 8 needles ``KEY k1 k2 IS [GAP fixed tokens] v1 v2 v3 DOT``, then the 8 k
 ``Q k1 k2 IS [GAP]`` -> ``v1 v2 v3 DOT``; a randomly initialised LlamaForCausalLM, AdamW lr 2e-3, batch 64,
 loss on the answer tokens. Prints teacher-forced accuracy of the first value token and of all three every
 100 steps. About 0.35 s a step on one CPU thread at D_MODEL 64, 2 layers. PROBE_VOCAB and PROBE_BATCH (env)
-change the vocabulary (512) and the number of sequences per step (64).
+change the vocabulary (512) and the number of sequences per step (64); PROBE_DIGITS=1 draws values from 10
+tokens; PROBE_LEN (96) and PROBE_HEAD_DIM (32) set the context length and the head size.
 """
 
 import os
@@ -25,9 +26,11 @@ KEY, IS, Q, DOT = 1, 2, 3, 4
 FIXED = (5, 6, 7, 8)  # the gap tokens after IS, in order
 LO = 16  # keys, values and filler are drawn from [LO, V)
 DIGITS = os.environ.get("PROBE_DIGITS") == "1"  # values drawn from 10 tokens only
+LEN = int(os.environ.get("PROBE_LEN", 96))  # context tokens before the questions
+HEAD_DIM = int(os.environ.get("PROBE_HEAD_DIM", 32))
 
 
-def episode(rng: random.Random, gap: int, L: int = 96, n: int = 8) -> tuple[list[int], list[int]]:
+def episode(rng: random.Random, gap: int, L: int = LEN, n: int = 8) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 mask of the answer tokens (v1 v2 v3) of one sequence."""
     fix = list(FIXED[:gap])
     if DIGITS:  # values from a 10-symbol alphabet (the digit tokens of the text needles)
@@ -59,8 +62,8 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     rng = random.Random(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-                      num_attention_heads=max(2, d // 32), num_key_value_heads=max(1, d // 64), head_dim=32,
-                      max_position_embeddings=512, tie_word_embeddings=True)
+                      num_attention_heads=max(1, d // HEAD_DIM), num_key_value_heads=max(1, d // 64), head_dim=HEAD_DIM,
+                      max_position_embeddings=1024, tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -71,15 +74,16 @@ def main(argv: list[str]) -> int:
         sel = torch.tensor([e[1] for e in eps]).bool()[:, 1:]
         for g in opt.param_groups:
             g["lr"] = 2e-3 * min(1.0, step / 100)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits[sel], x[:, 1:][sel])
+        h = model.model(input_ids=x[:, :-1]).last_hidden_state
+        logits_sel = model.lm_head(h[sel])  # logits at the answer positions only
+        loss = F.cross_entropy(logits_sel, x[:, 1:][sel])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0:
             with torch.no_grad():
-                pred = logits.argmax(-1)[sel].view(B, -1, 3)
+                pred = logits_sel.argmax(-1).view(B, -1, 3)
                 tgt = x[:, 1:][sel].view(B, -1, 3)
                 first = (pred[..., 0] == tgt[..., 0]).float().mean().item()
                 every = (pred == tgt).all(-1).float().mean().item()

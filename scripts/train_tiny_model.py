@@ -25,8 +25,10 @@ Recipe (following /work/shared/tiny-model-notes.md):
 - loss = mean cross-entropy over answer tokens (+ 0.1 x a 25 % sample of the other tokens after stage 0).
 
 Status: no recipe so far forms key-conditional retrieval (copying a needle's value forms in ~500 steps; telling
-needles apart by key does not): see models/kvbench-tiny/README.md, "Training experiments so far", for runs 1-5,
-the diagnosis and the next steps. The defaults are run 3a's recipe; the shipped checkpoint is run 2's.
+needles apart by key does not), and on random-token values this loop learns nothing, not even copying, while
+``scripts/offset_probe.py`` learns the same task in 700 steps: see models/kvbench-tiny/README.md, "Training
+experiments so far", for runs 1-8, the probes and the next steps (bisect this loop against the probe first).
+The defaults are run 3a's recipe; the shipped checkpoint is run 2's.
 
 Training text is made by a pool of CPU worker processes (one padded batch per queue item) so the GPU
 never waits; lengths are estimated from a per-task characters-per-token ratio and then tokenized for
@@ -611,6 +613,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fuse-space-digits", action="store_true",
                     help="add ' 0' ... ' 9' as single tokens: with --fuse-token ' is:' a needle reads `river`, ` is:`, "
                          "` 1` and its question ends `river`, ` is:` -> ` 1`, the offsets of tiny-model-notes.md's recipe")
+    ap.add_argument("--fuse-digit-groups", action="store_true",
+                    help="add '000'...'999' and ' 000'...' 999' as single tokens (numbers split left to right in "
+                         "groups of three, as in cl100k): a value's first token is one of 1,000, not one of 10, so "
+                         "picking the wrong needle costs ~7 nats instead of ~2 and key matching has a gradient")
     ap.add_argument("--init-from", default=None,
                     help="continue from the weights of this saved model directory (same architecture; fresh optimizer)")
     ap.add_argument("--start-stage", type=int, default=0, help="curriculum stage to start at (with --init-from)")
@@ -694,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         log("tokenizer trained (scripts/tiny_tokenizer.py)")
     fused = ([" is: ", " is:"] if args.fuse_is else []) + args.fuse_token
     fused += [f" {d}" for d in range(10)] if args.fuse_space_digits else []
+    fused += [f"{p}{n:03d}" for p in ("", " ") for n in range(1000)] if args.fuse_digit_groups else []
     if fused:
         from tokenizers import AddedToken
         from transformers import AutoTokenizer
@@ -701,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         tk = AutoTokenizer.from_pretrained(str(out))
         added = tk.add_tokens([AddedToken(t, normalized=False) for t in fused if t not in tk.get_vocab()])
         tk.save_pretrained(str(out))
-        log(f"fused tokens {fused!r}: {added} added, vocabulary {len(tk)}")
+        log(f"fused tokens {fused[:16]!r}{' ...' if len(fused) > 16 else ''}: {added} added, vocabulary {len(tk)}")
     ratios = calibrate(str(out), args.seed)
     log("chars/token: " + ", ".join(f"{t}={r:.2f}" for t, r in ratios.items()))
 
