@@ -9,7 +9,8 @@ holding 8 needles ``KEY k1 k2 IS [GAP fixed tokens] v1 v2 v3 DOT``, then the 8 k
 loss on the answer tokens. Prints teacher-forced accuracy of the first value token and of all three every
 100 steps. About 0.35 s a step on one CPU thread at D_MODEL 64, 2 layers. PROBE_VOCAB and PROBE_BATCH (env)
 change the vocabulary (512) and the number of sequences per step (64); PROBE_DIGITS=1 draws values from 10
-tokens; PROBE_LEN (96) and PROBE_HEAD_DIM (32) set the context length and the head size.
+tokens; PROBE_LEN (96) and PROBE_HEAD_DIM (32) set the context length and the head size; PROBE_WD_GROUPS=1
+excludes embeddings and norms from weight decay, as scripts/train_tiny_model.py does.
 """
 
 import os
@@ -66,7 +67,13 @@ def main(argv: list[str]) -> int:
                       max_position_embeddings=1024, tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    if os.environ.get("PROBE_WD_GROUPS") == "1":  # as scripts/train_tiny_model.py: no decay on embeddings and norms
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if p.dim() >= 2 and "embed" not in n], "weight_decay": 0.1},
+                  {"params": [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    opt = torch.optim.AdamW(groups, lr=2e-3, betas=(0.9, 0.95))
     B, t0 = int(os.environ.get("PROBE_BATCH", 64)), time.time()
     for step in range(1, steps + 1):
         eps = [episode(rng, gap) for _ in range(B)]
