@@ -29,6 +29,7 @@ LO = 16  # keys, values and filler are drawn from [LO, V)
 DIGITS = os.environ.get("PROBE_DIGITS") == "1"  # values drawn from 10 tokens only
 LEN = int(os.environ.get("PROBE_LEN", 96))  # context tokens before the questions
 HEAD_DIM = int(os.environ.get("PROBE_HEAD_DIM", 32))
+WITH_DOT = os.environ.get("PROBE_DOT") == "1"  # the loss also covers the DOT after the value (as the `notes` task)
 
 
 def episode(rng: random.Random, gap: int, L: int = LEN, n: int = 8) -> tuple[list[int], list[int]]:
@@ -50,7 +51,7 @@ def episode(rng: random.Random, gap: int, L: int = LEN, n: int = 8) -> tuple[lis
     for j in rng.sample(range(n), n):
         k, v = pairs[j]
         ids += [Q] + k + [IS] + fix + v + [DOT]
-        mask += [0] * (4 + gap) + [1, 1, 1, 0]
+        mask += [0] * (4 + gap) + [1, 1, 1, int(WITH_DOT)]
     return ids, mask
 
 
@@ -90,8 +91,9 @@ def main(argv: list[str]) -> int:
         opt.step()
         if step % 100 == 0:
             with torch.no_grad():
-                pred = logits_sel.argmax(-1).view(B, -1, 3)
-                tgt = x[:, 1:][sel].view(B, -1, 3)
+                k = 4 if WITH_DOT else 3
+                pred = logits_sel.argmax(-1).view(B, -1, k)[..., :3]
+                tgt = x[:, 1:][sel].view(B, -1, k)[..., :3]
                 first = (pred[..., 0] == tgt[..., 0]).float().mean().item()
                 every = (pred == tgt).all(-1).float().mean().item()
             print(f"gap {gap} d {d} layers {layers} step {step} loss {loss.item():.3f} first {first:.2f} "

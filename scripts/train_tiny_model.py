@@ -69,6 +69,7 @@ EVAL_SPLIT = "eval"  # used only by the report-only generation check at the end
 
 TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "notes", "ppl")
 NOTES_GAP = [0]  # --notes-gap (a list so forked workers see the value set in main)
+NOTES_DOT = 7  # the `notes` task's end-of-value marker (a terminator, see --terminator-weight0)
 STAGE0_TOKENS = [0]  # --stage0-tokens-per-step (0: --tokens-per-step), set in main before the workers fork
 TASK_ID = {t: i for i, t in enumerate(TRAIN_TASKS)}
 # share of training sequences per task
@@ -383,6 +384,7 @@ class BatchMaker:
         r = self.rng
         n_vocab = self.tok.get_vocab_size()
         KEY, IS, Q, DOT, *FIX = range(4, 8 + NOTES_GAP[0])
+        assert DOT == NOTES_DOT
         lo = 8 + NOTES_GAP[0]
         draw = lambda k: [r.randrange(lo, n_vocab) for _ in range(k)]  # noqa: E731
         n = 8
@@ -422,7 +424,9 @@ class BatchMaker:
         x = np.full((B, T), self.pad, dtype=np.int32)
         lens = np.zeros(B, dtype=np.int32)
         span_tok = np.full((B, T), -1, dtype=np.int32)
-        span_pos = np.zeros((B, T), dtype=np.int8)  # 1 on the first FIRST_TOKENS tokens of each answer
+        # 1 on the first FIRST_TOKENS tokens of each answer, 2 on its trailing terminators ("\n", EOS, notes' DOT)
+        span_pos = np.zeros((B, T), dtype=np.int8)
+        terminators = {self.eos, *self.enc("\n")}
         span_task, span_first = [], []
         for b, (task, ids, spans) in enumerate(eps):
             x[b, : len(ids)] = ids
@@ -430,6 +434,10 @@ class BatchMaker:
             for st, en, first in spans:
                 span_tok[b, st:en] = len(span_task)
                 span_pos[b, st : min(en, st + FIRST_TOKENS)] = 1
+                end = en
+                while end > st and (ids[end - 1] in terminators or (task == "notes" and ids[end - 1] == NOTES_DOT)):
+                    end -= 1
+                span_pos[b, end:en] = 2
                 span_task.append(TASK_ID[task])
                 span_first.append(first)
         return {"L": L, "stage": stage, "x": x, "lens": lens, "span_tok": span_tok, "span_pos": span_pos,
@@ -589,6 +597,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="fixed tokens between IS and the value in the `notes` task (0: the notes' format)")
     ap.add_argument("--first-weight", type=float, default=1.0,
                     help="loss weight of the first two tokens of every answer (where the key decides) vs 1 for the rest")
+    ap.add_argument("--terminator-weight0", type=float, default=1.0,
+                    help="stage-0 loss weight of an answer's trailing terminators ('\\n', EOS, the notes' DOT); 1 after "
+                         "stage 0. 0 lets copying form: scripts/offset_probe.py with PROBE_DOT=1 stalls at uniform value "
+                         "tokens for 700+ steps where the same run without the DOT in the loss copies (README)")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
     ap.add_argument("--lm-weight0", type=float, default=0.0, help="weight of the all-token loss at stage 0")
     ap.add_argument("--lm-frac", type=float, default=0.25, help="share of non-answer positions the LM loss samples")
@@ -842,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
             logits = model.lm_head(h[sel])
         ce = F.cross_entropy(logits.float(), y[sel], reduction="none")
         is_ans = ans[sel]
-        w = torch.where(span_pos[:, 1:][sel].bool(), args.first_weight, 1.0) * is_ans
+        sp_pos = span_pos[:, 1:][sel]
+        term_w = args.terminator_weight0 if stage == 0 else 1.0
+        w = torch.where(sp_pos == 1, args.first_weight, torch.where(sp_pos == 2, term_w, 1.0)) * is_ans
         ans_loss = (ce * w).sum() / w.sum().clamp(min=1)
         lm_loss = (ce * ~is_ans).sum() / (~is_ans).sum().clamp(min=1)
         loss = ans_loss + lm_w * lm_loss

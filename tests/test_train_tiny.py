@@ -189,3 +189,29 @@ def test_fused_tokens_give_needle_and_question_the_notes_offsets(tmp_path):
         assert maker.batch(0)["x"].shape[0] == 4096 // (256 + maker.tail(256))
     finally:
         T.STAGE0_TOKENS[0] = 0
+
+
+def test_terminators_are_marked_for_their_own_loss_weight():
+    """span_pos is 2 on an answer's trailing terminators (the notes' DOT; "\\n" and EOS of text answers), 1 on its
+    first tokens, so --terminator-weight0 can take them out of the stage-0 loss."""
+    saved = dict(T.STAGE0_MIX)
+    T.STAGE0_MIX.clear()
+    T.STAGE0_MIX.update({"notes": 0.5, "niah_single": 0.5})
+    try:
+        maker = T.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 8 * 640, 256)
+        b = maker.batch(0)
+    finally:
+        T.STAGE0_MIX.clear()
+        T.STAGE0_MIX.update(saved)
+    newline = maker.enc("\n")
+    seen = set()
+    for r in range(len(b["lens"])):
+        for span in set(b["span_tok"][r][b["span_tok"][r] >= 0].tolist()):
+            at = b["span_tok"][r] == span
+            toks, pos = b["x"][r][at].tolist(), b["span_pos"][r][at].tolist()
+            task = T.TRAIN_TASKS[b["span_task"][span]]
+            tail = [T.NOTES_DOT] if task == "notes" else newline + [maker.eos]
+            assert toks[-len(tail):] == tail and pos[-len(tail):] == [2] * len(tail), (task, toks, pos)
+            assert 2 not in pos[: -len(tail)] and pos[0] == 1
+            seen.add(task)
+    assert seen == {"notes", "niah_single"}
