@@ -25,9 +25,10 @@ Recipe (following /work/shared/tiny-model-notes.md):
 - loss = mean cross-entropy over answer tokens (+ 0.1 x a 25 % sample of the other tokens after stage 0).
 
 Status: no recipe so far forms key-conditional retrieval (copying a needle's value forms in ~500 steps; telling
-needles apart by key does not), and on random-token values this loop learns nothing, not even copying, while
-``scripts/offset_probe.py`` learns the same task in 700 steps: see models/kvbench-tiny/README.md, "Training
-experiments so far", for runs 1-8, the probes and the next steps (bisect this loop against the probe first).
+needles apart by key does not). On random-token values this loop learned nothing, not even copying, until the
+answers' trailing terminators ("\\n", EOS, the notes' DOT) were taken out of the stage-0 loss
+(``--terminator-weight0 0``; the bisection against ``scripts/offset_probe.py`` is in models/kvbench-tiny/README.md,
+"Training experiments so far", with runs 1-8 and the next GPU runs to make).
 The defaults are run 3a's recipe; the shipped checkpoint is run 2's.
 
 Training text is made by a pool of CPU worker processes (one padded batch per queue item) so the GPU
