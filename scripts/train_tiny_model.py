@@ -868,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
 
         with torch.no_grad():
-            wrong = (logits[is_ans].argmax(-1) != y[sel][is_ans]).long()
+            # an answer is right when every token it is trained on is (terminators out of the loss do not count)
+            wrong = ((logits[is_ans].argmax(-1) != y[sel][is_ans]) & (w[is_ans] > 0)).long()
             n_sp = span_task.numel()
             if n_sp:
                 span_wrong = torch.zeros(n_sp, device=device, dtype=torch.long).index_add_(0, sp[ans], wrong)
