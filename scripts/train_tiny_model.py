@@ -253,6 +253,8 @@ class BatchMaker:
         cfg = json.loads((Path(tok_dir) / "tokenizer_config.json").read_text())
         self.eos = self.tok.token_to_id(cfg["eos_token"])
         self.pad = self.tok.token_to_id(cfg["pad_token"])
+        self.terminators = frozenset([self.eos, *self.enc("\n")])  # what ends a text answer
+        self.notes_terminators = frozenset([NOTES_DOT])
         self.ratios = ratios
         self.seed = seed
         self.worker = worker
@@ -384,8 +386,8 @@ class BatchMaker:
         Markers are the first byte tokens of the vocabulary; keys, values and filler are drawn from the rest."""
         r = self.rng
         n_vocab = self.tok.get_vocab_size()
-        KEY, IS, Q, DOT, *FIX = range(4, 8 + NOTES_GAP[0])
-        assert DOT == NOTES_DOT
+        KEY, IS, Q, DOT = 4, 5, 6, NOTES_DOT
+        FIX = list(range(8, 8 + NOTES_GAP[0]))
         lo = 8 + NOTES_GAP[0]
         draw = lambda k: [r.randrange(lo, n_vocab) for _ in range(k)]  # noqa: E731
         n = 8
@@ -427,7 +429,6 @@ class BatchMaker:
         span_tok = np.full((B, T), -1, dtype=np.int32)
         # 1 on the first FIRST_TOKENS tokens of each answer, 2 on its trailing terminators ("\n", EOS, notes' DOT)
         span_pos = np.zeros((B, T), dtype=np.int8)
-        terminators = {self.eos, *self.enc("\n")}
         span_task, span_first = [], []
         for b, (task, ids, spans) in enumerate(eps):
             x[b, : len(ids)] = ids
@@ -436,7 +437,8 @@ class BatchMaker:
                 span_tok[b, st:en] = len(span_task)
                 span_pos[b, st : min(en, st + FIRST_TOKENS)] = 1
                 end = en
-                while end > st and (ids[end - 1] in terminators or (task == "notes" and ids[end - 1] == NOTES_DOT)):
+                stops = self.notes_terminators if task == "notes" else self.terminators
+                while end > st and ids[end - 1] in stops:
                     end -= 1
                 span_pos[b, end:en] = 2
                 span_task.append(TASK_ID[task])
