@@ -82,6 +82,7 @@ class Engine:
     method: KVMethod
     prefill_chunk: int | None = None
     monitor: Monitor = field(default_factory=Monitor)
+    cuda_graph: bool = True  # capture the decode step in a CUDA graph when every store is graph_safe
 
     def __post_init__(self) -> None:
         self.spec = ModelSpec.from_config(self.model.config)
@@ -97,6 +98,8 @@ class Engine:
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.n_forward = 0
+        self.kernel = getattr(self.method, "kernel", "reference")  # the path the last state ran (row column)
+        self.graph_error: str | None = None  # why the last capture failed (decode then ran eagerly)
 
     # -- state ----------------------------------------------------------------------------------
     def new_state(self, batch: int, capacity: int) -> KVState:
@@ -104,7 +107,9 @@ class Engine:
             self.method.new_layer(self.spec.layer(i), batch=batch, capacity=capacity, device=self.device, dtype=self.dtype)
             for i in range(self.spec.n_layers)
         ]
-        return KVState(layers)
+        state = KVState(layers)
+        self.kernel = state.kernel
+        return state
 
     @torch.inference_mode()
     def forward(
@@ -238,21 +243,22 @@ class Engine:
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         tokens, logits_steps, done_steps = [], [], []
         logits = last
+        step = self._decode_step(state, B) if max_new_tokens > 1 else None
         with self.monitor.phase("decode", tokens=B * max_new_tokens):
             for i in range(max_new_tokens):
                 tok = logits.argmax(-1)  # (B,)
                 tokens.append(tok)
                 done_steps.append(finished.clone())
                 if return_logits:
-                    logits_steps.append(logits)
+                    logits_steps.append(logits.clone())  # a graph step reuses its output buffer
                 finished = finished | torch.isin(tok, stop)
                 if i == max_new_tokens - 1 or bool(finished.all()):
                     break
                 with self.monitor.decode_step():
-                    logits = self.forward(
-                        state, tok[:, None], pos[:, None], ~finished[:, None], logits_at=torch.zeros(B, dtype=torch.long, device=dev)
-                    )
+                    logits = step(tok, pos, ~finished)
                 pos = pos + 1
+            if isinstance(step, _GraphStep):
+                step.finish()
         stats_final = state.stats()
         toks = torch.stack(tokens, 1).tolist()  # (B, n)
         was_done = torch.stack(done_steps, 1).tolist()
@@ -282,6 +288,30 @@ class Engine:
             n_forward=self.n_forward - fwd0,
             attention_calls=state.attention_calls - calls0,
         )
+
+    def _decode_step(self, state: KVState, batch: int) -> Any:
+        """``step(tok (B,), pos (B,), valid (B,)) -> logits (B, V)``: one greedy decode step, replayed from
+        a CUDA graph when the device is CUDA and every store is ``graph_safe``, else run eagerly."""
+        dev = self.device
+        zeros = torch.zeros(batch, dtype=torch.long, device=dev)
+
+        def eager(tok: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+            return self.forward(state, tok[:, None], pos[:, None], valid[:, None], logits_at=zeros)
+
+        if not (self.cuda_graph and dev.type == "cuda" and state.graph_safe):
+            return eager
+        with self.monitor.phase("capture"):
+            try:
+                step = _GraphStep(self, state, batch)
+            except Exception as e:  # noqa: BLE001 - a capture failure must not lose the run: decode eagerly
+                self.graph_error = f"{type(e).__name__}: {e}"
+                import warnings
+
+                warnings.warn(f"CUDA-graph capture of the decode step failed ({self.graph_error}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+                return eager
+        self.graph_error = None
+        return step
 
     # -- scoring (lm-eval loglikelihood / loglikelihood_rolling) --------------------------------
     def _prefill_prompt(self, prompt: Prompt, *, extra: int, protocol: str) -> tuple[KVState, Tensor, KVStats]:
@@ -361,3 +391,55 @@ class Engine:
                 state.end_of_context()
                 stats = state.stats()
         return total, scored, stats
+
+
+class _GraphStep:
+    """The decode step (embedding, every layer with its store's fused decode, final norm, LM head on one
+    token per row) captured once in a CUDA graph and replayed with new inputs copied into static buffers.
+
+    Capture runs the step's Python once: the stores' ``graph_snapshot`` / ``graph_restore`` undo what the
+    warm-up and the capture did to them (device counters and host bounds), and ``finish`` tells them how
+    many steps the replays advanced. The engine's host counters (forward passes, attention calls) are
+    advanced per replay here, since a replay runs no Python."""
+
+    def __init__(self, engine: Engine, state: KVState, batch: int):
+        dev = engine.device
+        self.engine, self.state = engine, state
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.valid = torch.zeros(batch, 1, dtype=torch.bool, device=dev)  # a warm-up step counts no token
+        self.zeros = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.replays = 0
+        snaps = [layer.graph_snapshot() for layer in state.layers]
+        n_forward, calls = engine.n_forward, state.attention_calls
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: Triton compilation, cuBLAS workspaces
+                for _ in range(2):
+                    engine.forward(state, self.tok, self.pos, self.valid, logits_at=self.zeros)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            for layer, snap in zip(state.layers, snaps):
+                layer.graph_restore(snap)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = engine.forward(state, self.tok, self.pos, self.valid, logits_at=self.zeros)  # (B, V)
+        finally:
+            for layer, snap in zip(state.layers, snaps):
+                layer.graph_restore(snap)
+            engine.n_forward, state.attention_calls = n_forward, calls
+
+    def __call__(self, tok: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+        self.tok.copy_(tok[:, None])
+        self.pos.copy_(pos[:, None])
+        self.valid.copy_(valid[:, None])
+        self.graph.replay()
+        self.replays += 1
+        self.engine.n_forward += 1
+        self.state.attention_calls += len(self.state.layers)
+        return self.logits
+
+    def finish(self) -> None:
+        for layer in self.state.layers:
+            layer.graph_advance(self.replays)
+        self.replays = 0

@@ -199,6 +199,7 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
          f"({cfg.limit} samples, {cfg.context_length} tokens)")
 
     out.update(_accuracy_pass(cfg, engine, tok, samples))
+    out["kernel"] = engine.kernel  # the path that ran: fused kernels (CUDA) or the reference
 
     if cfg.bench.enabled:
         _log("throughput probe")
@@ -208,6 +209,8 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
         )
         kv_read = probe.pop("probe_kv_bytes_read_per_step")
         out.update(probe)
+        if engine.graph_error:
+            out["reason"] = f"decode ran without a CUDA graph: {engine.graph_error}"
         if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
             from .measure import copy_bandwidth, weights_bytes
 

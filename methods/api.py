@@ -281,6 +281,17 @@ class KVState:
     def fork(self) -> KVState:
         return KVState([layer.fork() for layer in self.layers])
 
+    @property
+    def kernel(self) -> str:
+        """``"fused"`` when every layer's store runs fused kernels, else ``"reference"``."""
+        return "fused" if all(getattr(layer, "kernel", "reference") == "fused" for layer in self.layers) else "reference"
+
+    @property
+    def graph_safe(self) -> bool:
+        """Every store's decode step can be captured in a CUDA graph (``graph_safe`` stores implement
+        ``graph_snapshot`` / ``graph_restore`` / ``graph_advance``, see methods.stores.FusedDenseStore)."""
+        return all(getattr(layer, "graph_safe", False) for layer in self.layers)
+
     def stats(self) -> KVStats:
         total = None
         for layer in self.layers:

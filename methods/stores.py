@@ -21,7 +21,7 @@ from torch import Tensor
 from methods.api import KVStats, LayerSpec, torch_dtype
 
 __all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "scatter_slots", "SlotStore", "DenseStore",
-           "CodecStore", "SparseReadStore"]
+           "FusedDenseStore", "CodecStore", "SparseReadStore"]
 
 
 def _sdpa_has_gqa() -> bool:
@@ -129,6 +129,8 @@ class SlotStore:
 
     token_fields: ClassVar[tuple[str, ...]] = ()
     bookkeeping: ClassVar[tuple[str, ...]] = ("lengths", "seen")
+    kernel: ClassVar[str] = "reference"  # "fused" when the store runs fused kernels (the row's kernel column)
+    graph_safe: ClassVar[bool] = False  # decode step capturable in a CUDA graph (see FusedDenseStore)
     overlay_new: ClassVar[bool] = True  # new tokens attend to each other exactly (not as stored)
 
     def __init__(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: torch.dtype):
@@ -264,6 +266,89 @@ class DenseStore(SlotStore):
 
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
         return self.k[:, :, :n_slots], self.v[:, :, :n_slots]
+
+
+class FusedDenseStore(DenseStore):
+    """:class:`DenseStore` with the fused fast path (DESIGN §7): the layout and the numbers are the same,
+    the kernels differ (``kernel = "fused"``).
+
+    - Decode (T == 1): the new K/V go to slot ``lengths[b]`` with an in-place scatter, ``lengths`` and
+      ``seen`` advance in place, and :func:`methods.kernels.attention.decode_attention` (flash-decoding,
+      each kv head read once for its query group) attends over the first ``lengths[b]`` slots. No host
+      synchronisation, no allocation that depends on lengths, no attribute rebinding: the engine captures
+      the step in a CUDA graph (``graph_safe``). A finished row (``valid`` False) writes its token past
+      its valid slots without counting it and attends to its stored tokens only; its output is discarded.
+    - Prefill chunks (T > 1) while every row has had only valid tokens (one prompt, or prompts of equal
+      length, as in the throughput probe): K/V are copied into slots ``hi .. hi+T-1`` and
+      :func:`~methods.kernels.attention.prefill_attention` attends causally over ``0 .. hi+T-1`` without a
+      mask. Otherwise (right-padded ragged batches) the reference path of :class:`SlotStore` runs.
+    """
+
+    kernel = "fused"
+    graph_safe = True
+
+    def __init__(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: torch.dtype):
+        super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.uniform = True  # host: every row holds exactly `hi` valid slots (no padding, no decode yet)
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        from methods.kernels.attention import decode_attention, prefill_attention
+
+        B, H_kv, T, D = k.shape
+        if self.hi + T > self.capacity:
+            raise RuntimeError(
+                f"KV store capacity {self.capacity} exceeded ({self.hi} slots used + {T} new); "
+                "the engine sizes capacity as context + question + max_new_tokens"
+            )
+        if T == 1:
+            idx = self.lengths.view(B, 1, 1, 1).expand(B, H_kv, 1, D)  # (B, H_kv, 1, D)
+            self.k.scatter_(2, idx, k.to(self.dtype))
+            self.v.scatter_(2, idx, v.to(self.dtype))
+            n = valid[:, 0].long()  # (B,)
+            self.lengths.add_(n)
+            self.seen.add_(n)
+            self.uniform = False
+            self.hi += 1  # host bound; a CUDA-graph replay skips this line and the engine calls graph_advance
+            out = decode_attention(q[:, :, 0], self.k, self.v, self.lengths, scaling=scaling)  # (B, H_q, D)
+            return out[:, None]
+        if self.uniform and bool(valid.all()):  # one host sync per prefill chunk
+            s = self.hi
+            self.k[:, :, s : s + T].copy_(k)
+            self.v[:, :, s : s + T].copy_(v)
+            out = prefill_attention(q, self.k, self.v, start=s, scaling=scaling)  # (B, T, H_q, D)
+            self.lengths.add_(T)
+            self.seen.add_(T)
+            self.hi += T
+            return out
+        self.uniform = False
+        out = super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+        return out
+
+    # -- CUDA-graph protocol (harness.engine captures the decode step of graph_safe stores) -------
+    def graph_snapshot(self) -> tuple:
+        """What a decode step advances: device counters (cloned) and host bounds."""
+        return self.lengths.clone(), self.seen.clone(), self.hi, self.uniform
+
+    def graph_restore(self, snap: tuple) -> None:
+        lengths, seen, self.hi, self.uniform = snap
+        self.lengths.copy_(lengths)  # in place: the captured graph holds these tensors
+        self.seen.copy_(seen)
+
+    def graph_advance(self, steps: int) -> None:
+        """Host bookkeeping of ``steps`` replayed decode steps (the graph advanced the device state)."""
+        self.hi += steps
+        self.uniform = False
+
+    @staticmethod
+    def supports(layer: LayerSpec) -> str | None:
+        """Why the fused kernels cannot serve this layer, or None."""
+        from methods.kernels.attention import HEAD_DIMS
+
+        if layer.head_dim not in HEAD_DIMS:
+            return f"head_dim {layer.head_dim} is not one of {HEAD_DIMS}"
+        if layer.n_q_heads % layer.n_kv_heads:
+            return f"{layer.n_q_heads} query heads are not a multiple of {layer.n_kv_heads} kv heads"
+        return None
 
 
 class SparseReadStore(DenseStore):

@@ -72,6 +72,7 @@ TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "notes", "ppl")
 NOTES_GAP = [0]  # --notes-gap (a list so forked workers see the value set in main)
 NOTES_DOT = 7  # the `notes` task's end-of-value marker (a terminator, see --terminator-weight0)
 STAGE0_TOKENS = [0]  # --stage0-tokens-per-step (0: --tokens-per-step), set in main before the workers fork
+WORD_VALUES = [0.0]  # --word-values (share of stage-0 dense_niah haystacks with word values), set in main
 TASK_ID = {t: i for i, t in enumerate(TRAIN_TASKS)}
 # share of training sequences per task
 MIX: dict[str, float] = {
@@ -140,6 +141,7 @@ ARCH = dict(
 NEEDLE_RE = re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
 VT_HEAD_RE = re.compile(r"VAR ([A-Z]{5}) = (\d+)\.")
 VT_LINK_RE = re.compile(r"VAR ([A-Z]{5}) = VAR ([A-Z]{5})\.")
+WORD_NEEDLE_RE = re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: ([a-z]+ [a-z]+ [a-z]+)\.")
 KV_RE = re.compile(r'"([0-9a-f-]{36})": "([0-9a-f-]{36})"')
 
 
@@ -215,8 +217,14 @@ def qa_pairs(task: str, s: dict, rng: random.Random) -> list[tuple[str, list[str
     return [first] + extras
 
 
-def dense_niah(L: int, index: int, seed: int, count, rng: random.Random) -> tuple[str, list]:
-    """A niah_multikey training haystack with extra needles inserted; asks up to 8 of its needles."""
+def dense_niah(L: int, index: int, seed: int, count, rng: random.Random,
+               words: list[str] | None = None) -> tuple[str, list]:
+    """A niah_multikey training haystack with extra needles inserted; asks up to 8 of its needles.
+
+    With ``words``, every needle's number is replaced by three words drawn from that list (``... for
+    quick-river is: stone apple wide.``): the first value token is then one of ~1,000 rather than one of
+    10 digits, so copying the asked needle's value (not just any needle's) is worth ~7 nats at the first
+    token instead of ~0.5 and the key-matching circuit gets a gradient (--word-values, README)."""
     n_extra = min(rng.randint(2, 12), max(1, int(0.4 * L) // 20))
     s = S.make_sample("niah_multikey", count_tokens=count, context_length=max(L - 20 * n_extra, 160),
                       seed=seed + 7919, index=index, split=TRAIN_SPLIT)
@@ -233,7 +241,12 @@ def dense_niah(L: int, index: int, seed: int, count, rng: random.Random) -> tupl
         inserts.append((rng.choice(cuts), S.NEEDLE_TEMPLATE.format(key=key, value=rng.randint(10**6, 10**7 - 1)) + " "))
     for pos, text in sorted(inserts, key=lambda t: -t[0]):
         ctx = ctx[:pos] + text + ctx[pos:]
-    needles = NEEDLE_RE.findall(ctx)
+    if words:
+        ctx = NEEDLE_RE.sub(lambda m: S.NEEDLE_TEMPLATE.format(
+            key=m.group(1), value=" ".join(rng.choice(words) for _ in range(3))), ctx)
+        needles = WORD_NEEDLE_RE.findall(ctx)
+    else:
+        needles = NEEDLE_RE.findall(ctx)
     rng.shuffle(needles)
     return ctx, [(niah_question(k), [v]) for k, v in needles[:8]]
 
@@ -307,7 +320,9 @@ class BatchMaker:
                 return self.enc(doc["text"])[:cap] + [self.eos], []
             rng = random.Random(S.sample_seed_key(task, TRAIN_SPLIT, self.seed, index) + "|questions")
             if task == "dense_niah":
-                context, qas = dense_niah(int(0.98 * L), index, self.seed, count, rng)
+                share = WORD_VALUES[0] * (1.0 if self.stage == 0 else 0.5 if self.stage == 1 else 0.25)
+                words = self.value_words() if share and rng.random() < share else None
+                context, qas = dense_niah(int(0.98 * L), index, self.seed, count, rng, words)
             else:
                 s = S.make_sample(task, count_tokens=count, context_length=int(0.98 * L) - 8, seed=self.seed,
                                   index=index, split=TRAIN_SPLIT)
@@ -330,6 +345,15 @@ class BatchMaker:
             spans.append((len(ids), len(ids) + len(ai), int(j == 0)))
             ids += ai
         return ids, spans
+
+    def value_words(self) -> list[str]:
+        """Lower-case words that are one token after a space (`` stone``) and are no key word: the values of
+        --word-values needles."""
+        if not hasattr(self, "_value_words"):
+            keys = set(S.ADJECTIVES) | set(S.NOUNS)
+            self._value_words = sorted(t[1:] for t in self.tok.get_vocab() if re.fullmatch("\u0120[a-z]{3,}", t)
+                                       and t[1:] not in keys)
+        return self._value_words
 
     def mqar(self, L: int, cap: int) -> tuple[list[int], list[tuple[int, int, int]]]:
         """Multi-query associative recall in the needle template, with keys and values drawn from the whole
@@ -607,6 +631,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
     ap.add_argument("--lm-weight0", type=float, default=0.0, help="weight of the all-token loss at stage 0")
     ap.add_argument("--lm-frac", type=float, default=0.25, help="share of non-answer positions the LM loss samples")
+    ap.add_argument("--word-values", type=float, default=0.0,
+                    help="share of stage-0 dense_niah haystacks whose needle values are three words instead of a "
+                         "number (half that at stage 1, a quarter after): digits give the first value token 10 "
+                         "choices, too few for key matching to pay (README, session 4)")
     ap.add_argument("--scaffold", type=float, default=0.5,
                     help="share of extra niah questions in the needle's own words at stage 0 (half at stage 1)")
     ap.add_argument("--advance-at", type=float, default=0.85, help="teacher-forced accuracy to advance a stage")
@@ -750,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         STAGE0_MIX[task] = float(w)
     NOTES_GAP[0] = args.notes_gap
     STAGE0_TOKENS[0] = args.stage0_tokens_per_step
+    WORD_VALUES[0] = args.word_values
     producer = Producer(n_workers, str(out), ratios, args.seed, args.tokens_per_step, args.max_len, args.scaffold)
     log(f"{n_workers} data workers")
 

@@ -3,9 +3,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton reads this when it is imported (its own library functions are decorated then): without a GPU
+# the fused kernels run on CPU tensors under the interpreter (tests/test_kernels.py). Methods take the
+# fused path on CPU only when asked (fused=on), so nothing else changes. On the GPU machine the kernels
+# compile (pytest -m gpu).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
