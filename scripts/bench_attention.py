@@ -32,19 +32,68 @@ from methods.stores import attend  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs (CUDA events), after 3 warm-up calls."""
+    """Device milliseconds of one ``fn()``: 10 calls captured in a CUDA graph (as the engine's decode step
+    runs them: no Python launch overhead), the graph replayed ``iters`` times, median per call."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / 10)
     return sorted(times)[len(times) // 2]
+
+
+def tune(cells: list[tuple[int, int]], H_q: int, H_kv: int, D: int, bw: float, iters: int) -> list[str]:
+    """Time every decode-kernel configuration of a small grid on each cell; rows sorted by the geometric
+    mean of the bandwidth fraction over the cells."""
+    import functools
+    import itertools
+    import math
+
+    dev = torch.device("cuda")
+    data = []
+    for B, S in cells:
+        g = torch.Generator(device=dev).manual_seed(0)
+        k = torch.randn(B, H_kv, S + 64, D, device=dev, dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        q = torch.randn(B, H_q, D, device=dev, dtype=torch.bfloat16, generator=g)
+        data.append((B, S, q, k, v, torch.full((B,), S, dtype=torch.long, device=dev)))
+    results = []
+    for block_n, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (2, 3, 4), (2, 4, 8)):
+        fracs = []
+        for B, S, q, k, v, lengths in data:
+            try:
+                t = timed(functools.partial(decode_attention, q, k, v, lengths, scaling=D**-0.5, block_n=block_n,
+                                            per_sm=per_sm, num_warps=warps, num_stages=stages), iters)
+            except Exception as e:  # noqa: BLE001 - out of shared memory etc.: this configuration cannot run
+                print(f"block_n={block_n} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
+                fracs = []
+                break
+            fracs.append(2 * B * H_kv * S * D * 2 / (t * 1e-3) / bw)
+        if fracs:
+            gm = math.exp(sum(math.log(f) for f in fracs) / len(fracs))
+            results.append((gm, f"| {block_n} | {warps} | {stages} | {per_sm} | {gm:.3f} | "
+                                + " | ".join(f"{f:.2f}" for f in fracs) + " |"))
+    results.sort(reverse=True)
+    head = ["| block_n | warps | stages | programs/SM | geo-mean frac | " + " | ".join(f"{B}x{S}" for B, S in cells) + " |",
+            "|---:|---:|---:|---:|---:|" + "---:|" * len(cells)]
+    return head + [r for _, r in results]
 
 
 def bench_cell(B: int, S: int, H_q: int, H_kv: int, D: int, bw: float, iters: int, *, reference: bool) -> str:
@@ -85,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--skip-reference", action="store_true", help="skip the masked reference path (slow at 128K)")
+    ap.add_argument("--tune", action="store_true", help="sweep the decode kernel's tile/warps/stages/splits instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -92,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev, nbytes=4 << 30)
     H_q, H_kv, D = args.heads, args.kv_heads, args.head_dim
+    cells = [tuple(int(x) for x in c.lower().split("x")) for c in args.cells.split(",")]
+    if args.tune:
+        lines = tune(cells, H_q, H_kv, D, bw, args.iters)
+        print("\n".join(lines[:25]), flush=True)
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        return 0
     lines = [
         f"decode attention, one layer, {H_q} query / {H_kv} kv heads of dim {D}, bf16, "
         f"{torch.cuda.get_device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s",
@@ -100,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
-    for cell in args.cells.split(","):
-        B, S = (int(x) for x in cell.lower().split("x"))
+    for B, S in cells:
         row = bench_cell(B, S, H_q, H_kv, D, bw, args.iters, reference=not args.skip_reference)
         lines.append(row)
         print(row, flush=True)

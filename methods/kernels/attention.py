@@ -213,10 +213,12 @@ def _n_programs_target(device: torch.device) -> int:
     return 8  # the interpreter: a few programs keep tests fast
 
 
-def decode_splits(batch: int, n_kv_heads: int, capacity: int, device: torch.device, block_n: int) -> int:
-    """Ranges the slots are split into: enough programs to fill the GPU (4 per SM), none shorter than a
-    tile. A function of shapes only (CUDA-graph safe)."""
-    want = -(-_n_programs_target(torch.device(device)) // max(1, batch * n_kv_heads))
+def decode_splits(batch: int, n_kv_heads: int, capacity: int, device: torch.device, block_n: int,
+                  per_sm: int = 4) -> int:
+    """Ranges the slots are split into: enough programs to fill the GPU (``per_sm`` per SM), none shorter
+    than a tile. A function of shapes only (CUDA-graph safe)."""
+    target = _n_programs_target(torch.device(device)) * per_sm // 4
+    want = -(-target // max(1, batch * n_kv_heads))
     return max(1, min(want, -(-capacity // block_n)))
 
 
@@ -224,16 +226,21 @@ def _block_n(D: int) -> int:
     return 64 if D <= 128 else 32
 
 
+DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2}  # tuned by scripts/bench_attention.py --tune
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *, scaling: float,
-                     n_splits: int | None = None) -> Tensor:
+                     n_splits: int | None = None, block_n: int | None = None, per_sm: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """Fused :func:`decode_attention_reference`: q (B, H_q, D); k, v (B, H_kv, S, D); lengths (B,) -> (B, H_q, D).
 
-    No host synchronisation: ``lengths`` stays on the device."""
+    No host synchronisation: ``lengths`` stays on the device. The keyword tunables default to
+    ``DECODE_CONFIG`` (and :func:`_block_n`)."""
     B, H_q, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     G = H_q // H_kv
-    block_n = _block_n(D)
-    ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n)
+    block_n = block_n or _block_n(D)
+    ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, per_sm or DECODE_CONFIG["per_sm"])
     split = -(-S // ns)
     split = -(-split // block_n) * block_n  # whole tiles per range
     ns = -(-S // split)
@@ -246,7 +253,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *, scalin
         q, k, v, lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv,
         *q.stride(), *k.stride(), *v.stride(), *mid_o.stride(), *mid_l.stride(),
         G=G, SPLIT=split, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_N=block_n, D=D, IEEE=ieee,
-        **({} if interpret_mode() else {"num_warps": 4, "num_stages": 2}),
+        **({} if interpret_mode() else {"num_warps": num_warps or DECODE_CONFIG["num_warps"],
+                                         "num_stages": num_stages or DECODE_CONFIG["num_stages"]}),
     )
     combine[(B * H_q,)](
         mid_o, mid_l, out, ns, H_q, *mid_o.stride(), *mid_l.stride(), *out.stride(),
