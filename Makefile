@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run test sweep table regress regress-update lint clean
+.PHONY: help install run test sweep table regress regress-update bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ regress: install  ## re-run the pinned CI matrix and compare with results/baseli
 
 regress-update: install  ## rewrite results/baseline/ci/<method>.csv from the pinned CI matrix (commit them)
 	$(PYTHON) scripts/regress.py --update
+
+bench:  ## GPU machine: decode speed of kvbench full vs Hugging Face engines -> results/bench/ (ARGS=--cells 1x32768)
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/bench.py $(ARGS)
 
 lint: install  ## ruff
 	$(BIN)/ruff check harness methods tasks scripts tests

@@ -1,0 +1,446 @@
+"""Decode-speed benchmark on the GPU machine: kvbench ``full`` against the Hugging Face engines (DESIGN §7).
+
+    python scripts/bench.py                                   # every cell, every engine (several GPU calls' worth)
+    python scripts/bench.py --engines kvbench,hf_eager --cells 1x32768,8x32768
+    python scripts/bench.py --report                          # merge the rows of this commit into the report only
+    python scripts/bench.py --smoke                           # seconds, on CPU: a tiny random Llama (tests)
+
+Model ``llama3_8b_shape`` (Llama-3.1-8B's config, random bf16 weights), cells batch x context. Engines, in
+one process with the model loaded once:
+- ``kvbench``: ``method=full`` through :class:`harness.engine.Engine`, i.e. the runner's throughput probe
+  (:func:`harness.measure.throughput_probe`): chunked prefill of random tokens, then greedy decode; on CUDA
+  the fused kernels and the CUDA-graph decode step (rows say which kernel ran).
+- ``hf_eager``: ``model(...)`` with a ``DynamicCache``, SDPA attention, eager decode loop.
+- ``hf_static_compile``: ``StaticCache`` + ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the
+  decode forward (compiled once per cell, the compile not timed).
+Every engine prefills the same random tokens with flash-style kernels (kvbench's own, SDPA for HF) in chunks of
+``--prefill-tokens`` / batch tokens per row and asks for no context logits; only the decode steps are compared. Per cell and engine: decode ms/token p50
+and p90 (CUDA events around each step, after ``--warmup`` untimed steps), tokens/s, prefill tokens/s, peak
+memory of the prefill and of the decode, and ``roofline_ms`` = (weight bytes read per step, the input
+embedding table excluded unless tied, + KV bytes read per step, each KV head once, at the cell's context)
+/ bandwidth, the bandwidth measured in the same process by a device-to-device copy of 4 GiB;
+``roofline_frac`` = roofline_ms / decode p50. Cells whose KV alone exceeds the device are listed as
+skipped with the figure. ``--capacity`` adds the largest batch of kvbench ``full`` that decodes within an
+80 GB budget at 32K (what an H100-80GB user gets), found with random K/V (no prefill) under
+``torch.cuda.set_per_process_memory_fraction``.
+
+Rows go to ``results/bench/rows/<device>-<commit>.jsonl`` (appended: several calls at one commit merge)
+and the report to ``results/bench/<device>-<date>-<commit>.md`` (commit, command, the three engines side by
+side per cell). Imports neither lm-eval, wandb nor Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CELLS = "1x8192,1x32768,1x131072,8x8192,8x32768,32x8192"
+TOO_BIG = "8x131072,32x32768"  # listed as skipped with their KV size
+ENGINES = ("kvbench", "hf_eager", "hf_static_compile")
+BUDGET_80GB = 80e9
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_cells(spec: str) -> list[tuple[int, int]]:
+    out = []
+    for c in filter(None, spec.split(",")):
+        try:
+            b, s = c.lower().split("x")
+            out.append((int(b), int(s)))
+        except ValueError:
+            raise SystemExit(f"bad cell {c!r}: write batch x context, e.g. 8x32768") from None
+    return out
+
+
+def kv_bytes_per_token(config: Any, itemsize: int = 2) -> int:
+    """K and V of one token over all layers, each KV head once."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def weight_bytes_read(model: Any) -> int:
+    """Bytes of weights one decode step reads: all of them but the input embedding table (a step reads B
+    rows of it), unless the table is tied to the LM head (which reads all of it)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    return int(total - (0 if tied else emb.numel() * emb.element_size()))
+
+
+def pcts(xs: list[float]) -> tuple[float, float]:
+    from harness.measure import percentile
+
+    return percentile(xs, 0.5), percentile(xs, 0.9)
+
+
+class CudaTimer:
+    """Per-step device time with CUDA events (host time on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> CudaTimer:
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            self.ms = self.a.elapsed_time(self.b)
+        else:
+            self.ms = 1000 * (time.perf_counter() - self.t0)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def chunk_for(B: int, args: argparse.Namespace) -> int:
+    """Prefill chunk (tokens per row per forward pass) of a batch of B rows."""
+    return max(16 if args.smoke else 256, args.prefill_tokens // B)
+
+
+def random_ids(B: int, S: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, min(vocab, 32000), (B, S), generator=g).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Engines: each returns the measured columns of one cell
+
+
+def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dict[str, Any]:
+    from harness.engine import Engine
+    from harness.measure import throughput_probe
+    from methods.full import Full
+
+    engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args))
+    probe = throughput_probe(engine, batch_size=B, context_length=S, decode_steps=args.steps + args.warmup,
+                             vocab_size=model.config.vocab_size, seed=args.seed)
+    return {
+        "kernel": engine.kernel, "cuda_graph": engine.graph_error is None and engine.device.type == "cuda",
+        "graph_error": engine.graph_error,
+        "decode_ms_p50": probe["decode_ms_p50"], "decode_ms_p90": probe["decode_ms_p90"],
+        "prefill_tok_s": probe["prefill_tok_s"], "peak_mem_prefill_bytes": probe["peak_mem_prefill_bytes"],
+        "peak_mem_decode_bytes": probe["peak_mem_decode_bytes"], "decode_steps": probe["probe_decode_steps"],
+    }
+
+
+def _hf_prefill(model: Any, ids: torch.Tensor, cache: Any, chunk: int, static: bool) -> torch.Tensor:
+    """Chunked prefill into ``cache``; returns the last token's logits (B, V)."""
+    B, S = ids.shape
+    logits = None
+    for s in range(0, S, chunk):
+        e = min(S, s + chunk)
+        kw = {"cache_position": torch.arange(s, e, device=ids.device)} if static else {}
+        out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        logits = out.logits[:, -1]
+    return logits
+
+
+def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool) -> dict[str, Any]:
+    from transformers import DynamicCache, StaticCache
+
+    dev = next(model.parameters()).device
+    model.set_attn_implementation("sdpa")
+    ids = random_ids(B, S, model.config.vocab_size, args.seed, dev)
+    n = args.steps + args.warmup
+    cache = StaticCache(config=model.config, max_cache_len=S + n + 1) if static else DynamicCache(config=model.config)
+    reset_peak(dev)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = _hf_prefill(model, ids, cache, chunk_for(B, args), static)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        prefill_s = time.perf_counter() - t0
+    peak_prefill = peak(dev)
+    step_fn = model.forward
+    if static and not args.no_compile:
+        step_fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+    pos = S
+    times = []
+    compile_s = 0.0
+    reset_peak(dev)
+    with torch.inference_mode():
+        for i in range(n):
+            kw = {"cache_position": torch.tensor([pos], device=dev)} if static else {}
+            t0 = time.perf_counter()
+            with CudaTimer(dev) as t:
+                out = step_fn(input_ids=tok, past_key_values=cache, use_cache=True, **kw)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            if i < args.warmup:
+                compile_s += time.perf_counter() - t0
+            else:
+                times.append(t.ms)
+            pos += 1
+    p50, p90 = pcts(times)
+    return {"kernel": "sdpa", "cuda_graph": bool(static and not args.no_compile and dev.type == "cuda"),
+            "decode_ms_p50": p50, "decode_ms_p90": p90, "prefill_tok_s": B * S / prefill_s,
+            "peak_mem_prefill_bytes": peak_prefill, "peak_mem_decode_bytes": peak(dev), "decode_steps": len(times),
+            "warmup_s": round(compile_s, 1)}
+
+
+def capacity_probe(model: Any, S: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Largest batch of kvbench ``full`` whose decode fits ``BUDGET_80GB`` at context S (random K/V)."""
+    from harness.engine import Engine
+    from methods.full import Full
+
+    dev = next(model.parameters()).device
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, BUDGET_80GB / total), dev)
+    engine = Engine(model, Full())
+
+    def fits(B: int) -> bool:
+        state = None
+        try:
+            state = engine.new_state(B, S + 8)
+            for layer in state.layers:  # random K/V in place of a prefill (same bytes, same decode reads)
+                layer.k[:, :, :S].normal_()
+                layer.v[:, :, :S].normal_()
+                layer.lengths.fill_(S)
+                layer.seen.fill_(S)
+                layer.hi = S
+            step = engine._decode_step(state, B)
+            tok = torch.ones(B, dtype=torch.long, device=dev)
+            valid = torch.ones(B, dtype=torch.bool, device=dev)
+            for i in range(4):
+                step(tok, torch.full((B,), S + i, device=dev), valid)
+            torch.cuda.synchronize(dev)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del state
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    per_seq = S * kv_bytes_per_token(model.config)
+    return {"context": S, "max_batch": lo, "kv_bytes_per_seq": per_seq,
+            "kv_bytes_at_max": lo * per_seq, "budget_bytes": BUDGET_80GB}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_gb(x: Any) -> str:
+    return "-" if x is None else f"{x / 1e9:.2f}"
+
+
+def write_report(rows: list[dict], path: Path, meta: dict) -> str:
+    cells = sorted({(r["batch"], r["context"]) for r in rows if r.get("kind") == "cell"}, key=lambda c: (c[0], c[1]))
+    lines = [
+        f"# Decode benchmark: kvbench `full` vs Hugging Face, {meta['model']}, {meta['device']}",
+        "",
+        f"Commit {meta['commit']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}; copy "
+        f"bandwidth {meta['bandwidth'] / 1e12:.2f} TB/s (measured in-process); weights read per step "
+        f"{meta['weight_bytes_read'] / 1e9:.2f} GB; KV {meta['kv_bytes_per_token'] / 1024:.0f} KiB per token.",
+        "",
+        "Commands (one per GPU call; rows merged):",
+        "",
+        *[f"    {c}" for c in meta["commands"]],
+        "",
+        "| batch | context | engine | kernel | graph | decode ms p50 | p90 | tokens/s | roofline ms | roofline frac "
+        "| prefill tok/s | peak prefill GB | peak decode GB | note |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    order = {e: i for i, e in enumerate(ENGINES)}
+    for B, S in cells:
+        for r in sorted((r for r in rows if r.get("kind") == "cell" and (r["batch"], r["context"]) == (B, S)),
+                        key=lambda r: order.get(r["engine"], 9)):
+            if r.get("status") != "ok":
+                lines.append(f"| {B} | {S} | {r['engine']} | | | | | | | | | | | {r['status']}: {r.get('reason', '')} |")
+                continue
+            lines.append(
+                f"| {B} | {S} | {r['engine']} | {r.get('kernel', '')} | {'yes' if r.get('cuda_graph') else 'no'} "
+                f"| {r['decode_ms_p50']:.2f} | {r['decode_ms_p90']:.2f} | {r['tokens_s']:,.0f} | {r['roofline_ms']:.2f} "
+                f"| {r['roofline_frac']:.2f} | {r['prefill_tok_s']:,.0f} | {fmt_gb(r.get('peak_mem_prefill_bytes'))} "
+                f"| {fmt_gb(r.get('peak_mem_decode_bytes'))} | {r.get('note', '')} |")
+    for r in rows:
+        if r.get("kind") == "skipped_cell":
+            lines.append(f"| {r['batch']} | {r['context']} | all | | | | | | | | | | | skipped: {r['reason']} |")
+    caps = [r for r in rows if r.get("kind") == "capacity"]
+    if caps:
+        lines += ["", "Capacity (kvbench `full`, random K/V, 80 GB budget):", ""]
+        for c in caps:
+            lines.append(f"- context {c['context']}: largest batch {c['max_batch']} "
+                         f"(KV {c['kv_bytes_at_max'] / 1e9:.1f} GB + weights in {c['budget_bytes'] / 1e9:.0f} GB)")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama3_8b_shape", help="a conf/model name")
+    ap.add_argument("--cells", default=CELLS, help="batch x context, comma-separated")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (compilation)")
+    ap.add_argument("--prefill-tokens", type=int, default=16384,
+                    help="tokens per prefill forward pass over the whole batch (chunk = this / batch, >= 256): "
+                         "bounds prefill activations, so peak memory stays near weights + KV")
+    ap.add_argument("--capacity", action="store_true", help="also find the largest batch at 32K in 80 GB")
+    ap.add_argument("--no-compile", action="store_true", help="hf_static_compile without torch.compile")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=str(REPO / "results" / "bench"))
+    ap.add_argument("--report", action="store_true", help="only rebuild the report from this commit's rows")
+    ap.add_argument("--smoke", action="store_true", help="CPU, a tiny random Llama, 1x64 and 2x48: seconds")
+    args = ap.parse_args(argv)
+
+    from harness.loading import load
+    from harness.measure import copy_bandwidth
+
+    engines = [e for e in args.engines.split(",") if e]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    cells = parse_cells(args.cells)
+    if args.smoke:
+        from harness.models import build_random_model, tiny_config
+
+        model = build_random_model(tiny_config("llama", n_layers=2), seed=0)
+        device_name, cells = "cpu-smoke", [(1, 64), (2, 48)]
+        args.steps, args.warmup, args.prefill_tokens, args.no_compile = 4, 1, 64, True
+        bw = None
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py measures GPU decode: run it on the GPU machine (or --smoke on CPU)")
+        import yaml
+
+        cfg = yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())
+        model = load(cfg, device="cuda").model
+        device_name = torch.cuda.get_device_name(0).replace(" ", "-").lower()
+        bw = copy_bandwidth(torch.device("cuda"), nbytes=4 << 30)
+    dev = next(model.parameters()).device
+    commit = git_commit()
+    out_dir = Path(args.out_dir)
+    rows_path = out_dir / "rows" / f"{device_name}-{commit}.jsonl"
+    command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    w_read = weight_bytes_read(model)
+    kv_tok = kv_bytes_per_token(model.config)
+
+    if not args.report:
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        with rows_path.open("a") as f:
+            f.write(json.dumps({"kind": "command", "command": command, "bandwidth": bw,
+                                "date": dt.date.today().isoformat()}) + "\n")
+        free = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+        for B, S in cells + ([] if args.smoke else parse_cells(TOO_BIG)):
+            kv = B * S * kv_tok
+            if free is not None and kv + w_read > free:
+                skip = {"kind": "skipped_cell", "batch": B, "context": S,
+                        "reason": f"KV alone {kv / 2**30:.0f} GiB + weights exceed the device's {free / 2**30:.0f} GiB"}
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(skip) + "\n")
+                continue
+            if (B, S) not in cells:
+                continue
+            for engine in engines:
+                row: dict[str, Any] = {"kind": "cell", "engine": engine, "batch": B, "context": S, "commit": commit}
+                t0 = time.perf_counter()
+                try:
+                    if engine == "kvbench":
+                        row.update(run_kvbench(model, B, S, args))
+                    else:
+                        row.update(run_hf(model, B, S, args, static=engine == "hf_static_compile"))
+                    row["status"] = "ok"
+                    row["tokens_s"] = B / (row["decode_ms_p50"] / 1000)
+                    if bw:
+                        row["roofline_ms"] = 1000 * (w_read + kv) / bw
+                    else:  # CPU smoke: no bandwidth, no roofline
+                        row["roofline_ms"] = float("nan")
+                    row["roofline_frac"] = row["roofline_ms"] / row["decode_ms_p50"]
+                except torch.OutOfMemoryError as e:
+                    row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
+                except Exception as e:  # noqa: BLE001 - a failed engine still writes its row
+                    row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                row["wall_s"] = round(time.perf_counter() - t0, 1)
+                print(json.dumps({k: v for k, v in row.items() if k != "kind"}, default=str), flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                with rows_path.open("a") as f:  # after every cell: a call cut short keeps what it measured
+                    f.write(json.dumps(row, default=str) + "\n")
+        if args.capacity and dev.type == "cuda":
+            cap = {"kind": "capacity", **capacity_probe(model, 32768, args)}
+            print(json.dumps(cap), flush=True)
+            with rows_path.open("a") as f:
+                f.write(json.dumps(cap) + "\n")
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
+    cmds = [r for r in rows if r.get("kind") == "command"]
+    latest: dict[tuple, dict] = {}
+    for r in rows:  # the latest row per (engine, cell) wins
+        if r.get("kind") == "cell":
+            latest[(r["engine"], r["batch"], r["context"])] = r
+        elif r.get("kind") == "skipped_cell":
+            latest[("skipped", r["batch"], r["context"])] = r
+        elif r.get("kind") == "capacity":
+            latest[("capacity", r["context"])] = r
+    import transformers
+
+    bandwidths = [c["bandwidth"] for c in cmds if c.get("bandwidth")]
+    meta = {"model": "tiny random Llama (smoke)" if args.smoke else args.model, "device": device_name, "commit": commit,
+            "date": dt.date.today().isoformat(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "bandwidth": statistics.median(bandwidths) if bandwidths else math.nan,
+            "weight_bytes_read": w_read, "kv_bytes_per_token": kv_tok,
+            "commands": [c["command"] for c in cmds] or [command]}
+    report = out_dir / f"{device_name}-{meta['date']}-{commit}.md"
+    print(write_report(list(latest.values()), report, meta))
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
