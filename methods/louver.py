@@ -13,8 +13,14 @@ Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
 - head_dim D is split into ``n_subspaces`` S contiguous subspaces of D/S dims. Default S = 32 (the
   paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/index_recall.py``
   measured 71% of keys scanned at S = 8, 41% at S = 16, 15% at S = 32, and the bytes read per step
-  (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32);
-  three ways to shrink the index read were measured and dropped (same capture, f = 0.1, union of a
+  (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32, both
+  with int16 parent ids and 4 keys per parent). Default ``branching`` 8 keys per parent: rows at
+  ratio 0.9 on niah_multikey at 4K (8 samples; int16 ids) read_ratio_achieved 0.233 / 0.252 / 0.183 /
+  0.038 at 4 / 8 / 16 / 32 keys per parent (S = 32), -0.04 / -0.12 at 8 / 16 (S = 16): smaller balls
+  scan fewer keys but the gate reads more centres. Parent ids are **bit-packed**, ceil(log2 P) bits for
+  P parents (10 at 4K and branching 8, not int16's 16): read_ratio_achieved 0.313 (branching 4) and
+  0.344 (branching 8) on the same rows; scanned_frac 0.20 at branching 8 (index_recall.py, f = 0.1).
+  Three other ways to shrink the index read were measured and dropped (same capture, f = 0.1, union of a
   kv head's 3 query heads): grouping in 16 subspaces with two balls per parent (16 parent ids a key)
   scans 0.41 of keys per query, as plain S = 16; building the index per 1,024-key chunk (8-bit parent
   ids) raises the union from 0.35 to 0.45; fp8 centres and radii raise it to 0.44: each costs in
@@ -27,7 +33,8 @@ Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
   clustering with balanced assignment (5 refinement iterations).
 - each parent is a ball: centre mu = mean of its children (rounded to the store's dtype), radius
   r = max child distance to that rounded centre, computed in fp32 and rounded *up* when stored;
-- ``parent`` maps each key slot to its parent in every subspace; a reservoir sample of
+- ``parent`` maps each key slot to its parent in every subspace (stored as one bit stream per row, kv
+  head and subspace, :func:`pack_ids`; the reference gate unpacks it); a reservoir sample of
   ``sample_size`` keys per kv head (Algorithm R over the indexed stream) sets thresholds.
 
 The gate, and why it has zero false negatives. For a query q and a key k with parent ball (mu_s, r_s)
@@ -222,6 +229,41 @@ def survivors(qg: Tensor, index: BallIndex, t: Tensor, *, kmax: Tensor, gate_eps
     return upper_bounds(qg, index) >= (t - margin)[..., None]
 
 
+# -- bit-packed parent ids -------------------------------------------------------------------------
+def id_bits(n_ids: int) -> int:
+    """Bits that hold ids 0 .. n_ids - 1."""
+    return max(1, math.ceil(math.log2(max(2, n_ids))))
+
+
+def pack_ids(ids: Tensor, bits: int) -> Tensor:
+    """ids (..., N) integers in [0, 2**bits) -> (..., ceil(N * bits / 32)) int32: one little-endian bit
+    stream per row (id j occupies bits j*bits .. j*bits+bits-1; an id may straddle two words)."""
+    *lead, N = ids.shape
+    n_words = (N * bits + 31) // 32
+    pos = torch.arange(N, device=ids.device) * bits
+    word, off = pos // 32, pos % 32
+    v = ids.to(torch.int64)
+    lo = (v << off) & 0xFFFFFFFF
+    hi = v >> (32 - off)  # the bits past the first word (0 when the id fits in it)
+    out = torch.zeros(*lead, n_words + 1, dtype=torch.int64, device=ids.device)
+    out.scatter_add_(-1, word.expand(*lead, N), lo)  # disjoint bits: add == or
+    out.scatter_add_(-1, (word + 1).expand(*lead, N), hi)
+    out = out[..., :n_words]
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_ids(words: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_ids`: (..., n_words) int32 -> (..., n) int64."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)
+    pos = torch.arange(n, device=words.device) * bits
+    word, off = pos // 32, pos % 32
+    lead = w.shape[:-1]
+    lo = w.gather(-1, word.expand(*lead, n)) >> off
+    hi = w.gather(-1, (word + 1).expand(*lead, n)) << (32 - off)
+    return (lo | hi) & ((1 << bits) - 1)
+
+
 # -- the method ----------------------------------------------------------------------------------
 @dataclass
 class Louver(MethodBase):
@@ -229,7 +271,7 @@ class Louver(MethodBase):
 
     ratio: float = 0.9
     n_subspaces: int = 32
-    branching: int = 4
+    branching: int = 8
     threshold: str = "budget"
     sample_size: int = 256
     merge_every: int = 256
@@ -266,7 +308,7 @@ class Louver(MethodBase):
 class LouverStore(SparseReadStore):
     """Dense K/V plus the ball index (preallocated parents; ``p_hi`` of them in use)."""
 
-    index_fields = ("centres", "radii", "parent", "sample", "sample_valid", "kmax")
+    index_fields = ("centres", "radii", "parent_words", "sample", "sample_valid", "kmax")
     bookkeeping = (*SparseReadStore.bookkeeping, "res_seen")
 
     def __init__(self, layer: LayerSpec, method: Louver, *, batch: int, capacity: int, device: Any, dtype: Any):
@@ -288,8 +330,11 @@ class LouverStore(SparseReadStore):
         dev, dt = self.device, self.dtype
         self.centres = torch.zeros(B, H, S, p_cap, ds, dtype=dt, device=dev)  # (B, H_kv, S, P, D/S)
         self.radii = torch.zeros(B, H, S, p_cap, dtype=dt, device=dev)  # (B, H_kv, S, P)
-        pdt = torch.int16 if p_cap < 2**15 else torch.int32
-        self.parent = torch.full((B, H, S, self.capacity), -1, dtype=pdt, device=dev)  # (B, H_kv, S, N)
+        # parent ids, bit-packed: id_bits(p_cap) bits per key and subspace (10 for a 4K context at branching 8,
+        # where int16 would spend 16), one stream per (row, kv head, subspace); slots >= idx_end unused
+        self.parent_bits = id_bits(p_cap)
+        self.parent_words = torch.zeros(B, H, S, (self.capacity * self.parent_bits + 31) // 32, dtype=torch.int32,
+                                        device=dev)  # (B, H_kv, S, words)
         self.sample = torch.zeros(B, H, int(m.sample_size), D, dtype=dt, device=dev)  # (B, H_kv, M, D)
         self.sample_valid = torch.zeros(B, H, int(m.sample_size), dtype=torch.bool, device=dev)
         self.kmax = torch.zeros(B, H, dtype=torch.float32, device=dev)  # (B, H_kv) max key norm
@@ -307,9 +352,9 @@ class LouverStore(SparseReadStore):
         self.radii[:, :, :, self.p_hi : self.p_hi + P] = ix.radii
         S = ix.parent.shape[2]
         dst = slots[:, None, None, :].expand(B, H, S, W)  # (B, H_kv, S, W)
-        old = self.parent.gather(-1, dst)
-        new = torch.where(valid[:, None, None, :], ix.parent + self.p_hi, old.long())
-        self.parent.scatter_(-1, dst, new.to(self.parent.dtype))
+        ids = unpack_ids(self.parent_words, self.parent_bits, self.capacity)  # (B, H_kv, S, N)
+        ids.scatter_(-1, dst, torch.where(valid[:, None, None, :], ix.parent + self.p_hi, ids.gather(-1, dst)))
+        self.parent_words.copy_(pack_ids(ids, self.parent_bits))
         self.p_hi += P
         norms = keys.norm(dim=-1).masked_fill(~valid[:, None, :], 0.0)  # (B, H_kv, W)
         self.kmax = torch.maximum(self.kmax, norms.amax(-1))
@@ -335,7 +380,10 @@ class LouverStore(SparseReadStore):
         self.res_seen = self.res_seen + valid.sum(1)
 
     def index(self) -> BallIndex:
-        return BallIndex(self.centres[:, :, :, : self.p_hi], self.radii[:, :, :, : self.p_hi], self.parent)
+        ids = unpack_ids(self.parent_words, self.parent_bits, self.capacity)  # (B, H_kv, S, N)
+        indexed = torch.arange(self.capacity, device=self.device)[None, :] < self.idx_end[:, None]  # (B, N)
+        parent = torch.where(indexed[:, None, None, :], ids, -1)
+        return BallIndex(self.centres[:, :, :, : self.p_hi], self.radii[:, :, :, : self.p_hi], parent)
 
     def _select(self, qg: Tensor) -> Tensor:
         m = self.method
@@ -347,13 +395,13 @@ class LouverStore(SparseReadStore):
         ds = self.centres.shape[4]
         elem = self._nominal_size()
         gate = H * S * self.p_hi * (ds + 1) * elem + self.sample[0].numel() * elem  # centres, radii, sample
-        ids = self.idx_end.to(torch.float64) * H * S * self.parent.element_size()  # parent ids of indexed keys
+        ids = self.idx_end.to(torch.float64) * H * S * self.parent_bits / 8  # packed parent ids of indexed keys
         return ids + gate
 
     def _index_stored_bytes(self, root: str, t: Tensor, elem: int) -> int:
         if root in ("centres", "radii"):
             return t.numel() // t.shape[3] * self.p_hi * elem
-        if root == "parent":
-            per_slot = t.shape[1] * t.shape[2] * elem
-            return int(self.idx_end.sum()) * per_slot
+        if root == "parent_words":  # the words that hold indexed keys' ids
+            words = (self.idx_end * self.parent_bits + 31) // 32  # (B,)
+            return int(words.sum()) * t.shape[1] * t.shape[2] * elem
         return t.numel() * elem

@@ -8,7 +8,7 @@ context's keys (what an index built at ``end_of_context`` covers) and the querie
 of greedily generated tokens (full cache). For every (sample, layer, query head, query) each method
 picks the context keys it reads at a read budget f of the keys:
 
-- ``louver``: the ball index of ``methods.louver`` (S subspaces, ~4 keys per parent), threshold t from a
+- ``louver``: the ball index of ``methods.louver`` (S subspaces, ~8 keys per parent), threshold t from a
   uniform sample of 256 keys (the ceil(f * 256)-th largest score), survivors = keys whose summed
   Cauchy-Schwarz bound reaches t;
 - ``quest``: pages of 16 keys with min/max, the top ceil(f * N / 16) pages by upper-bound score;
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from methods.full import Full  # noqa: E402
-from methods.louver import build_index, survivors, thresholds  # noqa: E402
+from methods.louver import build_index, id_bits, survivors, thresholds  # noqa: E402
 from methods.quest import page_scores, top_pages  # noqa: E402
 from methods.stores import DenseStore  # noqa: E402
 
@@ -132,7 +132,9 @@ def evaluate(data: list[list[tuple[Tensor, Tensor]]], *, fraction: float, n_subs
             scores_st = torch.einsum("hqd,hnd->hqn", queries, keys_bf)
             in_range = scores_st >= t[..., None]  # (H, Q, N)
             sel = {"louver": survivors(queries[None], ix, t[None], kmax=kmax, gate_eps=1e-5)[0]}
-            lbytes = (P * n_subspaces * (D // n_subspaces + 1) + sample.shape[2] * D) * BF16 + N * n_subspaces * 2
+            # centres, radii and the sample at bf16; parent ids bit-packed as the store keeps them
+            lbytes = (P * n_subspaces * (D // n_subspaces + 1) + sample.shape[2] * D) * BF16 + math.ceil(
+                N * n_subspaces * id_bits(P) / 8)
             index_bytes["louver"] += lbytes
             # quest
             t0 = time.perf_counter()
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--fraction", type=float, default=0.1, help="read budget f = 1 - ratio")
     ap.add_argument("--n-subspaces", type=int, default=32)
-    ap.add_argument("--branching", type=int, default=4)
+    ap.add_argument("--branching", type=int, default=8)
     ap.add_argument("--sample-size", type=int, default=256)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--n-sink", type=int, default=4)

@@ -8,7 +8,17 @@ import torch
 
 from harness.engine import Engine
 from methods.full import Full
-from methods.louver import Louver, balanced_groups, build_index, survivors, thresholds, upper_bounds
+from methods.louver import (
+    Louver,
+    balanced_groups,
+    build_index,
+    id_bits,
+    pack_ids,
+    survivors,
+    thresholds,
+    unpack_ids,
+    upper_bounds,
+)
 from methods.quest import Quest
 from methods.stores import attend
 from tests.helpers import random_prompts, run
@@ -178,6 +188,38 @@ def test_index_bytes_are_stored_and_reads_are_measured(tiny_llama):
     assert out.stats_context.bytes_full == ref.stats_context.bytes_full
     assert out.stats_context.bytes_stored > ref.stats_context.bytes_stored  # the index is kept on top of K/V
     assert 0 < out.stats_final.bytes_read_per_step
+
+
+@pytest.mark.parametrize("bits", [1, 5, 10, 11, 16, 31])
+def test_parent_ids_pack_into_a_bit_stream(bits):
+    ids = torch.randint(0, 2**bits, (2, 3, 4, 77), generator=torch.Generator().manual_seed(bits))
+    words = pack_ids(ids, bits)
+    assert words.dtype == torch.int32 and words.shape[-1] == math.ceil(77 * bits / 32)
+    assert torch.equal(unpack_ids(words, bits, 77), ids)
+    assert (id_bits(2**bits), id_bits(2**bits + 1)) == (bits, bits + 1)
+
+
+def test_packed_parent_ids_are_what_is_stored_and_read(tiny_llama):
+    """The store keeps ceil(log2 P) bits per parent id; the gate sees exactly the ids it was built with."""
+    prompts = random_prompts([60, 41])
+    engine = Engine(copy.deepcopy(tiny_llama), Louver(ratio=0.9, n_subspaces=4, branching=4, sample_size=16))
+    state = engine.new_state(2, 80)
+    engine.run_segment(state, prompts, [0, 0], chunk=None, want_last=[True, True], last_logits=None)
+    state.end_of_context()
+    store = state.layers[0]
+    bits = store.parent_bits
+    assert bits == id_bits(store.centres.shape[3]) < 16
+    parent = store.index().parent  # (B, H_kv, S, N)
+    for b, n in enumerate((60, 41)):
+        assert (parent[b, :, :, :n] >= 0).all() and (parent[b, :, :, n:] == -1).all()
+        assert int(parent[b].max()) < store.p_hi
+    H, S = store.parent_words.shape[1:3]
+    words = sum(math.ceil(n * bits / 32) for n in (60, 41)) * H * S  # the words the indexed keys' ids fill
+    assert store._index_stored_bytes("parent_words", store.parent_words, 4) == 4 * words
+    read = store._index_read_bytes()  # (B,): packed ids + centres, radii, sample
+    elem = store._nominal_size()  # centres, radii and sample count at the nominal dtype (bf16)
+    gate = H * S * store.p_hi * (store.centres.shape[4] + 1) * elem + store.sample[0].numel() * elem
+    assert torch.allclose(read, torch.tensor([60.0, 41.0], dtype=torch.float64) * H * S * bits / 8 + gate)
 
 
 def test_bad_parameters_are_refused():
