@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (compilation)")
-    ap.add_argument("--prefill-tokens", type=int, default=16384,
+    ap.add_argument("--prefill-tokens", type=int, default=8192,
                     help="tokens per prefill forward pass over the whole batch (chunk = this / batch, >= 256): "
                          "bounds prefill activations, so peak memory stays near weights + KV")
     ap.add_argument("--capacity", action="store_true", help="also find the largest batch at 32K in 80 GB")
