@@ -14,12 +14,13 @@ Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
   paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/index_recall.py``
   measured 71% of keys scanned at S = 8, 41% at S = 16, 15% at S = 32, and the bytes read per step
   (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32, both
-  with int16 parent ids and 4 keys per parent). Default ``branching`` 8 keys per parent: rows at
-  ratio 0.9 on niah_multikey at 4K (8 samples; int16 ids) read_ratio_achieved 0.233 / 0.252 / 0.183 /
-  0.038 at 4 / 8 / 16 / 32 keys per parent (S = 32), -0.04 / -0.12 at 8 / 16 (S = 16): smaller balls
-  scan fewer keys but the gate reads more centres. Parent ids are **bit-packed**, ceil(log2 P) bits for
-  P parents (10 at 4K and branching 8, not int16's 16): read_ratio_achieved 0.313 (branching 4) and
-  0.344 (branching 8) on the same rows; scanned_frac 0.20 at branching 8 (index_recall.py, f = 0.1).
+  with int16 parent ids). ``branching`` (keys per parent) defaults to the paper's 4: rows at ratio 0.9 on
+  niah_multikey at 4K (8 samples; int16 ids) read_ratio_achieved 0.233 / 0.252 / 0.183 / 0.038 at 4 / 8 /
+  16 / 32 keys per parent (S = 32), -0.04 / -0.12 at 8 / 16 (S = 16): smaller balls scan fewer keys but
+  the gate reads more centres, so 8 reads slightly less on this model. Parent ids are **bit-packed**,
+  ceil(log2 P) bits for P parents (11 at 4K and branching 4, not int16's 16): read_ratio_achieved 0.313
+  (branching 4) and 0.344 (branching 8) on the same rows; scanned_frac 0.15 / 0.20 at 4 / 8
+  (index_recall.py, f = 0.1).
   Three other ways to shrink the index read were measured and dropped (same capture, f = 0.1, union of a
   kv head's 3 query heads): grouping in 16 subspaces with two balls per parent (16 parent ids a key)
   scans 0.41 of keys per query, as plain S = 16; building the index per 1,024-key chunk (8-bit parent
@@ -271,7 +272,7 @@ class Louver(MethodBase):
 
     ratio: float = 0.9
     n_subspaces: int = 32
-    branching: int = 8
+    branching: int = 4
     threshold: str = "budget"
     sample_size: int = 256
     merge_every: int = 256
@@ -330,7 +331,7 @@ class LouverStore(SparseReadStore):
         dev, dt = self.device, self.dtype
         self.centres = torch.zeros(B, H, S, p_cap, ds, dtype=dt, device=dev)  # (B, H_kv, S, P, D/S)
         self.radii = torch.zeros(B, H, S, p_cap, dtype=dt, device=dev)  # (B, H_kv, S, P)
-        # parent ids, bit-packed: id_bits(p_cap) bits per key and subspace (10 for a 4K context at branching 8,
+        # parent ids, bit-packed: id_bits(p_cap) bits per key and subspace (11 for a 4K context at branching 4,
         # where int16 would spend 16), one stream per (row, kv head, subspace); slots >= idx_end unused
         self.parent_bits = id_bits(p_cap)
         self.parent_words = torch.zeros(B, H, S, (self.capacity * self.parent_bits + 31) // 32, dtype=torch.int32,

@@ -8,7 +8,7 @@ context's keys (what an index built at ``end_of_context`` covers) and the querie
 of greedily generated tokens (full cache). For every (sample, layer, query head, query) each method
 picks the context keys it reads at a read budget f of the keys:
 
-- ``louver``: the ball index of ``methods.louver`` (S subspaces, ~8 keys per parent), threshold t from a
+- ``louver``: the ball index of ``methods.louver`` (S subspaces, ~4 keys per parent), threshold t from a
   uniform sample of 256 keys (the ceil(f * 256)-th largest score), survivors = keys whose summed
   Cauchy-Schwarz bound reaches t;
 - ``quest``: pages of 16 keys with min/max, the top ceil(f * N / 16) pages by upper-bound score;
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--fraction", type=float, default=0.1, help="read budget f = 1 - ratio")
     ap.add_argument("--n-subspaces", type=int, default=32)
-    ap.add_argument("--branching", type=int, default=8)
+    ap.add_argument("--branching", type=int, default=4)
     ap.add_argument("--sample-size", type=int, default=256)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--n-sink", type=int, default=4)
