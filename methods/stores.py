@@ -163,13 +163,16 @@ class SlotStore:
         return kept if field in self.token_fields else None
 
     # -- LayerKV --------------------------------------------------------------------------------
-    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
-        B, H_kv, T, D = k.shape
+    def _check_capacity(self, T: int) -> None:
         if self.hi + T > self.capacity:
             raise RuntimeError(
                 f"KV store capacity {self.capacity} exceeded ({self.hi} slots used + {T} new); "
                 "the engine sizes capacity as context + question + max_new_tokens"
             )
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        B, H_kv, T, D = k.shape
+        self._check_capacity(T)
         dest = slot_destinations(self.lengths, valid)  # (B, T)
         n_slots = self.capacity if T == 1 else self.hi + T
         if self.overlay_new:
@@ -294,16 +297,10 @@ class FusedDenseStore(DenseStore):
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
         from methods.kernels.attention import decode_attention, prefill_attention
 
-        B, H_kv, T, D = k.shape
-        if self.hi + T > self.capacity:
-            raise RuntimeError(
-                f"KV store capacity {self.capacity} exceeded ({self.hi} slots used + {T} new); "
-                "the engine sizes capacity as context + question + max_new_tokens"
-            )
+        T = k.shape[2]
+        self._check_capacity(T)
         if T == 1:
-            idx = self.lengths.view(B, 1, 1, 1).expand(B, H_kv, 1, D)  # (B, H_kv, 1, D)
-            self.k.scatter_(2, idx, k.to(self.dtype))
-            self.v.scatter_(2, idx, v.to(self.dtype))
+            self._write(self.lengths[:, None], k, v)  # slot lengths[b]: after the row's valid tokens
             n = valid[:, 0].long()  # (B,)
             self.lengths.add_(n)
             self.seen.add_(n)
@@ -321,8 +318,7 @@ class FusedDenseStore(DenseStore):
             self.hi += T
             return out
         self.uniform = False
-        out = super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
-        return out
+        return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
 
     # -- CUDA-graph protocol (harness.engine captures the decode step of graph_safe stores) -------
     def graph_snapshot(self) -> tuple:

@@ -85,7 +85,9 @@ def kv_bytes_per_token(config: Any, itemsize: int = 2) -> int:
 def weight_bytes_read(model: Any) -> int:
     """Bytes of weights one decode step reads: all of them but the input embedding table (a step reads B
     rows of it), unless the table is tied to the LM head (which reads all of it)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    from harness.measure import weights_bytes
+
+    total = weights_bytes(model)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
@@ -119,20 +121,6 @@ class CudaTimer:
             self.ms = self.a.elapsed_time(self.b)
         else:
             self.ms = 1000 * (time.perf_counter() - self.t0)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
 
 
 def chunk_for(B: int, args: argparse.Namespace) -> int:
@@ -181,19 +169,19 @@ def _hf_prefill(model: Any, ids: torch.Tensor, cache: Any, chunk: int, static: b
 def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool) -> dict[str, Any]:
     from transformers import DynamicCache, StaticCache
 
+    from harness.measure import PeakMemory
+
     dev = next(model.parameters()).device
     model.set_attn_implementation("sdpa")
     ids = random_ids(B, S, model.config.vocab_size, args.seed, dev)
     n = args.steps + args.warmup
     cache = StaticCache(config=model.config, max_cache_len=S + n + 1) if static else DynamicCache(config=model.config)
-    reset_peak(dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakMemory(dev) as pm_prefill:
         t0 = time.perf_counter()
         logits = _hf_prefill(model, ids, cache, chunk_for(B, args), static)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t0
-    peak_prefill = peak(dev)
     step_fn = model.forward
     if static and not args.no_compile:
         step_fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
@@ -201,8 +189,7 @@ def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool
     pos = S
     times = []
     compile_s = 0.0
-    reset_peak(dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakMemory(dev) as pm_decode:
         for i in range(n):
             kw = {"cache_position": torch.tensor([pos], device=dev)} if static else {}
             t0 = time.perf_counter()
@@ -217,7 +204,7 @@ def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool
     p50, p90 = pcts(times)
     return {"kernel": "sdpa", "cuda_graph": bool(static and not args.no_compile and dev.type == "cuda"),
             "decode_ms_p50": p50, "decode_ms_p90": p90, "prefill_tok_s": B * S / prefill_s,
-            "peak_mem_prefill_bytes": peak_prefill, "peak_mem_decode_bytes": peak(dev), "decode_steps": len(times),
+            "peak_mem_prefill_bytes": pm_prefill.peak, "peak_mem_decode_bytes": pm_decode.peak, "decode_steps": len(times),
             "warmup_s": round(compile_s, 1)}
 
 

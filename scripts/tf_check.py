@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             before = maker.tok.decode(ids[max(0, st - 14) : st])
             kind = "real" if "mentioned" in before or "JSON" in before else "scaffold"
             target, got = ids[st:en], pred[st - 1 : en - 1]
-            n = en - st
-            while n > 0 and target[n - 1] in maker.terminators:  # trained tokens only ("\n", EOS excluded)
-                n -= 1
+            n = maker.trained_end(args.task, ids, st, en) - st  # trained tokens only ("\n", EOS excluded)
             s = stats.setdefault(kind, [0, 0, 0])
             s[0] += 1
             s[1] += got[0] == target[0]

@@ -346,6 +346,13 @@ class BatchMaker:
             ids += ai
         return ids, spans
 
+    def trained_end(self, task: str, ids: list[int], st: int, en: int) -> int:
+        """End of answer span [st, en) without its trailing terminators ("\n", EOS; the notes' DOT)."""
+        stops = self.notes_terminators if task == "notes" else self.terminators
+        while en > st and ids[en - 1] in stops:
+            en -= 1
+        return en
+
     def value_words(self) -> list[str]:
         """Lower-case words that are one token after a space (`` stone``) and are no key word: the values of
         --word-values needles."""
@@ -460,11 +467,7 @@ class BatchMaker:
             for st, en, first in spans:
                 span_tok[b, st:en] = len(span_task)
                 span_pos[b, st : min(en, st + FIRST_TOKENS)] = 1
-                end = en
-                stops = self.notes_terminators if task == "notes" else self.terminators
-                while end > st and ids[end - 1] in stops:
-                    end -= 1
-                span_pos[b, end:en] = 2
+                span_pos[b, self.trained_end(task, ids, st, en):en] = 2
                 span_task.append(TASK_ID[task])
                 span_first.append(first)
         return {"L": L, "stage": stage, "x": x, "lens": lens, "span_tok": span_tok, "span_pos": span_pos,

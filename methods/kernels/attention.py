@@ -23,7 +23,6 @@ match the reference to ~1e-6; bf16/fp16 inputs accumulate in fp32 as FlashAttent
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -67,144 +66,25 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, start: int, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernels (built on first use; the interpreter flag is read then, so tests can set it)
+# Triton kernels (methods/kernels/_attention_triton.py, imported on first use)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernels(interpret: bool):
-    import triton
-    import triton.language as tl
-
-    if interpret:  # the cache key too: jit objects differ with the interpreter on
+def _kernels():
+    """The jit-compiled kernels (Triton imported on first use)."""
+    if interpret_mode():
         interpreter_compat()
+    from . import _attention_triton as K
 
-    @triton.jit
-    def decode_split(Q, K, V, Lens, MidO, MidL, scale_log2, H_kv,
-                     sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                     sob, soh, sos, sod, slb, slh, sls,
-                     G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D: tl.constexpr, IEEE: tl.constexpr):
-        pid_s = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H_kv
-        h = pid_bh % H_kv
-        n_len = tl.load(Lens + b).to(tl.int32)
-        lo = pid_s * SPLIT
-        hi = tl.minimum(lo + SPLIT, n_len)
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, D)
-        g_ok = offs_g < G
-        heads = h * G + offs_g
-        q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < hi
-            kk = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kk))
-            s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))  # (BLOCK_G, BLOCK_N), log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :] * sod, out, mask=g_ok[:, None])
-        tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
-
-    @triton.jit
-    def decode_combine(MidO, MidL, Out, n_splits, H_q, sob, soh, sos, sod, slb, slh, sls, s_ob, s_oh, s_od,
-                       NS: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        b = pid // H_q
-        hq = pid % H_q
-        offs_s = tl.arange(0, NS)
-        offs_d = tl.arange(0, D)
-        s_ok = offs_s < n_splits
-        lse = tl.load(MidL + b * slb + hq * slh + offs_s * sls, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        w = tl.exp2(lse - m)  # empty ranges (lse -inf) weigh 0
-        o = tl.load(MidO + b * sob + hq * soh + offs_s[:, None] * sos + offs_d[None, :] * sod, mask=s_ok[:, None],
-                    other=0.0)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-        tl.store(Out + b * s_ob + hq * s_oh + offs_d * s_od, out.to(Out.dtype.element_ty))
-
-    @triton.jit
-    def prefill(Q, K, V, Out, scale_log2, start, T, H_q,
-                sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, sot, soh, sod,
-                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H_q
-        hq = pid_bh % H_q
-        hk = hq // G
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
-        offs_d = tl.arange(0, D)
-        m_ok = offs_m < T
-        q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_ok[:, None],
-                    other=0.0)
-        q_slot = start + offs_m
-        end = tl.minimum(start + (pid_m + 1) * BLOCK_M, start + T)  # keys this tile may see: slots < end
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
-        for n0 in range(0, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < end
-            kk = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kk))
-            ok = n_ok[None, :] & (offs_n[None, :] <= q_slot[:, None])
-            s = tl.where(ok, s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
-        out = acc / l_i[:, None]  # slot 0 is visible to every query: l_i > 0
-        tl.store(Out + b * sob + offs_m[:, None] * sot + hq * soh + offs_d[None, :] * sod,
-                 out.to(Out.dtype.element_ty), mask=m_ok[:, None])
-
-    return decode_split, decode_combine, prefill
+    return K.decode_split, K.decode_combine, K.prefill
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
 
 
-def supported(q: Tensor, k: Tensor) -> str | None:
-    """Why the kernels cannot take these tensors, or None."""
-    D = q.shape[-1]
-    if D not in HEAD_DIMS:
-        return f"head_dim {D} is not one of {HEAD_DIMS}"
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads"
-    if q.dtype != k.dtype:
-        return f"query dtype {q.dtype} differs from the store's {k.dtype}"
-    return None
+def _launch(**options: int) -> dict[str, int]:
+    """Compiler launch options (warps, pipeline stages); the interpreter takes none."""
+    return {} if interpret_mode() else options
 
 
 def _n_programs_target(device: torch.device) -> int:
@@ -247,19 +127,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *, scalin
     mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H_q, ns, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
-    split_k, combine, _ = _kernels(interpret_mode())
+    split_k, combine, _ = _kernels()
     ieee = q.dtype == torch.float32
     split_k[(ns, B * H_kv)](
         q, k, v, lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv,
         *q.stride(), *k.stride(), *v.stride(), *mid_o.stride(), *mid_l.stride(),
         G=G, SPLIT=split, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_N=block_n, D=D, IEEE=ieee,
-        **({} if interpret_mode() else {"num_warps": num_warps or DECODE_CONFIG["num_warps"],
-                                         "num_stages": num_stages or DECODE_CONFIG["num_stages"]}),
+        **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
+                  num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )
     combine[(B * H_q,)](
         mid_o, mid_l, out, ns, H_q, *mid_o.stride(), *mid_l.stride(), *out.stride(),
-        NS=max(2, triton_next_pow2(ns)), D=D,
-        **({} if interpret_mode() else {"num_warps": 4}),
+        NS=max(2, triton_next_pow2(ns)), D=D, **_launch(num_warps=4),
     )
     return out
 
@@ -272,13 +151,13 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, *, start: int, scaling: f
     out = torch.empty(B, T, H_q, D, dtype=q.dtype, device=q.device)
     block_m = 64 if D <= 128 else 32
     block_n = _block_n(D)
-    _, _, kernel = _kernels(interpret_mode())
+    _, _, kernel = _kernels()
     grid = (-(-T // block_m), B * H_q)
     kernel[grid](
         q, k, v, out, float(scaling) * LOG2E, int(start), T, H_q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         G=H_q // H_kv, BLOCK_M=block_m, BLOCK_N=block_n, D=D, IEEE=q.dtype == torch.float32,
-        **({} if interpret_mode() else {"num_warps": 4, "num_stages": 2}),
+        **_launch(num_warps=4, num_stages=2),
     )
     return out
 
