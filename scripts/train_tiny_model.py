@@ -43,6 +43,7 @@ GPU-side: imports neither lm-eval, wandb nor Hydra (torch, transformers, tokeniz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue as queue_mod
@@ -68,7 +69,7 @@ from tasks import synthetic as S  # noqa: E402
 TRAIN_SPLIT = "train"  # the only split training text is ever drawn from
 EVAL_SPLIT = "eval"  # used only by the report-only generation check at the end
 
-TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "mqar", "notes", "ppl")
+TRAIN_TASKS: tuple[str, ...] = S.TASKS + ("dense_niah", "dense_vt", "mqar", "notes", "ppl")
 NOTES_GAP = [0]  # --notes-gap (a list so forked workers see the value set in main)
 NOTES_DOT = 7  # the `notes` task's end-of-value marker (a terminator, see --terminator-weight0)
 STAGE0_TOKENS = [0]  # --stage0-tokens-per-step (0: --tokens-per-step), set in main before the workers fork
@@ -84,6 +85,7 @@ MIX: dict[str, float] = {
     "common_words": 0.05,
     "kv_retrieval": 0.13,
     "dense_niah": 0.14,
+    "dense_vt": 0.0,  # --mix dense_vt=0.15 (run 13)
     "mqar": 0.04,
     "ppl": 0.03,
 }
@@ -100,7 +102,8 @@ STAGE0_MIX: dict[str, float] = {
     "variable_tracking": 0.07,
 }
 # tasks whose teacher-forced accuracy (all questions) drives the curriculum: key-conditional retrieval
-CURRICULUM_TASKS = ("niah_multikey", "dense_niah", "mqar", "notes")
+# (--gate-tasks replaces them)
+CURRICULUM_TASKS = ["niah_multikey", "dense_niah", "mqar", "notes"]
 # answer tokens whose loss is multiplied by --first-weight: the first two, where the key decides
 FIRST_TOKENS = 2
 # evaluation settings, as in tasks/<task>.yaml: (stop strings, max new tokens)
@@ -303,7 +306,7 @@ class BatchMaker:
         """Token ids and answer spans (start, end, is_first) of one training sequence, or None."""
         index = self.worker * 10**8 + self.counter
         self.counter += 1
-        ratio = self.ratios.get(task, self.ratios["niah_single"])
+        ratio = self.ratios.get("variable_tracking" if task == "dense_vt" else task, self.ratios["niah_single"])
 
         def count(text: str) -> int:
             return int(len(text) / ratio) + 1
@@ -319,7 +322,15 @@ class BatchMaker:
                                       seed=self.seed * 1_000_003 + index, split=TRAIN_SPLIT)[0]
                 return self.enc(doc["text"])[:cap] + [self.eos], []
             rng = random.Random(S.sample_seed_key(task, TRAIN_SPLIT, self.seed, index) + "|questions")
-            if task == "dense_niah":
+            if task == "dense_vt":
+                # variable_tracking with 2-6 chains (as many as the length holds), every chain asked back:
+                # with two chains, picking a chain without matching the asked value is right half the time
+                n = rng.randint(2, max(2, min(6, L // 128)))
+                s = S.make_sample("variable_tracking", count_tokens=count, context_length=int(0.98 * L) - 8,
+                                  seed=self.seed, index=index, split=TRAIN_SPLIT,
+                                  params=dataclasses.replace(S.PARAMS, vt_chains=n))
+                context, qas = s["context"], qa_pairs("variable_tracking", s, rng)
+            elif task == "dense_niah":
                 share = WORD_VALUES[0] * (1.0 if self.stage == 0 else 0.5 if self.stage == 1 else 0.25)
                 words = self.value_words() if share and rng.random() < share else None
                 context, qas = dense_niah(int(0.98 * L), index, self.seed, count, rng, words)
@@ -606,6 +617,18 @@ def format_table(results: dict, lengths: list[int]) -> str:
 # Main
 
 
+def parse_mix(spec: str, mix: dict[str, float], flag: str) -> None:
+    """Apply ``task=w,...`` to ``mix`` (other weights kept); ``only:task=w,...`` keeps the listed tasks only."""
+    if spec.startswith("only:"):
+        spec = spec[5:]
+        mix.clear()
+    for item in filter(None, spec.split(",")):
+        task, _, w = item.partition("=")
+        if task not in TASK_ID or task == "ppl":
+            raise SystemExit(f"{flag}: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
+        mix[task] = float(w)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "models" / "kvbench-tiny"))
@@ -623,6 +646,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--stage0-mix", default="",
                     help="override stage-0 mix weights, e.g. 'mqar=0.35' (others kept) or 'only:notes=1' (nothing else)")
+    ap.add_argument("--mix", default="",
+                    help="override the mix after stage 0, same form as --stage0-mix (e.g. 'dense_vt=0.15')")
+    ap.add_argument("--gate-tasks", default="", type=lambda v: [t for t in v.split(",") if t],
+                    help="tasks whose teacher-forced accuracy advances the curriculum (default: "
+                         + ",".join(CURRICULUM_TASKS) + ")")
     ap.add_argument("--notes-gap", type=int, default=0,
                     help="fixed tokens between IS and the value in the `notes` task (0: the notes' format)")
     ap.add_argument("--first-weight", type=float, default=1.0,
@@ -770,15 +798,13 @@ def main(argv: list[str] | None = None) -> int:
 
         eval_pool = ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
         eval_futures = [eval_pool.submit(_eval_prompts, j) for j in jobs]
-    mix_spec = args.stage0_mix
-    if mix_spec.startswith("only:"):  # the listed tasks only
-        mix_spec = mix_spec[5:]
-        STAGE0_MIX.clear()
-    for item in filter(None, mix_spec.split(",")):  # module state: worker processes are forked after this
-        task, _, w = item.partition("=")
+    parse_mix(args.stage0_mix, STAGE0_MIX, "--stage0-mix")  # module state: workers are forked after this
+    parse_mix(args.mix, MIX, "--mix")
+    for task in args.gate_tasks:
         if task not in TASK_ID or task == "ppl":
-            raise SystemExit(f"--stage0-mix: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
-        STAGE0_MIX[task] = float(w)
+            raise SystemExit(f"--gate-tasks: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
+    if args.gate_tasks:
+        CURRICULUM_TASKS[:] = args.gate_tasks
     NOTES_GAP[0] = args.notes_gap
     STAGE0_TOKENS[0] = args.stage0_tokens_per_step
     WORD_VALUES[0] = args.word_values
@@ -951,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"step {step} stage {lengths[stage]} batch {B}x{T} loss {la[0]:.3f} ans {la[1]:.3f} lm {la[2]:.3f} "
                 f"lr {lr:.2e} tok/s {rec['tok_per_s']:,} q {producer.qsize()} data-wait {wait_s / max(el, 1e-6):.0%}\n"
                 f"    acc(first q) " + " ".join(f"{t}={v:.2f}" for t, v in first.items())
-                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} mqar={allq['mqar']:.2f} notes={allq['notes']:.2f} kv={allq['kv_retrieval']:.2f} vt={allq['variable_tracking']:.2f}"
+                + f"\n    acc(all q) dense={allq['dense_niah']:.2f} dense_vt={allq['dense_vt']:.2f} mqar={allq['mqar']:.2f} notes={allq['notes']:.2f} kv={allq['kv_retrieval']:.2f} vt={allq['variable_tracking']:.2f}"
                 + " by len " + " ".join(f"{n}={v:.2f}" for n, v in per_len.items()))
             stats.zero_()
             loss_acc.zero_()
