@@ -6,6 +6,7 @@ Loaded models are cached per process, so a Hydra multirun loads each model once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,39 @@ def _local(path: str) -> str:
     if not p.is_absolute() and (REPO / p).exists():
         return str(REPO / p)
     return path
+
+
+_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def model_revision(model_cfg: dict[str, Any]) -> str | None:
+    """What identifies the weights a run used: ``model.revision`` when set, else for a local directory
+    ``local:<hash>`` of its config, tokenizer and weight files (a changed checkpoint under the same path
+    gets new run ids instead of being skipped as done), else None (a hub id without a revision).
+
+    Files up to 64 MiB are hashed whole; larger weight files by name, size and 16 spread 64 KiB samples,
+    so an 8B checkpoint costs milliseconds, not a full read.
+    """
+    if model_cfg.get("revision"):
+        return str(model_cfg["revision"])
+    dirs = {_local(str(model_cfg["path"])), _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))}
+    if not all(Path(d).is_dir() for d in dirs):
+        return None
+    h = hashlib.sha256()
+    for d in sorted(dirs):
+        files = sorted(p for p in Path(d).iterdir() if p.is_file() and (
+            p.name in _FINGERPRINT_FILES or p.suffix in (".safetensors", ".bin", ".model")))
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                if size <= 64 * 2**20:
+                    h.update(fh.read())
+                    continue
+                for i in range(16):
+                    fh.seek((size - 2**16) * i // 15)
+                    h.update(fh.read(2**16))
+    return "local:" + h.hexdigest()[:12]
 
 
 def _not_found(path: str, revision: str | None, err: Exception) -> ValueError:

@@ -95,11 +95,13 @@ def run_job(cfg: Any, *, method_name: str | None = None) -> dict[str, Any]:
     """Run one configuration and return its row (written to results/runs/ before returning)."""
     from omegaconf import OmegaConf
 
+    from . import loading
     from . import results as R
 
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    run_id = R.run_id_of(config)
+    revision = loading.model_revision(config["model"])  # retrained weights at the same path: new run ids
+    run_id = R.run_id_of({**config, "model": {**config["model"], "revision": revision}})
     results_dir = Path(str(cfg.results_dir))  # relative to the working directory (hydra.job.chdir=false)
     path = R.row_path(results_dir, run_id)
     existing = R.read_row(path)
@@ -110,7 +112,7 @@ def run_job(cfg: Any, *, method_name: str | None = None) -> dict[str, Any]:
     method_name = method_name or _method_name(cfg)
     task_cfg = cfg.task
     row = R.new_row(
-        run_id=run_id, model=cfg.model.name, model_revision=cfg.model.get("revision"),
+        run_id=run_id, model=cfg.model.name, model_revision=revision,
         weights=cfg.model.get("weights"), method=method_name, ratio=float(cfg.ratio), task=task_cfg.name,
         protocol=cfg.protocol, context_length=cfg.context_length, prefill_chunk=cfg.prefill_chunk,
         batch_size=cfg.batch_size, seed=cfg.seed, status="failed", started_at=R.now(),

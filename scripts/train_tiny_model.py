@@ -1025,13 +1025,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_readme(out: Path, summary: dict, results: dict, eval_lengths: list[int]) -> None:
-    a = summary["args"]
-    cmd = "python scripts/train_tiny_model.py --out models/kvbench-tiny"
+def command_line(a: dict) -> str:
+    """The command that repeats a run: its non-default arguments, quoted for a POSIX shell."""
+    import shlex
+
+    cmd = ["python", "scripts/train_tiny_model.py", "--out", "models/kvbench-tiny"]
     defaults = vars(parse_args([]))
     for k, v in a.items():
-        if k not in ("out",) and v != defaults.get(k):
-            cmd += f" --{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+        if k == "out" or v == defaults.get(k):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            cmd.append(flag)
+        elif k == "fuse_token":  # repeatable
+            for t in v:
+                cmd += [flag, shlex.quote(t)]
+        elif isinstance(v, list):  # comma-separated (--gate-tasks)
+            cmd += [flag, ",".join(v)]
+        else:
+            cmd += [flag, shlex.quote(str(v))]
+    return " ".join(cmd)
+
+
+def write_readme(out: Path, summary: dict, results: dict, eval_lengths: list[int]) -> None:
+    a = summary["args"]
+    cmd = command_line(a)
     size = (out / "model.safetensors").stat().st_size if (out / "model.safetensors").is_file() else 0
     stages = ", ".join(f"{L} at step {s} ({t:.0f}s)" for s, t, L in summary["stages"])
     curve = summary["curve"]
@@ -1053,7 +1071,7 @@ It is a benchmark fixture, not a language model: it knows the filler text and th
 hidden size {summary['config']['hidden_size']}, {summary['config']['num_attention_heads']} query heads and
 {summary['config']['num_key_value_heads']} key/value heads (GQA) of dim {ARCH['head_dim']}, SwiGLU MLP {summary['config']['intermediate_size']}, RMSNorm, RoPE
 (theta {a['rope_theta']:g}), tied embeddings, vocabulary {summary['config']['vocab_size']} (byte-level BPE with one token per digit,
-`scripts/tiny_tokenizer.py`), max_position_embeddings {a['max_position_embeddings']} (8192-token prompts plus
+`scripts/tiny_tokenizer.py`, plus the `--fuse-token` / `--fuse-space-digits` tokens), max_position_embeddings {a['max_position_embeddings']} (8192-token prompts plus
 the generated answer fit without truncation; trained positions reach 8192 + 512).
 
 - parameters: {summary['params']:,}
@@ -1072,10 +1090,12 @@ estimate and then tokenized:
 - dense supervision: after the first answer, more questions about the same context (the other needles of
   `niah_multikey`/`niah_multiquery`, other JSON keys of `kv_retrieval`, the distractor chain of
   `variable_tracking`), each followed by its answer and `<|eos|>`;
-- `dense_niah`: a multi-key haystack with 2-12 extra needles, 8 of them asked;
+- `dense_niah`: a multi-key haystack with 2-12 extra needles, 8 of them asked (with `--word-values`, a share
+  of them get three-word values instead of numbers at stage 0, half that at stage 1);
+- `dense_vt`: a `variable_tracking` context with 2-6 chains (as many as the length holds), every chain asked;
 - a few filler documents from `make_ppl_docs(split="train")`.
 
-Mix: {", ".join(f"{t} {w:.0%}" for t, w in MIX.items())}. Loss: mean cross-entropy over answer tokens
+Mix after stage 0 (shares of sequences): {", ".join(f"{t} {w / sum(MIX.values()):.0%}" for t, w in MIX.items() if w)}. Loss: mean cross-entropy over answer tokens
 + {a['lm_weight']} x mean over all tokens. Curriculum over prompt lengths {LENGTHS[: LENGTHS.index(a['max_len']) + 1]},
 advancing when teacher-forced answer accuracy at the current length reaches {a['advance_at']} (or at a wall-clock
 deadline), 30 % replay of shorter lengths, then a final mix {FINAL_MIX}; {a['tokens_per_step']:,} tokens

@@ -57,6 +57,31 @@ def test_cli_row_has_every_column_and_rerun_is_skipped(tmp_path):
     assert json.loads(p2.stdout.strip().splitlines()[-1])["run_id"] == row["run_id"]
 
 
+def test_retrained_weights_at_the_same_path_are_a_new_run(tmp_path):
+    """Rows are keyed by the weights, not only the path: swapping the checkpoint under models/x must not
+    return the old checkpoint's rows as "already done"."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "kvbench-tiny", model)
+    over = [f"model.path={model}", "method=full", "task=niah_single", "bench.enabled=false"]
+    first = job(tmp_path, *over)
+    assert first["status"] == "ok" and first["model_revision"].startswith("local:")
+    assert job(tmp_path, *over)["started_at"] == first["started_at"]  # same weights: skipped as done
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(model / "model.safetensors")
+    w = {k: v * 1.01 if k.endswith("norm.weight") else v for k, v in w.items()}
+    save_file(w, model / "model.safetensors", metadata={"format": "pt"})
+    second = job(tmp_path, *over)
+    assert second["run_id"] != first["run_id"] and second["model_revision"] != first["model_revision"]
+    assert R.row_path(tmp_path, first["run_id"]).is_file()  # the old row is kept
+    from harness.loading import model_revision
+
+    assert model_revision({"path": str(model), "revision": "v1"}) == "v1"  # a pinned revision is the identity
+    assert model_revision({"path": "org/not-a-local-dir"}) is None
+
+
 def test_unknown_options_exit_2_with_the_names():
     p = cli("method=streaming_lm")
     assert p.returncode == 2

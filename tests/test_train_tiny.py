@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -158,6 +159,43 @@ def test_notes_task_answers_are_the_asked_needles_values():
         for st, en, _ in spans:
             key = tuple(ids[st - 3 - gap : st - 1 - gap])
             assert ids[st : st + 3] == needles[key] and en - st == 4
+
+
+def test_dense_vt_asks_every_chain_of_a_many_chain_context():
+    """dense_vt: a variable_tracking context with more than the task's two chains (as the length allows), every
+    chain asked in the evaluation's own question form, each answer that chain's variables in order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOK_DIR))
+    maker = T.BatchMaker(str(TOK_DIR), {t: 4.4 for t in S.TASKS}, seed=1, worker=0, tokens_per_step=4096,
+                         max_len=2048)
+    counts = []
+    for _ in range(6):
+        ids, spans = maker.episode("dense_vt", 1024)
+        text = tok.decode(ids[: spans[0][0]])
+        chains = T.vt_chains(text)
+        counts.append(len(spans))
+        assert len(chains) >= len(spans) >= 2
+        for st, en, _ in spans:
+            asked = re.findall(r"hold the value (\d+) are:$", tok.decode(ids[:st]))
+            assert asked and tok.decode(ids[st:en]) == T.answer_text(chains[asked[-1]]) + "<|eos|>"
+    assert max(counts) > S.PARAMS.vt_chains  # denser than the task itself
+
+
+def test_mix_and_gate_flags_and_the_recorded_command(tmp_path):
+    saved_mix, saved_gate = dict(T.MIX), list(T.CURRICULUM_TASKS)
+    try:
+        rc = T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
+                     "--mix", "dense_vt=0.35", "--gate-tasks", "dense_vt,dense_niah", "--fuse-token", " is:"])
+        assert rc == 0 and T.MIX["dense_vt"] == 0.35 and T.CURRICULUM_TASKS == ["dense_vt", "dense_niah"]
+        cmd = (tmp_path / "README.md").read_text()
+        assert "--mix dense_vt=0.35 --gate-tasks dense_vt,dense_niah" in cmd and "--fuse-token ' is:'" in cmd
+        with pytest.raises(SystemExit, match="--mix: unknown task 'nope'"):
+            T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--mix", "nope=1"])
+    finally:
+        T.MIX.clear()
+        T.MIX.update(saved_mix)
+        T.CURRICULUM_TASKS[:] = saved_gate
 
 
 def test_stage0_mix_rejects_unknown_tasks(tmp_path):
