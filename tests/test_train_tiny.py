@@ -68,7 +68,7 @@ def test_smoke_output_loads(smoke):
     assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
     assert cfg.head_dim in (64, 128) and cfg.num_hidden_layers >= 4
     assert cfg.max_position_embeddings >= 8192
-    assert cfg.vocab_size == len(tok)
+    assert len(tok) <= cfg.vocab_size < len(tok) + 64  # embedding rows padded to a multiple of 64
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == tok.eos_token_id == cfg.eos_token_id
     ids = tok("One of the special magic numbers for calm-fox is: 1234567.", return_tensors="pt")["input_ids"]
@@ -253,3 +253,34 @@ def test_terminators_are_marked_for_their_own_loss_weight():
             assert 2 not in pos[: -len(tail)] and pos[0] == 1
             seen.add(task)
     assert seen == {"notes", "niah_single"}
+
+
+def test_shipped_model_meets_the_architecture_and_tells_needles_apart():
+    """models/kvbench-tiny itself: the issue's architecture bounds, and on held-out niah_multikey samples (four
+    needles, one asked) it answers the asked needle's value, so the answer depends on the key, not on the template."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = TOK_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 16 * 2**20
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(str(TOK_DIR), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(TOK_DIR))
+    cfg = model.config
+    assert cfg.num_attention_heads // cfg.num_key_value_heads >= 2 and cfg.head_dim in (64, 128)
+    assert cfg.num_hidden_layers >= 4 and cfg.max_position_embeddings >= 8192
+    assert sum(p.numel() for p in model.parameters()) < 9_000_000
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    right = 0
+    samples = S.make_samples("niah_multikey", count_tokens=count, context_length=1024, n=6, seed=0)
+    for s in samples:
+        ids = tok(s["context"] + s["question"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+        right += s["answers"][0] in tok.decode(out[0, ids.shape[1]:])
+    assert right >= 5, right  # a model that ignores the key gets ~1 in 4
