@@ -22,7 +22,9 @@ embedding table excluded unless tied, + KV bytes read per step, each KV head onc
 ``roofline_frac`` = roofline_ms / decode p50. Cells whose KV alone exceeds the device are listed as
 skipped with the figure. ``--capacity`` adds the largest batch of kvbench ``full`` that decodes within an
 80 GB budget at 32K (what an H100-80GB user gets), found with random K/V (no prefill) under
-``torch.cuda.set_per_process_memory_fraction``.
+``torch.cuda.set_per_process_memory_fraction``. ``--profile N`` adds, per cell, where a kvbench decode step's
+time goes: torch.profiler over N steps, kernel time per step by category (attention, GEMM, norm, KV write,
+elementwise, other) and the top kernels; the place to start when ``roofline_frac`` is low.
 
 Rows go to ``results/bench/rows/<device>-<commit>.jsonl`` (appended: several calls at one commit merge)
 and the report to ``results/bench/<device>-<date>-<commit>.md`` (commit, command, the three engines side by
@@ -32,6 +34,7 @@ side per cell). Imports neither lm-eval, wandb nor Hydra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -152,6 +155,103 @@ def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dict[st
         "prefill_tok_s": probe["prefill_tok_s"], "peak_mem_prefill_bytes": probe["peak_mem_prefill_bytes"],
         "peak_mem_decode_bytes": probe["peak_mem_decode_bytes"], "decode_steps": probe["probe_decode_steps"],
     }
+
+
+# Kernel-name patterns of the --profile breakdown, first match wins (lower-cased names; on CPU, aten op names)
+PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"decode_split|decode_combine|prefill|flash|fmha|attn|sdpa"),
+    ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("norm", r"norm|rsqrt"),
+    ("kv write / copy", r"copy|index_put|index_copy|scatter|aten::cat"),
+    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|aten::(mul|add|neg|pow|mean|silu|argmax)"),
+)
+
+
+class _ProfileMonitor:
+    """Engine monitor that runs torch.profiler over decode steps ``skip .. skip + steps - 1``."""
+
+    def __init__(self, skip: int, steps: int, device: torch.device):
+        self.skip, self.steps, self.device, self.n, self.prof = skip, steps, device, 0, None
+        self.step_ms: list[float] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, *, tokens: int = 0):
+        yield
+
+    @contextlib.contextmanager
+    def decode_step(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.n == self.skip:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        with CudaTimer(self.device) as t:
+            yield
+        if self.skip <= self.n < self.skip + self.steps:
+            self.step_ms.append(t.ms)
+        self.n += 1
+        if self.n == self.skip + self.steps:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.prof is not None and self.prof.profiler is not None and not getattr(self, "_done", False):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.prof.__exit__(None, None, None)
+            self._done = True
+
+
+def kernel_breakdown(prof: Any, steps: int, on_gpu: bool) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """(ms per step by category, top kernels as (name, ms per step, calls per step)) from a finished profile:
+    device kernels on a GPU, self CPU time of aten ops on CPU."""
+    import re
+
+    from torch.autograd import DeviceType
+
+    per: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if on_gpu:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            per[e.key] = [us / 1000 / steps, e.count / steps]
+    cats: dict[str, float] = {}
+    for name, (ms, _) in per.items():
+        low = name.lower()
+        cat = next((c for c, pat in PROFILE_CATEGORIES if re.search(pat, low)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    top = sorted(((n, v[0], v[1]) for n, v in per.items()), key=lambda x: -x[1])[:12]
+    return cats, top
+
+
+def profile_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Where a kvbench ``full`` decode step's time goes: torch.profiler over ``args.profile`` steps (after 3),
+    with the CUDA graph when it captures (kernels inside a graph replay are traced by CUPTI), else eagerly."""
+    from harness.engine import Engine, Prompt
+    from methods.full import Full
+
+    dev = next(model.parameters()).device
+    ids = random_ids(B, S, model.config.vocab_size, args.seed, torch.device("cpu"))
+    for want_graph in (True, False):  # eagerly when the graph replay's kernels were not traced
+        mon = _ProfileMonitor(skip=3, steps=args.profile, device=dev)
+        engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args), monitor=mon, cuda_graph=want_graph)
+        # the first new token comes from the prefill's logits: 3 + N decode steps need 4 + N new tokens
+        engine.generate([Prompt(context=row.tolist()) for row in ids], max_new_tokens=4 + args.profile)
+        mon.finish()
+        if mon.prof is None or not mon.step_ms:
+            raise RuntimeError(f"no decode step was profiled ({mon.n} steps ran)")
+        cats, top = kernel_breakdown(mon.prof, len(mon.step_ms), dev.type == "cuda")
+        graph = want_graph and engine.graph_error is None and dev.type == "cuda"
+        if cats or not graph:
+            break
+    return {"kind": "profile", "batch": B, "context": S, "cuda_graph": graph, "steps": len(mon.step_ms),
+            "step_ms_p50": pcts(mon.step_ms)[0], "busy_ms": sum(cats.values()), "categories": cats, "top": top}
 
 
 def _hf_prefill(model: Any, ids: torch.Tensor, cache: Any, chunk: int, static: bool) -> torch.Tensor:
@@ -300,6 +400,21 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
         for c in caps:
             lines.append(f"- context {c['context']}: largest batch {c['max_batch']} "
                          f"(KV {c['kv_bytes_at_max'] / 1e9:.1f} GB + weights in {c['budget_bytes'] / 1e9:.0f} GB)")
+    profs = sorted((r for r in rows if r.get("kind") == "profile"), key=lambda r: (r["batch"], r["context"]))
+    if profs:
+        cats = [c for c, _ in PROFILE_CATEGORIES] + ["other"]
+        lines += ["", "Where a kvbench `full` decode step goes (`--profile`: torch.profiler over the steps, kernel time "
+                  "per step in ms; busy = the kernels' sum, the rest of the step is launch gaps and idle):", "",
+                  "| batch | context | graph | step ms | busy ms | " + " | ".join(cats) + " | top kernels (ms, calls) |",
+                  "|---:|---:|---|---:|---:|" + "---:|" * len(cats) + "---|"]
+        for r in profs:
+            if "error" in r:
+                lines.append(f"| {r['batch']} | {r['context']} | | | | " + "| " * len(cats) + f"failed: {r['error']} |")
+                continue
+            top = "; ".join(f"`{n[:48]}` {ms:.2f} ({calls:g})" for n, ms, calls in r["top"][:4])
+            lines.append(f"| {r['batch']} | {r['context']} | {'yes' if r['cuda_graph'] else 'no'} | "
+                         f"{r['step_ms_p50']:.2f} | {r['busy_ms']:.2f} | "
+                         + " | ".join(f"{r['categories'].get(c, 0.0):.2f}" for c in cats) + f" | {top} |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -320,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens per prefill forward pass over the whole batch (chunk = this / batch, >= 256): "
                          "bounds prefill activations, so peak memory stays near weights + KV")
     ap.add_argument("--capacity", action="store_true", help="also find the largest batch at 32K in 80 GB")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile N kvbench decode steps per cell (torch.profiler): time by kernel category")
     ap.add_argument("--no-compile", action="store_true", help="hf_static_compile without torch.compile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(REPO / "results" / "bench"))
@@ -400,6 +517,15 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 with rows_path.open("a") as f:  # after every cell: a call cut short keeps what it measured
                     f.write(json.dumps(row, default=str) + "\n")
+            if args.profile and "kvbench" in engines:
+                try:
+                    prof = profile_kvbench(model, B, S, args)
+                except Exception as e:  # noqa: BLE001 - a failed profile still writes its row
+                    prof = {"kind": "profile", "batch": B, "context": S,
+                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                print(json.dumps(prof, default=str), flush=True)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(prof, default=str) + "\n")
         if args.capacity and dev.type == "cuda":
             cap = {"kind": "capacity", **capacity_probe(model, 32768, args)}
             print(json.dumps(cap), flush=True)
@@ -415,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             latest[("skipped", r["batch"], r["context"])] = r
         elif r.get("kind") == "capacity":
             latest[("capacity", r["context"])] = r
+        elif r.get("kind") == "profile":
+            latest[("profile", r["batch"], r["context"])] = r
     import transformers
 
     bandwidths = [c["bandwidth"] for c in cmds if c.get("bandwidth")]

@@ -38,3 +38,22 @@ def test_bench_accounting():
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert bench.weight_bytes_read(model) == total - emb.numel() * emb.element_size()  # untied: table not read
     assert bench.parse_cells("1x8192,8x32768") == [(1, 8192), (8, 32768)]
+
+
+def test_bench_profile_breaks_a_decode_step_down(tmp_path):
+    """--profile: per cell, the profiled steps' time by category (on CPU the aten ops' self time, where the
+    tiny Llama's matmuls must show up as gemm); busy is the categories' sum and the top list is sorted."""
+    import bench
+
+    assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench", "--profile", "3"]) == 0
+    rows = [json.loads(x) for x in next((tmp_path / "rows").glob("cpu-smoke-*.jsonl")).read_text().splitlines()]
+    profs = [r for r in rows if r["kind"] == "profile"]
+    assert [(r["batch"], r["context"]) for r in profs] == [(1, 64), (2, 48)]
+    for r in profs:
+        assert "error" not in r, r.get("error")
+        assert r["steps"] == 3 and r["categories"]["gemm"] > 0
+        assert abs(r["busy_ms"] - sum(r["categories"].values())) < 1e-9 and r["step_ms_p50"] > 0
+        assert [ms for _, ms, _ in r["top"]] == sorted((ms for _, ms, _ in r["top"]), reverse=True)
+        assert any("mm" in name or "linear" in name for name, _, _ in r["top"])
+    report = next(tmp_path.glob("cpu-smoke-*.md")).read_text()
+    assert "Where a kvbench `full` decode step goes" in report and "| attention | gemm |" in report
