@@ -3,8 +3,9 @@
     python scripts/aggregate.py [--results results] [--quiet]
 
 One row per run_id (rows are files named by run_id; history/ is ignored). The markdown has one
-table per (model, task, context length), methods and ratios sorted, accuracy with its standard
-error, achieved ratio beside the target; skipped and failed runs are listed with their reasons.
+table per (model, weights revision, task, context length), methods and ratios sorted, accuracy with its
+standard error, achieved ratio (bytes stored) and read ratio (bytes read per decode step) beside the
+target; skipped and failed runs are listed with their reasons.
 """
 
 from __future__ import annotations
@@ -42,17 +43,21 @@ def markdown(df: pd.DataFrame) -> str:
     if df.empty:
         return "_no rows yet: run `make run` or `python -m harness.run`_\n"
     out = []
-    ok = df[df["status"] == "ok"]
-    for (model, task, ctx), g in ok.groupby(["model", "task", "context_length"], sort=True):
+    ok = df[df["status"] == "ok"].copy()
+    # rows of different weights under one model name (a retrained checkpoint) never share a table
+    ok["_rev"] = ok["model_revision"].fillna("") if "model_revision" in ok else ""
+    for (model, rev, task, ctx), g in ok.groupby(["model", "_rev", "task", "context_length"], sort=True):
         weights = ", ".join(sorted(set(map(str, g["weights"].dropna()))))
-        out.append(f"### {model} · {task} · {ctx} tokens  (weights: {weights})\n")
-        out.append("| method | ratio | achieved | accuracy ± se | n | KV MB | peak decode MB | prefill tok/s | decode tok/s | decode ms p50 | kernel |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        out.append(f"### {model}{' @ ' + rev if rev else ''} · {task} · {ctx} tokens  (weights: {weights})\n")
+        out.append("| method | ratio | achieved | read achieved | accuracy ± se | n | KV MB | peak decode MB | prefill tok/s "
+                   "| decode tok/s | decode ms p50 | kernel |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for _, r in g.sort_values(["method", "ratio"]).iterrows():
             acc = _num(r.get("accuracy"), ".3f")
             se = _num(r.get("accuracy_stderr"), ".3f")
             out.append(
                 f"| {r['method']} | {r['ratio']:.4g} | {_num(r.get('ratio_achieved'), '.3f')} | "
+                f"{_num(r.get('read_ratio_achieved'), '.3f')} | "
                 f"{acc}{' ± ' + se if se else ''} | {_num(r.get('n_samples'), '.0f')} | {_mb(r.get('kv_bytes_stored'))} | "
                 f"{_mb(r.get('peak_mem_decode_bytes'))} | {_num(r.get('prefill_tok_s'), '.0f')} | "
                 f"{_num(r.get('decode_tok_s'), '.1f')} | {_num(r.get('decode_ms_p50'), '.2f')} | {r.get('kernel') or ''} |"

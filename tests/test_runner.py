@@ -147,6 +147,16 @@ def test_table_from_rows(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert md.index("| full |") < md.index("| streaming_llm |")
     assert "skipped and failed runs" in md and "3 bits" in md
+    assert "| read achieved |" in md
+    # a row of other weights under the same model name goes to its own table, named by its revision
+    row = next(r for r in (json.loads(p.read_text()) for p in tmp_path.glob("runs/*.json")) if r["status"] == "ok")
+    rev = row["model_revision"]
+    row.update(run_id="0" * 16, model_revision="local:other")
+    (tmp_path / "runs" / f"{row['run_id']}.json").write_text(json.dumps(row))
+    subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path), "--quiet"], cwd=REPO, env=ENV,
+                   check=True)
+    md = (tmp_path / "summary.md").read_text()
+    assert f"@ {rev} ·" in md and "@ local:other ·" in md
 
 
 def test_wandb_offline_run_holds_the_row(tmp_path):
