@@ -80,20 +80,29 @@ def model_revision(model_cfg: dict[str, Any]) -> str | None:
     dirs = {_local(str(model_cfg["path"])), _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))}
     if not all(Path(d).is_dir() for d in dirs):
         return None
+    files = [p for d in sorted(dirs) for p in sorted(Path(d).iterdir()) if p.is_file() and (
+        p.name in _FINGERPRINT_FILES or p.suffix in (".safetensors", ".bin", ".model"))]
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stats not in _REVISIONS:  # a sweep runs many jobs on one model: hash its files once per process
+        _REVISIONS[stats] = _hash_files(files)
+    return _REVISIONS[stats]
+
+
+_REVISIONS: dict[tuple, str] = {}
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
-    for d in sorted(dirs):
-        files = sorted(p for p in Path(d).iterdir() if p.is_file() and (
-            p.name in _FINGERPRINT_FILES or p.suffix in (".safetensors", ".bin", ".model")))
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.name}\0{size}\0".encode())
-            with f.open("rb") as fh:
-                if size <= 64 * 2**20:
-                    h.update(fh.read())
-                    continue
-                for i in range(16):
-                    fh.seek((size - 2**16) * i // 15)
-                    h.update(fh.read(2**16))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= 64 * 2**20:
+                h.update(fh.read())
+                continue
+            for i in range(16):
+                fh.seek((size - 2**16) * i // 15)
+                h.update(fh.read(2**16))
     return "local:" + h.hexdigest()[:12]
 
 

@@ -171,7 +171,7 @@ class _ProfileMonitor:
     """Engine monitor that runs torch.profiler over decode steps ``skip .. skip + steps - 1``."""
 
     def __init__(self, skip: int, steps: int, device: torch.device):
-        self.skip, self.steps, self.device, self.n, self.prof = skip, steps, device, 0, None
+        self.skip, self.steps, self.device, self.n, self.prof, self.running = skip, steps, device, 0, None, False
         self.step_ms: list[float] = []
 
     @contextlib.contextmanager
@@ -186,6 +186,7 @@ class _ProfileMonitor:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=acts)
             self.prof.__enter__()
+            self.running = True
         with CudaTimer(self.device) as t:
             yield
         if self.skip <= self.n < self.skip + self.steps:
@@ -195,11 +196,11 @@ class _ProfileMonitor:
             self.finish()
 
     def finish(self) -> None:
-        if self.prof is not None and self.prof.profiler is not None and not getattr(self, "_done", False):
+        if self.running:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.prof.__exit__(None, None, None)
-            self._done = True
+            self.running = False
 
 
 def kernel_breakdown(prof: Any, steps: int, on_gpu: bool) -> tuple[dict[str, float], list[tuple[str, float, float]]]:

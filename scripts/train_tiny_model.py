@@ -624,9 +624,13 @@ def parse_mix(spec: str, mix: dict[str, float], flag: str) -> None:
         mix.clear()
     for item in filter(None, spec.split(",")):
         task, _, w = item.partition("=")
-        if task not in TASK_ID or task == "ppl":
-            raise SystemExit(f"{flag}: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
-        mix[task] = float(w)
+        mix[check_task(task, flag)] = float(w)
+
+
+def check_task(task: str, flag: str) -> str:
+    if task not in TASK_ID or task == "ppl":
+        raise SystemExit(f"{flag}: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
+    return task
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -800,11 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_futures = [eval_pool.submit(_eval_prompts, j) for j in jobs]
     parse_mix(args.stage0_mix, STAGE0_MIX, "--stage0-mix")  # module state: workers are forked after this
     parse_mix(args.mix, MIX, "--mix")
-    for task in args.gate_tasks:
-        if task not in TASK_ID or task == "ppl":
-            raise SystemExit(f"--gate-tasks: unknown task {task!r}; choose from {', '.join(TRAIN_TASKS[:-1])}")
     if args.gate_tasks:
-        CURRICULUM_TASKS[:] = args.gate_tasks
+        CURRICULUM_TASKS[:] = [check_task(t, "--gate-tasks") for t in args.gate_tasks]
     NOTES_GAP[0] = args.notes_gap
     STAGE0_TOKENS[0] = args.stage0_tokens_per_step
     WORD_VALUES[0] = args.word_values
