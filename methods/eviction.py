@@ -135,6 +135,17 @@ class EvictionMethod(MethodBase):
         budget, protected = self.budgets(store, n, scores)
         return select_topk(scores, protected, budget), budget
 
+    @property
+    def accumulates_attention(self) -> bool:
+        """Kept scores grow with the attention each decode query (and question chunk) pays them (H2O)."""
+        return True
+
+    def write_scores(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """(B, H_kv, T) score a token starts with when it is written after compaction (default 0;
+        a query-agnostic scorer such as LKV's gives its own). k, v (B, H_kv, T, D) post-RoPE;
+        positions (B, T)."""
+        return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+
     def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         """(B, H_kv, S) per-token scores a method that keeps scores starts decode with."""
         return torch.zeros(store.batch, store.layer.n_kv_heads, store.hi, device=store.device)
@@ -247,6 +258,17 @@ class H2O(EvictionMethod):
 
     def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         return self.reduce_mass(store.mass[:, :, : store.hi], store.layer.n_kv_heads)
+
+    @property
+    def accumulates_attention(self) -> bool:
+        """Kept scores grow with the attention each decode query (and question chunk) pays them (H2O)."""
+        return True
+
+    def write_scores(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """(B, H_kv, T) score a token starts with when it is written after compaction (default 0;
+        a query-agnostic scorer such as LKV's gives its own). k, v (B, H_kv, T, D) post-RoPE;
+        positions (B, T)."""
+        return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
 
     def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         return self.scores(store, n)

@@ -86,8 +86,10 @@ class EvictionStore(DenseStore):
     to keep, and whether to evict during decode; this class owns the layout and the attention.
     """
 
+    # not counted in bytes_stored: offsets and counters, and the method object (hyperparameters; LKV's scorer
+    # weights are model parameters, a fixed ~0.1 % of the model, not cache that grows with the tokens)
     bookkeeping = ("lengths", "seen", "offsets", "sizes", "hwm", "hole", "base_budget", "n_context", "n_recent",
-                   "win_slot")
+                   "win_slot", "method")
     flat_fields = ("k", "v", "pos", "score")
 
     def __init__(self, layer: LayerSpec, method: EvictionMethod, *, batch: int, capacity: int, device: Any, dtype):
@@ -242,9 +244,10 @@ class EvictionStore(DenseStore):
         if self.pos is not None:
             self.pos[dest] = pos_now.to(self.pos.dtype)
         if self.score is not None:
-            self.score[dest] = 0.0
-            gained = self.method.reduce_probs(probs)  # (N,)
-            self.score += torch.where(visible & ok[seg], gained, 0.0)
+            self.score[dest] = self.method.write_scores(self, k, v, positions).reshape(B * H).float()
+            if self.method.accumulates_attention:
+                gained = self.method.reduce_probs(probs)  # (N,)
+                self.score += torch.where(visible & ok[seg], gained, 0.0)
         self.hwm = self.hwm + ((self.hole < 0) & ok)
         self.hole = torch.where(ok, -1, self.hole)
         self.seen = self.seen + valid.sum(1)
@@ -302,10 +305,11 @@ class EvictionStore(DenseStore):
             if pos is not None:
                 pos = torch.cat([pos, positions[:, None].expand(B, H, T)], dim=2)
             if score is not None:
-                vis = mask & valid[:, None, :, None]  # (B, H, T, S_p + T): padding queries add nothing
-                gained = self.method.reduce_mass(attention_mass(q, kc, vis, scaling=scaling,
-                                                                chunk=self.method.score_chunk), H)
-                score = torch.cat([score, torch.zeros(B, H, T, device=score.device)], dim=2) + gained
+                score = torch.cat([score, self.method.write_scores(self, k, v, positions).float()], dim=2)
+                if self.method.accumulates_attention:
+                    vis = mask & valid[:, None, :, None]  # (B, H, T, S_p + T): padding queries add nothing
+                    score = score + self.method.reduce_mass(attention_mass(q, kc, vis, scaling=scaling,
+                                                                           chunk=self.method.score_chunk), H)
             self.seen = self.seen + valid.sum(1)
             self.hi += T
         keep = present

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
-import math
 import os
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from harness.evaluate import Evaluator, ci95, mean_se, sign  # noqa: E402  (torch-free at import)
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 BASE = {"support": "prefill_window", "ranking": "attention", "projection": "block"}
@@ -46,113 +44,6 @@ PROBES = {  # name -> the one slot it swaps
     "support=decode_queries": {"support": "decode_queries"},
 }
 MARGIN_POINTS = 0.005  # margin > 0.5 points counts as positive
-STOP = "\n"
-
-
-def model_config(name: str) -> dict:
-    """A conf/model entry by name (``tiny``) or a path to a local model directory."""
-    path = REPO / "conf" / "model" / f"{name}.yaml"
-    if path.exists():
-        import yaml
-
-        return yaml.safe_load(path.read_text())
-    return {"name": Path(name).name, "path": name}
-
-
-def split_prompt(tok, context: str, question: str) -> tuple[list[int], list[int]]:
-    """Tokenize context + question once and split at the first token starting in the question."""
-    enc = tok(context + question, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    i = next((j for j, (a, b) in enumerate(offsets) if a >= len(context) and b > a), len(ids))
-    return ids[:i], ids[i:]
-
-
-def stop_ids(tok) -> list[int]:
-    ids = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-    ids |= {i for i in range(len(tok)) if STOP in tok.decode([i])}
-    return sorted(ids)
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
-
-
-def ci95(xs: list[float]) -> tuple[float, float]:
-    m, se = mean_se(xs)
-    return max(0.0, m - 1.96 * se), min(1.0, m + 1.96 * se)
-
-
-def sign(d: float) -> int:
-    return (d > 1e-12) - (d < -1e-12)
-
-
-class Evaluator:
-    """Per-sample scores of one (model, task, method) at a context length, cached on disk."""
-
-    def __init__(self, args: argparse.Namespace, out: Path):
-        self.args, self.cache = args, out / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self._loaded: dict[str, tuple] = {}
-        self._samples: dict[tuple, list] = {}
-
-    def load(self, model_name: str):
-        if model_name not in self._loaded:
-            from harness.loading import load
-
-            cfg = model_config(model_name)
-            loaded = load(cfg, device=self.args.device)
-            self._loaded = {model_name: (cfg, loaded, stop_ids(loaded.tokenizer))}  # one model at a time
-        return self._loaded[model_name]
-
-    def samples(self, model_name: str, task: str):
-        key = (model_name, task)
-        if key not in self._samples:
-            from tasks.synthetic import make_samples, token_counter
-
-            _, loaded, _ = self.load(model_name)
-            tok = loaded.tokenizer
-            raw = make_samples(task, count_tokens=token_counter(tok), context_length=self.args.context_length,
-                               n=self.args.n, seed=self.args.seed)
-            self._samples[key] = [(split_prompt(tok, s["context"], s["question"]), s["answers"]) for s in raw]
-        return self._samples[key]
-
-    def scores(self, model_name: str, task: str, method, label: str) -> tuple[list[float], dict]:
-        params = {"method": type(method).__name__, **asdict(method)}
-        ident = json.dumps({"model": model_name, "task": task, "ctx": self.args.context_length, "n": self.args.n,
-                            "seed": self.args.seed, "protocol": self.args.protocol, "max_new": self.args.max_new_tokens, "chunk": self.args.prefill_chunk,
-                            "params": params}, sort_keys=True, default=str)
-        path = self.cache / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
-        if path.exists():
-            rec = json.loads(path.read_text())
-            return rec["scores"], rec["kv"]
-        from harness.engine import Engine, Prompt
-        from tasks.synthetic import score
-
-        cfg, loaded, stops = self.load(model_name)
-        engine = Engine(loaded.model, method, prefill_chunk=self.args.prefill_chunk)
-        items = self.samples(model_name, task)
-        out: list[float] = []
-        kv_full = kv_stored = 0
-        t0 = time.perf_counter()
-        bs = self.args.batch_size
-        for s in range(0, len(items), bs):
-            batch = items[s : s + bs]
-            res = engine.generate([Prompt(context=c, question=q) for (c, q), _ in batch],
-                                  max_new_tokens=self.args.max_new_tokens, stop_ids=stops, protocol=self.args.protocol)
-            kv_full += res.stats_context.bytes_full
-            kv_stored += res.stats_context.bytes_stored
-            for toks, (_, answers) in zip(res.tokens, batch):
-                text = loaded.tokenizer.decode(toks, skip_special_tokens=True).split(STOP)[0]
-                out.append(score(task, text, answers))
-        kv = {"ratio_achieved": 1 - kv_stored / kv_full if kv_full else None}
-        path.write_text(json.dumps({"ident": json.loads(ident), "scores": out, "kv": kv}))
-        print(f"[fixed_contract] {model_name} {task} {label}: acc {sum(out) / len(out):.3f} "
-              f"({len(out)} samples, {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-        return out, kv
 
 
 def run_grid(args: argparse.Namespace) -> dict:
@@ -161,7 +52,7 @@ def run_grid(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ev = Evaluator(args, out)
+    ev = Evaluator(args, out, tag="fixed_contract")
     probes = {p: PROBES[p] for p in args.probes}
     rows, cells = [], []
     series: dict[tuple, dict[float, list[float]]] = {}  # (model, task, selector) -> ratio -> scores
@@ -245,7 +136,7 @@ def _pct(x) -> str:
 
 def _markdown(rows: list[dict], summary: dict, args: argparse.Namespace) -> str:
     lines = [f"## Fixed-contract diagnostic ({args.tag})", "",
-             f"`python scripts/fixed_contract.py {' '.join(args.argv)}`".replace("  ", " "), "",
+             "`" + " ".join(["python scripts/fixed_contract.py", *args.argv]) + "`", "",
              "| model | task | ratio | selector | n | accuracy [95% CI] | margin | delta vs base | sign |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
