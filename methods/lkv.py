@@ -73,6 +73,19 @@ def default_weights_path(model_name: str) -> Path:
     return DATA_DIR / f"{Path(str(model_name).rstrip('/')).name}.safetensors"
 
 
+def shown(path: Path) -> str:
+    """A path as a message shows it: relative to the working directory when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def model_arg(name: str) -> str:
+    """How the training command names a model: a local directory relative to here, else the id."""
+    return shown(Path(name)) if Path(name).exists() else str(name)
+
+
 def rope_of(model: Any) -> tuple[Tensor, float]:
     """The model's RoPE ``inv_freq`` (D/2,) and ``attention_scaling``, from its rotary module."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -306,18 +319,18 @@ class LKV(EvictionMethod):
         if reasons or not self.needs_weights:
             return reasons
         path = self.weights_path(model.name)
-        cmd = TRAIN_COMMAND.format(model=model.name, ratios=ratio_key(self.ratio))
+        cmd = TRAIN_COMMAND.format(model=model_arg(model.name), ratios=ratio_key(self.ratio))
         if not path.exists():
-            return [f"lkv: no trained weights for model {model.name!r} at {path}; train them with `{cmd}`"]
+            return [f"lkv: no trained weights for model {model_arg(model.name)!r} at {shown(path)}; train them with `{cmd}`"]
         meta = read_meta(path)
         shape = {"n_layers": model.n_layers, "n_kv_heads": model.n_kv_heads, "head_dim": model.head_dim}
         if {k: meta.get("spec", {}).get(k) for k in shape} != shape:
-            return [f"lkv: the weights in {path} were trained for model {meta.get('model')!r} "
-                    f"({meta.get('spec')}), not {model.name!r} ({shape}); train this model's with `{cmd}`"]
+            return [f"lkv: the weights in {shown(path)} were trained for model {meta.get('model')!r} "
+                    f"({meta.get('spec')}), not {model_arg(model.name)!r} ({shape}); train this model's with `{cmd}`"]
         variant, ok = self._entry(meta)
         if not ok:
             have = ", ".join(sorted(meta.get("entries", []))) or "none"
-            return [f"lkv: {path} has no weights for ratio {self.ratio} (it has: {have}); train them with `{cmd}`"]
+            return [f"lkv: {shown(path)} has no weights for ratio {self.ratio} (it has: {have}); train them with `{cmd}`"]
         return reasons
 
     def calibrate(self, ctx: CalibrationContext) -> None:
@@ -330,8 +343,8 @@ class LKV(EvictionMethod):
         meta = read_meta(path)
         fp = weights_fingerprint(ctx.model)
         if meta.get("fingerprint") != fp:
-            cmd = TRAIN_COMMAND.format(model=ctx.spec.name, ratios=ratio_key(self.ratio))
-            raise ValueError(f"lkv: the weights in {path} were trained for model {meta.get('model')!r} with weights "
+            cmd = TRAIN_COMMAND.format(model=model_arg(ctx.spec.name), ratios=ratio_key(self.ratio))
+            raise ValueError(f"lkv: the weights in {shown(path)} were trained for model {meta.get('model')!r} with weights "
                              f"fingerprint {meta.get('fingerprint')}; this model's is {fp} (another checkpoint); "
                              f"retrain with `{cmd}`")
         variant, _ = self._entry(meta)

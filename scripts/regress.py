@@ -34,6 +34,7 @@ MATRIX: dict[str, tuple[float, ...]] = {
     "louver": (0.5, 0.9),
     "snapkv": (0.5, 0.75),
     "value_aware": (0.5, 0.75),
+    "lkv": (0.85, 0.95),  # trained weights at 0.85; none at 0.95: a skipped row naming the training command
     "fp8": (0.5,),
     "kivi": (0.75, 0.84375),  # 4 bits, and 2.5 bits: a skipped row
 }

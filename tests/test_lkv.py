@@ -251,3 +251,18 @@ def test_held_out_tasks_cannot_be_trained_on():
     out = subprocess.run([sys.executable, "scripts/train_lkv.py", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "held out" in out.stderr
+
+
+def test_length_generalization_smoke_prints_its_table_with_the_committed_weights(tmp_path):
+    code = (f"import sys; import scripts.lkv_length_generalization as g; g.main(['--smoke', '--out', {str(tmp_path)!r}]); "
+            f"{NO_GPU_IMPORTS}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary["mean"]) == {"seen@256", "seen@512", "held_out@256", "held_out@512"}
+    assert "| split | task | length | full | lkv |" in out.stdout
+    rows = list(__import__("csv").DictReader(open(tmp_path / "smoke.csv")))
+    assert len(rows) == 2 * 2 * 6  # tasks x lengths x methods
+    for r in rows:
+        if r["method"] != "full":
+            assert abs(float(r["ratio_achieved"]) - 0.85) < 0.03, r
