@@ -226,13 +226,19 @@ def test_a_weights_file_keeps_other_ratios_when_extended(tiny_llama, tmp_path):
 NO_GPU_IMPORTS = "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), sorted({'lm_eval', 'wandb', 'hydra'} & set(sys.modules))"
 
 
-def test_train_lkv_smoke_writes_weights_the_method_loads_and_a_falling_curve(tmp_path):
-    w, c = tmp_path / "w.safetensors", tmp_path / "curve.json"
+def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_falling_curve(tmp_path):
+    w, c, w2 = tmp_path / "w.safetensors", tmp_path / "curve.json", tmp_path / "again.safetensors"
+    args = "'--smoke', '--ratios', '0.5', '--variants', 'joint'"
     code = (f"import sys; import scripts.train_lkv as t; "
-            f"t.main(['--smoke', '--ratios', '0.5', '--variants', 'joint', '--weights', {str(w)!r}, '--curve', {str(c)!r}]); "
+            f"t.main([{args}, '--weights', {str(w)!r}, '--curve', {str(c)!r}]); "
+            f"t.main([{args}, '--weights', {str(w2)!r}, '--curve', {str(tmp_path / 'c2.json')!r}]); "
             f"{NO_GPU_IMPORTS}")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(w)), load_file(str(w2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "same seed, same weights"
     curve = json.loads(c.read_text())
     (res,) = curve["runs"]
     assert res["variant"] == "joint" and res["ratio"] == 0.5 and len(res["curve"]) >= 2
