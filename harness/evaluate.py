@@ -6,8 +6,9 @@ cell; they run on the GPU machine with torch, transformers and PyYAML only. :cla
 prefills each sample's context with the engine, compresses at ``end_of_context`` (or with the
 question under ``protocol=query_aware``), generates greedily up to a newline and scores with the
 task's own metric (``tasks.synthetic.score``). Per-sample scores are cached on disk by a hash of
-everything that decides them (model, task, length, n, seed, protocol, method and its parameters,
-the trained weights a method loads), so an interrupted grid resumes.
+what decides them (model path, device and dtype, task, length, n, seed, protocol, method and its
+parameters, the trained weights a method loads), so an interrupted grid resumes. The code is not in
+the key: after changing a method, delete ``<out>/cache``.
 """
 
 from __future__ import annotations
@@ -112,8 +113,10 @@ class Evaluator:
                                  "seed": self.args.seed, "protocol": self.args.protocol,
                                  "max_new": self.args.max_new_tokens, "chunk": self.args.prefill_chunk,
                                  "params": params}
+        cfg, loaded, _ = self.load(model_name)
+        ident["run_on"] = {"path": str(cfg.get("path")), "device": loaded.device.type, "dtype": str(loaded.dtype)}
         if hasattr(method, "cache_identity"):  # trained weights a method loads (LKV)
-            ident["weights"] = method.cache_identity(self.load(model_name)[1].model.config._name_or_path)
+            ident["weights"] = method.cache_identity(loaded.model.config._name_or_path)
         key = json.dumps(ident, sort_keys=True, default=str)
         path = self.cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.exists():

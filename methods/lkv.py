@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -200,8 +201,9 @@ def soft_keep(scores: Tensor, keep: Tensor, valid: Tensor, temp: float, iters: i
 
 
 def weights_fingerprint(model: Any) -> str:
-    """A short hash of a model's parameter names, shapes and first values (float32): the same for a
-    checkpoint loaded in bf16 on a GPU and in fp32 on a CPU, different after retraining."""
+    """A short hash of a model's parameter names, shapes and first values (as float32): different after
+    retraining; the same on any device, and across dtypes when the checkpoint is stored in the lower
+    precision (a bf16 checkpoint loaded in bf16 on a GPU and in fp32 on a CPU, as the tiny model)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
         h.update(f"{name}:{tuple(p.shape)}".encode())
@@ -243,14 +245,19 @@ def load_entry(path: Path, variant: str, ratio: float) -> LKVWeights:
     return LKVWeights(*(t[pre + f] for f in ("w1", "b1", "w2", "b2", "rho")))
 
 
-def save_weights(path: Path, meta: dict, entries: dict[tuple[str, float], LKVWeights]) -> None:
-    """Write (or extend) a weights file: entries (variant, ratio) -> weights; meta is the file's."""
+def save_weights(path: Path, meta: dict, entries: dict[tuple[str, float], LKVWeights], *, overwrite: bool = False) -> None:
+    """Write (or extend) a weights file: entries (variant, ratio) -> weights; meta is the file's
+    (``trained`` maps each entry to how it was trained, including ``n_sink`` and ``window``). A file
+    holding another model's weights (another fingerprint) is replaced only with ``overwrite``."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path)) if path.exists() else {}
     old = read_meta(path) if path.exists() else {}
     if old and old.get("fingerprint") != meta.get("fingerprint"):
-        tensors, old = {}, {}  # another model's weights: start over
+        if not overwrite:
+            raise ValueError(f"{shown(path)} holds LKV weights of another model (fingerprint {old.get('fingerprint')}, "
+                             f"model {old.get('model')!r}); pass --weights <another file>, or --overwrite to replace it")
+        tensors, old = {}, {}
     trained = {**old.get("trained", {}), **meta.get("trained", {})}
     for (variant, ratio), w in entries.items():
         for f in ("w1", "b1", "w2", "b2", "rho"):
@@ -312,7 +319,8 @@ class LKV(EvictionMethod):
         path = self.weights_path(model_name)
         if not self.needs_weights or not path.exists():
             return None
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        variant, _ = self._entry(read_meta(path))
+        return f"{variant}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
     def validate(self, model: ModelSpec) -> list[str]:
         reasons = super().validate(model)
@@ -331,13 +339,20 @@ class LKV(EvictionMethod):
         if not ok:
             have = ", ".join(sorted(meta.get("entries", []))) or "none"
             return [f"lkv: {shown(path)} has no weights for ratio {self.ratio} (it has: {have}); train them with `{cmd}`"]
+        trained = {**meta, **meta.get("trained", {}).get(f"{variant}/{ratio_key(self.ratio)}", {})}
+        for knob in ("n_sink", "window"):
+            if knob in trained and int(trained[knob]) != int(getattr(self, knob)):
+                reasons.append(f"lkv: the weights for ratio {self.ratio} were trained with {knob}={trained[knob]}, "
+                               f"not {getattr(self, knob)}; use {knob}={trained[knob]} or train with "
+                               f"`{cmd} --{knob.replace('_', '-')} {getattr(self, knob)} --weights <another file>`")
         return reasons
 
     def calibrate(self, ctx: CalibrationContext) -> None:
         """Load the weights and check they were trained for this model (its weights' fingerprint)."""
         self._rope = rope_of(ctx.model)
-        self._calibrated = True
+        self._w = None
         if not self.needs_weights:
+            self._calibrated = True
             return
         path = self.weights_path(ctx.spec.name)
         meta = read_meta(path)
@@ -348,8 +363,12 @@ class LKV(EvictionMethod):
                              f"fingerprint {meta.get('fingerprint')}; this model's is {fp} (another checkpoint); "
                              f"retrain with `{cmd}`")
         variant, _ = self._entry(meta)
+        if variant != self.variant():
+            warnings.warn(f"lkv: {shown(path)} has no {self.variant()} weights for ratio {self.ratio}; using the "
+                          f"{variant} scorer with {self.allocation} budgets", stacklevel=2)
         self._w = load_entry(path, variant, self.ratio)
         self._budget_cache = {}
+        self._calibrated = True
 
     # -- budgets and scores ----------------------------------------------------------------------
     def _ready(self) -> None:
@@ -376,7 +395,7 @@ class LKV(EvictionMethod):
     def _score(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """(B, H_kv, T) scores of tokens k, v (B, H_kv, T, D) at positions (B, T) or (T,)."""
         self._ready()
-        if self.scorer == "uniform" or self._w is None:
+        if self.scorer == "uniform" or float(self.ratio) == 0:
             return positions.float().expand(k.shape[0], -1)[:, None].expand(k.shape[:3]).contiguous()
         w = self._w if self._w.w1.device == k.device else self._w.to(k.device)
         self._w = w

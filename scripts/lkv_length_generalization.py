@@ -150,7 +150,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.lengths, args.n, args.seen, args.held_out = "256,512", 2, "niah_single", "niah_multikey"
-        args.window, args.max_new_tokens, args.prefill_chunk = 8, 12, 128
+        args.max_new_tokens, args.prefill_chunk = 12, 128
         args.tag = args.tag or "smoke"
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x]
     args.seen = [t for t in args.seen.split(",") if t]

@@ -214,14 +214,13 @@ class Params(torch.nn.Module):
 def keep_masks(p: Params, b: dict, rho: torch.Tensor, inv_freq, scale, *, n_sink: int, window: int, temp: float,
                hard: bool, scorer: str = "learned") -> list[torch.Tensor]:
     """Per layer (B, H_kv, S) keep-masks for one teacher batch."""
+    from methods.selectors import protect_mask
+
     out = []
     valid = b["ctx_valid"]  # (B, S)
     n = b["n"]
     S = valid.shape[1]
     s_idx = torch.arange(S, device=valid.device)
-    prot = (s_idx[None] < n_sink) | (s_idx[None] >= (n - window)[:, None])
-    prot = prot & valid  # (B, S)
-    cand = valid & ~prot
     for li, (k, v) in enumerate(b["kv"]):
         if scorer == "learned":
             k_pre = L.unrotate(k, s_idx[None, None], inv_freq, scale)
@@ -229,8 +228,10 @@ def keep_masks(p: Params, b: dict, rho: torch.Tensor, inv_freq, scale, *, n_sink
         else:  # recency: the uniform scorer's order
             scores = s_idx.float()[None, None].expand(k.shape[0], k.shape[1], S)
         budget = rho[li][None, :] * n[:, None].float()  # (B, H)
-        keep = (budget - prot.sum(1, keepdim=True)).clamp(min=0)
-        c = cand[:, None].expand_as(scores)
+        # protected as at inference (methods.selectors.protect_mask): sinks, then the recent window, within the budget
+        prot = protect_mask(n, budget.detach().round().long(), n_slots=S, n_sink=n_sink, window=window)  # (B, H, S)
+        keep = (budget - prot.sum(-1)).clamp(min=0)
+        c = valid[:, None] & ~prot
         m = L.soft_keep(scores, keep, c, temp)
         if hard:
             s_masked = scores.detach().masked_fill(~c, float("-inf"))
@@ -238,7 +239,7 @@ def keep_masks(p: Params, b: dict, rho: torch.Tensor, inv_freq, scale, *, n_sink
             rank = torch.empty_like(order).scatter_(-1, order, s_idx.expand_as(order))
             m_hard = ((rank < keep.detach().round()[..., None]) & c).float()
             m = m_hard + m - m.detach()
-        out.append(torch.where(prot[:, None], torch.ones_like(m), m))
+        out.append(torch.where(prot, torch.ones_like(m), m))
     return out
 
 
@@ -348,6 +349,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=50, help="steps between held-out KL points (hard top-k)")
     ap.add_argument("--weights", default=None, help="output file (default methods/data/lkv/<model dir>.safetensors)")
     ap.add_argument("--curve", default=None, help="training-curve JSON (default results/lkv/<model dir>-train.json)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a weights file that holds another model's weights")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long CPU run: 256 tokens, 2 tasks, 6 steps")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -433,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": args.model, "model_dir": model_dir, "spec": spec, "fingerprint": L.weights_fingerprint(model),
             "n_sink": args.n_sink, "window": args.window, "hidden": args.hidden, "tasks": args.tasks,
             "held_out": list(HELD_OUT),
-            "trained": {f"{v}/{L.ratio_key(r)}": {"command": command, **hyper} for (v, r) in entries}}
+            "trained": {f"{v}/{L.ratio_key(r)}": {"command": command, "n_sink": args.n_sink, "window": args.window,
+                                                  **hyper} for (v, r) in entries}}
     if not args.smoke or args.weights:
-        L.save_weights(weights_path, meta, entries)
+        L.save_weights(weights_path, meta, entries, overwrite=args.overwrite)
         log(f"weights -> {weights_path}")
     curve_path = Path(args.curve) if args.curve else REPO / "results" / "lkv" / f"{model_dir}-train.json"
     summary = {"command": command, "model": args.model, "device": str(device),

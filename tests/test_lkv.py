@@ -30,7 +30,7 @@ from tests.helpers import random_prompts, run
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_weights(model, path, ratios=(0.5,), variants=("joint",), seed=0):
+def fake_weights(model, path, ratios=(0.5,), variants=("joint",), seed=0, n_sink=4, window=32, overwrite=False):
     """A weights file for ``model`` with random scorers and skewed budgets (what training writes)."""
     spec = ModelSpec.from_config(model.config)
     L, H, D = spec.n_layers, spec.n_kv_heads, spec.head_dim
@@ -43,8 +43,8 @@ def fake_weights(model, path, ratios=(0.5,), variants=("joint",), seed=0):
                                          torch.randn(L, H, 8, generator=g), torch.zeros(L, H),
                                          head_fractions(theta, 1 - r, 0.2))
     meta = {"model": "test", "spec": {"n_layers": L, "n_kv_heads": H, "head_dim": D},
-            "fingerprint": weights_fingerprint(model), "n_sink": 4, "window": 32}
-    save_weights(path, meta, entries)
+            "fingerprint": weights_fingerprint(model), "n_sink": n_sink, "window": window}
+    save_weights(path, meta, entries, overwrite=overwrite)
     return entries
 
 
@@ -124,7 +124,7 @@ def _prefill(model, method, prompts, chunk=8, extra=16):
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "learned")
 def test_kept_tokens_per_head_are_the_learned_budgets_physically(knobs, tiny_llama, tmp_path):
     path = tmp_path / "w.safetensors"
-    fake_weights(tiny_llama, path, ratios=(0.6,), variants=("joint", "scorer_only"))
+    fake_weights(tiny_llama, path, ratios=(0.6,), variants=("joint", "scorer_only"), n_sink=2, window=3)
     method = ready(LKV(ratio=0.6, weights=str(path), n_sink=2, window=3, **knobs), tiny_llama)
     spec = ModelSpec.from_config(tiny_llama.config)
     prompts = random_prompts([40, 23, 9])
@@ -143,7 +143,7 @@ def test_kept_tokens_per_head_are_the_learned_budgets_physically(knobs, tiny_lla
 
 def test_the_kept_set_is_the_scorers_top_k_and_deterministic(tiny_llama, tmp_path):
     path = tmp_path / "w.safetensors"
-    fake_weights(tiny_llama, path, ratios=(0.5,))
+    fake_weights(tiny_llama, path, ratios=(0.5,), n_sink=0, window=0)
     prompts = random_prompts([33, 20])
     kept = []
     for batch in (prompts, prompts[:1]):
@@ -173,7 +173,7 @@ def test_ratio_zero_equals_full(tiny_llama):
 
 def test_decode_eviction_keeps_each_head_within_its_budget(tiny_llama, tmp_path):
     path = tmp_path / "w.safetensors"
-    fake_weights(tiny_llama, path, ratios=(0.5,))
+    fake_weights(tiny_llama, path, ratios=(0.5,), n_sink=2, window=3)
     method = ready(LKV(ratio=0.5, weights=str(path), n_sink=2, window=3, evict_in_decode=True), tiny_llama)
     engine, state = _prefill(tiny_llama, method, random_prompts([40]), extra=20)
     state.end_of_context()
@@ -215,11 +215,26 @@ def test_weights_trained_for_another_model_are_refused(tiny_llama, tmp_path):
     assert len(reasons) == 1 and "were trained for model" in reasons[0]
 
 
-def test_a_weights_file_keeps_other_ratios_when_extended(tiny_llama, tmp_path):
+def test_a_weights_file_keeps_other_ratios_when_extended_and_is_never_silently_replaced(tiny_llama, tmp_path):
+    from harness.models import build_random_model, tiny_config
+
     path = tmp_path / "w.safetensors"
     fake_weights(tiny_llama, path, ratios=(0.5,))
     fake_weights(tiny_llama, path, ratios=(0.75,), variants=("scorer_only",))
     assert read_meta(path)["entries"] == ["joint/0.5", "scorer_only/0.75"]
+    other = build_random_model(tiny_config("llama"), seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        fake_weights(other, path, ratios=(0.9,))
+    assert read_meta(path)["entries"] == ["joint/0.5", "scorer_only/0.75"]
+    fake_weights(other, path, ratios=(0.9,), overwrite=True)
+    assert read_meta(path)["entries"] == ["joint/0.9"]
+
+
+def test_protected_tokens_must_match_training(tiny_llama, tmp_path):
+    path = tmp_path / "w.safetensors"
+    fake_weights(tiny_llama, path, ratios=(0.5,), n_sink=4, window=32)
+    reasons = LKV(ratio=0.5, weights=str(path), n_sink=4, window=8).validate(ModelSpec.from_config(tiny_llama.config))
+    assert len(reasons) == 1 and "window=32" in reasons[0]
 
 
 # -- scripts -------------------------------------------------------------------------------------------
@@ -249,7 +264,7 @@ def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_
     from harness.loading import load
 
     model = load({"path": "models/kvbench-tiny"}, device="cpu").model
-    method = ready(LKV(ratio=0.5, weights=str(w)), model)
+    method = ready(LKV(ratio=0.5, weights=str(w), window=8), model)  # the smoke trains with window 8
     assert method._w.rho.shape == (4, 2)
 
 
