@@ -259,17 +259,6 @@ class H2O(EvictionMethod):
     def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         return self.reduce_mass(store.mass[:, :, : store.hi], store.layer.n_kv_heads)
 
-    @property
-    def accumulates_attention(self) -> bool:
-        """Kept scores grow with the attention each decode query (and question chunk) pays them (H2O)."""
-        return True
-
-    def write_scores(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """(B, H_kv, T) score a token starts with when it is written after compaction (default 0;
-        a query-agnostic scorer such as LKV's gives its own). k, v (B, H_kv, T, D) post-RoPE;
-        positions (B, T)."""
-        return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
-
     def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
         return self.scores(store, n)
 

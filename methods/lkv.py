@@ -57,7 +57,7 @@ from torch import Tensor
 from methods.api import CalibrationContext, ModelSpec
 from methods.eviction import EvictionMethod
 from methods.ragged import EvictionStore
-from methods.selectors import keep_count, keep_count_t
+from methods.selectors import _largest_remainder, keep_count, keep_count_t
 
 __all__ = ["LKV", "LKVWeights", "head_fractions", "head_budgets", "soft_keep", "unrotate", "scorer_features",
            "score_tokens", "weights_fingerprint", "default_weights_path", "TRAIN_COMMAND"]
@@ -158,24 +158,9 @@ def head_budgets(n: int, ratio: float, rho: Tensor | None, n_layers: int, n_head
     if rho is None or C == 0 or C == n:
         return [[C] * n_heads for _ in range(n_layers)]
     flat = [Fraction(float(x)) for x in rho.detach().flatten().tolist()]
-    total = n_layers * n_heads * C
-    rest = total - len(flat)  # one token each first
-    s = sum(flat)
-    targets = [Fraction(rest) * x / s for x in flat]
-    out = [min(n - 1, int(t)) for t in targets]
-    left = rest - sum(out)
-    while left > 0:
-        order = sorted(range(len(out)), key=lambda i: (-(targets[i] - out[i]), i))
-        moved = 0
-        for i in order:
-            if left == 0:
-                break
-            if out[i] < n - 1:
-                out[i] += 1
-                left -= 1
-                moved += 1
-        if moved == 0:
-            break
+    rest = n_layers * n_heads * C - len(flat)  # one token each first, the rest in proportion to rho
+    total = sum(flat)
+    out = _largest_remainder([Fraction(rest) * x / total for x in flat], rest, [n - 1] * len(flat))
     return [[1 + out[li * n_heads + h] for h in range(n_heads)] for li in range(n_layers)]
 
 

@@ -26,6 +26,16 @@ def run(model, method, prompts, *, n_new=8, chunk=None, questions=None, protocol
     )
 
 
+def prefill(model, method, prompts, chunk=8, extra=16):
+    """Prefill ``prompts`` (one batch) into a fresh state with room for ``extra`` more tokens per row;
+    returns (engine, state) before ``end_of_context``."""
+    engine = Engine(copy.deepcopy(model), method, prefill_chunk=chunk)
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + extra)
+    engine.run_segment(state, prompts, [0] * len(prompts), chunk=chunk, want_last=[False] * len(prompts),
+                       last_logits=None)
+    return engine, state
+
+
 def read_wandb_offline(path):
     """Records of an offline W&B run file (``run-*.wandb``): a 7-byte header, then LevelDB-log
     framed protobuf records in 32 KiB blocks. Returns (summary dict, config keys, record kinds)."""

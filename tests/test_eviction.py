@@ -1,12 +1,10 @@
 """Eviction family: budget arithmetic, the ragged store, scorers against naive references."""
 
-import copy
 from fractions import Fraction
 
 import pytest
 import torch
 
-from harness.engine import Engine
 from harness.models import tiny_config
 from methods.api import ModelSpec
 from methods.eviction import H2O, VATP, AdaKV, KNorm, PyramidKV, RandomEviction, SnapKV
@@ -25,7 +23,7 @@ from methods.selectors import (
 )
 from methods.stores import attend
 from methods.value_aware import ValueAware
-from tests.helpers import random_prompts, run
+from tests.helpers import prefill, random_prompts, run
 
 RATIOS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.99)
 SMALL = dict(window=4, block_size=4)  # value_aware on short prompts
@@ -182,18 +180,12 @@ def test_segment_attention_equals_dense_masked_attention():
 
 
 # -- the store ---------------------------------------------------------------------------------------
-def _prefill(model, method, prompts, chunk=8, extra=16):
-    engine = Engine(copy.deepcopy(model), method, prefill_chunk=chunk)
-    state = engine.new_state(len(prompts), max(map(len, prompts)) + extra)
-    engine.run_segment(state, prompts, [0] * len(prompts), chunk=chunk, want_last=[False] * len(prompts),
-                       last_logits=None)
-    return engine, state
 
 
 @pytest.mark.parametrize("method", methods_at(0.6), ids=lambda m: m.name + str(m.params().get("support", "")))
 def test_kept_counts_equal_the_budget_function_and_memory_is_physical(method, tiny_llama):
     prompts = random_prompts([40, 23, 9])
-    engine, state = _prefill(tiny_llama, method, prompts)
+    engine, state = prefill(tiny_llama, method, prompts)
     spec = ModelSpec.from_config(tiny_llama.config)
     H = spec.n_kv_heads
     plans = [layer.method.plan(layer, layer.lengths.clone()) for layer in state.layers]
@@ -224,7 +216,7 @@ def test_kept_counts_equal_the_budget_function_and_memory_is_physical(method, ti
 
 def test_adakv_is_physically_ragged(tiny_llama):
     prompts = random_prompts([64])
-    _, state = _prefill(tiny_llama, AdaKV(ratio=0.75, window=4, alpha_safeguard=0.0), prompts)
+    _, state = prefill(tiny_llama, AdaKV(ratio=0.75, window=4, alpha_safeguard=0.0), prompts)
     state.end_of_context()
     layer = state.layers[0]
     kept = layer.tokens_kept()[0]
@@ -236,7 +228,7 @@ def test_adakv_is_physically_ragged(tiny_llama):
                                     ValueAware(ratio=0.5, projection="dilate", **SMALL)], ids=lambda m: m.name)
 def test_decode_equals_dense_attention_with_evicted_tokens_masked(method, tiny_llama):
     prompts = random_prompts([30, 19])
-    engine, state = _prefill(tiny_llama, method, prompts)
+    engine, state = prefill(tiny_llama, method, prompts)
     layer = state.layers[0]
     keep, _ = method.plan(layer, layer.lengths.clone())  # (B, H, S)
     k_all, v_all = layer.k[:, :, : layer.hi].clone(), layer.v[:, :, : layer.hi].clone()
@@ -267,7 +259,7 @@ def test_h2o_never_exceeds_its_budget_during_decode(tiny_llama):
     prompts = random_prompts([40, 25])
     questions = random_prompts([5, 3], seed=2)
     method = H2O(ratio=0.5)
-    engine, state = _prefill(tiny_llama, method, prompts, extra=20)
+    engine, state = prefill(tiny_llama, method, prompts, extra=20)
     state.end_of_context()
     engine.run_segment(state, questions, [40, 25], chunk=None, want_last=[True, True], last_logits=None)
     seen = [45, 28]
@@ -291,7 +283,7 @@ def test_h2o_never_exceeds_its_budget_during_decode(tiny_llama):
 def test_value_aware_decode_support_rescores_within_budget(tiny_llama):
     prompts = random_prompts([48])
     method = ValueAware(ratio=0.5, support="decode_queries", rescore_every=3, **SMALL)
-    engine, state = _prefill(tiny_llama, method, prompts)
+    engine, state = prefill(tiny_llama, method, prompts)
     state.end_of_context()
     assert state.stats().tokens_kept[0].tolist() == [len(state.layers) * 24] * 2
     for step in range(7):
@@ -315,9 +307,9 @@ def test_unknown_knobs_say_what_to_use():
 
 def test_observation_window_holds_the_last_queries_of_each_row(tiny_llama):
     prompts = random_prompts([30, 7, 19])
-    _, state = _prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=4)
+    _, state = prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=4)
     for layer in state.layers:
         assert layer.win_slot.tolist() == [list(range(24, 30)), [-1, 0, 1, 2, 3, 4, 5, 6][-6:], list(range(13, 19))]
-    _, whole = _prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=None)
+    _, whole = prefill(tiny_llama, SnapKV(ratio=0.5, window=6), prompts, chunk=None)
     for a, b in zip(state.layers, whole.layers):  # chunking changes nothing: same queries in the window
         assert torch.allclose(a.win_q[0], b.win_q[0], atol=1e-5)

@@ -1,7 +1,6 @@
 """LKV (paper 4): budget arithmetic, the differentiable top-k, RoPE un-rotation, the method in the
 engine (physical per-head budgets, ratio 0 = full), refusals, and the training / evaluation scripts."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.engine import Engine
 from methods.api import CalibrationContext, ModelSpec
 from methods.full import Full
 from methods.lkv import (
@@ -25,7 +23,7 @@ from methods.lkv import (
     weights_fingerprint,
 )
 from methods.selectors import keep_count
-from tests.helpers import random_prompts, run
+from tests.helpers import prefill, random_prompts, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,12 +110,6 @@ def test_unrotate_inverts_the_models_rope(tiny_llama):
 
 
 # -- the method in the engine ------------------------------------------------------------------------
-def _prefill(model, method, prompts, chunk=8, extra=16):
-    engine = Engine(copy.deepcopy(model), method, prefill_chunk=chunk)
-    state = engine.new_state(len(prompts), max(map(len, prompts)) + extra)
-    engine.run_segment(state, prompts, [0] * len(prompts), chunk=chunk, want_last=[False] * len(prompts),
-                       last_logits=None)
-    return engine, state
 
 
 @pytest.mark.parametrize("knobs", [{}, {"allocation": "uniform"}, {"scorer": "uniform"}, {"evict_in_decode": True}],
@@ -128,7 +120,7 @@ def test_kept_tokens_per_head_are_the_learned_budgets_physically(knobs, tiny_lla
     method = ready(LKV(ratio=0.6, weights=str(path), n_sink=2, window=3, **knobs), tiny_llama)
     spec = ModelSpec.from_config(tiny_llama.config)
     prompts = random_prompts([40, 23, 9])
-    engine, state = _prefill(tiny_llama, method, prompts)
+    engine, state = prefill(tiny_llama, method, prompts)
     state.end_of_context()
     for li, layer in enumerate(state.layers):
         want = [head_budgets(len(p), 0.6, method._w.rho if knobs.get("allocation") != "uniform" else None,
@@ -148,7 +140,7 @@ def test_the_kept_set_is_the_scorers_top_k_and_deterministic(tiny_llama, tmp_pat
     kept = []
     for batch in (prompts, prompts[:1]):
         method = ready(LKV(ratio=0.5, weights=str(path), n_sink=0, window=0), tiny_llama)
-        _, state = _prefill(tiny_llama, method, batch)
+        _, state = prefill(tiny_llama, method, batch)
         layer = state.layers[1]
         scores = method.scores(layer, layer.lengths)
         keep, budget = method.plan(layer, layer.lengths.clone())
@@ -175,7 +167,7 @@ def test_decode_eviction_keeps_each_head_within_its_budget(tiny_llama, tmp_path)
     path = tmp_path / "w.safetensors"
     fake_weights(tiny_llama, path, ratios=(0.5,), n_sink=2, window=3)
     method = ready(LKV(ratio=0.5, weights=str(path), n_sink=2, window=3, evict_in_decode=True), tiny_llama)
-    engine, state = _prefill(tiny_llama, method, random_prompts([40]), extra=20)
+    engine, state = prefill(tiny_llama, method, random_prompts([40]), extra=20)
     state.end_of_context()
     base = state.layers[0].tokens_kept()[0].clone()
     for step in range(10):
