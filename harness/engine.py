@@ -83,6 +83,7 @@ class Engine:
     prefill_chunk: int | None = None
     monitor: Monitor = field(default_factory=Monitor)
     cuda_graph: bool = True  # capture the decode step in a CUDA graph when every store is graph_safe
+    fused_layers: str = "auto"  # decode steps through harness.fused_decoder (auto: on CUDA, supported families)
 
     def __post_init__(self) -> None:
         self.spec = ModelSpec.from_config(self.model.config)
@@ -100,6 +101,10 @@ class Engine:
         self.n_forward = 0
         self.kernel = getattr(self.method, "kernel", "reference")  # the path the last state ran (row column)
         self.graph_error: str | None = None  # why the last capture failed (decode then ran eagerly)
+        from .fused_decoder import choose
+
+        # why decode steps take the module path (None: they take the fused step)
+        self.fused, self.fused_layers_reason = choose(self.model, self.fused_layers, self.device)
 
     # -- state ----------------------------------------------------------------------------------
     def new_state(self, batch: int, capacity: int) -> KVState:
@@ -293,10 +298,9 @@ class Engine:
         """``step(tok (B,), pos (B,), valid (B,)) -> logits (B, V)``: one greedy decode step, replayed from
         a CUDA graph when the device is CUDA and every store is ``graph_safe``, else run eagerly."""
         dev = self.device
-        zeros = torch.zeros(batch, dtype=torch.long, device=dev)
 
         def eager(tok: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
-            return self.forward(state, tok[:, None], pos[:, None], valid[:, None], logits_at=zeros)
+            return self.step_forward(state, tok[:, None], pos[:, None], valid[:, None])
 
         if not (self.cuda_graph and dev.type == "cuda" and state.graph_safe):
             return eager
@@ -312,6 +316,16 @@ class Engine:
                 return eager
         self.graph_error = None
         return step
+
+    @torch.inference_mode()
+    def step_forward(self, state: KVState, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        """One decode token per row (ids, positions, valid (B, 1)) -> logits (B, V) fp32: the fused step
+        (:mod:`harness.fused_decoder`) where it serves this model, else :meth:`forward`."""
+        if self.fused is not None:
+            self.n_forward += 1
+            return self.fused.forward(state, ids, positions, valid)
+        zeros = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        return self.forward(state, ids, positions, valid, logits_at=zeros)
 
     # -- scoring (lm-eval loglikelihood / loglikelihood_rolling) --------------------------------
     def _prefill_prompt(self, prompt: Prompt, *, extra: int, protocol: str) -> tuple[KVState, Tensor, KVStats]:
@@ -408,7 +422,6 @@ class _GraphStep:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.valid = torch.zeros(batch, 1, dtype=torch.bool, device=dev)  # a warm-up step counts no token
-        self.zeros = torch.zeros(batch, dtype=torch.long, device=dev)
         self.replays = 0
         snaps = [layer.graph_snapshot() for layer in state.layers]
         n_forward, calls = engine.n_forward, state.attention_calls
@@ -417,13 +430,13 @@ class _GraphStep:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up: Triton compilation, cuBLAS workspaces
                 for _ in range(2):
-                    engine.forward(state, self.tok, self.pos, self.valid, logits_at=self.zeros)
+                    engine.step_forward(state, self.tok, self.pos, self.valid)
             torch.cuda.current_stream(dev).wait_stream(side)
             for layer, snap in zip(state.layers, snaps):
                 layer.graph_restore(snap)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = engine.forward(state, self.tok, self.pos, self.valid, logits_at=self.zeros)  # (B, V)
+                self.logits = engine.step_forward(state, self.tok, self.pos, self.valid)  # (B, V)
         finally:
             for layer, snap in zip(state.layers, snaps):
                 layer.graph_restore(snap)

@@ -275,9 +275,10 @@ class FusedDenseStore(DenseStore):
     """:class:`DenseStore` with the fused fast path (DESIGN §7): the layout and the numbers are the same,
     the kernels differ (``kernel = "fused"``).
 
-    - Decode (T == 1): the new K/V go to slot ``lengths[b]`` with an in-place scatter, ``lengths`` and
-      ``seen`` advance in place, and :func:`methods.kernels.attention.decode_attention` (flash-decoding,
-      each kv head read once for its query group) attends over the first ``lengths[b]`` slots. No host
+    - Decode (T == 1): the new K/V go to slot ``lengths[b]`` and ``lengths`` and ``seen`` advance, in one
+      kernel (:func:`methods.kernels.layers.append_decode`); then
+      :func:`methods.kernels.attention.decode_attention` (flash-decoding, each kv head read once for its
+      query group) attends over the first ``lengths[b]`` slots. No host
       synchronisation, no allocation that depends on lengths, no attribute rebinding: the engine captures
       the step in a CUDA graph (``graph_safe``). A finished row (``valid`` False) writes its token past
       its valid slots without counting it and attends to its stored tokens only; its output is discarded.
@@ -296,14 +297,13 @@ class FusedDenseStore(DenseStore):
 
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
         from methods.kernels.attention import decode_attention, prefill_attention
+        from methods.kernels.layers import append_decode
 
         T = k.shape[2]
         self._check_capacity(T)
         if T == 1:
-            self._write(self.lengths[:, None], k, v)  # slot lengths[b]: after the row's valid tokens
-            n = valid[:, 0].long()  # (B,)
-            self.lengths.add_(n)
-            self.seen.add_(n)
+            # slot lengths[b] (after the row's valid tokens), then lengths and seen advance: one kernel
+            append_decode(k[:, :, 0], v[:, :, 0], self.k, self.v, self.lengths, self.seen, valid[:, 0])
             self.uniform = False
             self.hi += 1  # host bound; a CUDA-graph replay skips this line and the engine calls graph_advance
             out = decode_attention(q[:, :, 0], self.k, self.v, self.lengths, scaling=scaling)  # (B, H_q, D)

@@ -9,7 +9,9 @@ Model ``llama3_8b_shape`` (Llama-3.1-8B's config, random bf16 weights), cells ba
 one process with the model loaded once:
 - ``kvbench``: ``method=full`` through :class:`harness.engine.Engine`, i.e. the runner's throughput probe
   (:func:`harness.measure.throughput_probe`): chunked prefill of random tokens, then greedy decode; on CUDA
-  the fused kernels and the CUDA-graph decode step (rows say which kernel ran).
+  the fused kernels and the CUDA-graph decode step of :mod:`harness.fused_decoder` (rows say which attention
+  kernel and which layers ran). ``kvbench_modules`` (not in the default list) is the same with the decode step
+  through the Hugging Face modules (``fused_layers=off``): what the fused layers are worth.
 - ``hf_eager``: ``model(...)`` with a ``DynamicCache``, SDPA attention, eager decode loop.
 - ``hf_static_compile``: ``StaticCache`` + ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the
   decode forward (compiled once per cell, the compile not timed).
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO))
 CELLS = "1x8192,1x32768,1x131072,8x8192,8x32768,32x8192"
 TOO_BIG = "8x131072,32x32768"  # listed as skipped with their KV size
 ENGINES = ("kvbench", "hf_eager", "hf_static_compile")
+EXTRA_ENGINES = ("kvbench_modules",)  # ablation: kvbench with its decode step through the HF modules
 BUDGET_80GB = 80e9
 
 
@@ -140,17 +143,18 @@ def random_ids(B: int, S: int, vocab: int, seed: int, device: torch.device) -> t
 # Engines: each returns the measured columns of one cell
 
 
-def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace, fused_layers: str = "auto") -> dict[str, Any]:
     from harness.engine import Engine
     from harness.measure import throughput_probe
     from methods.full import Full
 
-    engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args))
+    engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args), fused_layers=fused_layers)
     probe = throughput_probe(engine, batch_size=B, context_length=S, decode_steps=args.steps + args.warmup,
                              vocab_size=model.config.vocab_size, seed=args.seed)
     return {
         "kernel": engine.kernel, "cuda_graph": engine.graph_error is None and engine.device.type == "cuda",
-        "graph_error": engine.graph_error,
+        "graph_error": engine.graph_error, "layers": "fused" if engine.fused is not None else "modules",
+        "layers_reason": engine.fused_layers_reason,
         "decode_ms_p50": probe["decode_ms_p50"], "decode_ms_p90": probe["decode_ms_p90"],
         "prefill_tok_s": probe["prefill_tok_s"], "peak_mem_prefill_bytes": probe["peak_mem_prefill_bytes"],
         "peak_mem_decode_bytes": probe["peak_mem_decode_bytes"], "decode_steps": probe["probe_decode_steps"],
@@ -162,8 +166,8 @@ PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention", r"decode_split|decode_combine|prefill|flash|fmha|attn|sdpa"),
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("norm", r"norm|rsqrt"),
-    ("kv write / copy", r"copy|index_put|index_copy|scatter|aten::cat"),
-    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|aten::(mul|add|neg|pow|mean|silu|argmax)"),
+    ("kv write / copy", r"copy|index_put|index_copy|scatter|append_decode|aten::cat"),
+    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|rope|aten::(mul|add|neg|pow|mean|silu|argmax)"),
 )
 
 
@@ -363,6 +367,12 @@ def fmt_gb(x: Any) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
+def kernel_label(r: dict) -> str:
+    """The report's kernel column: the attention path, and for kvbench whether the decode step ran the fused
+    layers (harness/fused_decoder.py) or the Hugging Face modules."""
+    return r.get("kernel", "") + (f" + {r['layers']} layers" if r.get("layers") else "")
+
+
 def write_report(rows: list[dict], path: Path, meta: dict) -> str:
     cells = sorted({(r["batch"], r["context"]) for r in rows if r.get("kind") == "cell"}, key=lambda c: (c[0], c[1]))
     lines = [
@@ -380,7 +390,7 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
         "| prefill tok/s | peak prefill GB | peak decode GB | note |",
         "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    order = {e: i for i, e in enumerate(ENGINES)}
+    order = {e: i for i, e in enumerate(ENGINES + EXTRA_ENGINES)}
     for B, S in cells:
         for r in sorted((r for r in rows if r.get("kind") == "cell" and (r["batch"], r["context"]) == (B, S)),
                         key=lambda r: order.get(r["engine"], 9)):
@@ -388,7 +398,7 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
                 lines.append(f"| {B} | {S} | {r['engine']} | | | | | | | | | | | {r['status']}: {r.get('reason', '')} |")
                 continue
             lines.append(
-                f"| {B} | {S} | {r['engine']} | {r.get('kernel', '')} | {'yes' if r.get('cuda_graph') else 'no'} "
+                f"| {B} | {S} | {r['engine']} | {kernel_label(r)} | {'yes' if r.get('cuda_graph') else 'no'} "
                 f"| {r['decode_ms_p50']:.2f} | {r['decode_ms_p90']:.2f} | {r['tokens_s']:,.0f} | {r['roofline_ms']:.2f} "
                 f"| {r['roofline_frac']:.2f} | {r['prefill_tok_s']:,.0f} | {fmt_gb(r.get('peak_mem_prefill_bytes'))} "
                 f"| {fmt_gb(r.get('peak_mem_decode_bytes'))} | {r.get('note', '')} |")
@@ -449,9 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     from harness.measure import copy_bandwidth
 
     engines = [e for e in args.engines.split(",") if e]
-    bad = [e for e in engines if e not in ENGINES]
+    bad = [e for e in engines if e not in ENGINES + EXTRA_ENGINES]
     if bad:
-        raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+        raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES + EXTRA_ENGINES)}")
     cells = parse_cells(args.cells)
     if args.smoke:
         from harness.models import build_random_model, tiny_config
@@ -497,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"kind": "cell", "engine": engine, "batch": B, "context": S, "commit": commit}
                 t0 = time.perf_counter()
                 try:
-                    if engine == "kvbench":
-                        row.update(run_kvbench(model, B, S, args))
+                    if engine in ("kvbench", "kvbench_modules"):
+                        row.update(run_kvbench(model, B, S, args, "off" if engine == "kvbench_modules" else "auto"))
                     else:
                         row.update(run_hf(model, B, S, args, static=engine == "hf_static_compile"))
                     row["status"] = "ok"
