@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(REPO / "results" / "bench"))
     ap.add_argument("--report", action="store_true", help="only rebuild the report from this commit's rows")
+    ap.add_argument("--commit", default=None,
+                    help="label the rows and the report with this commit instead of `git rev-parse` (the GPU "
+                         "machine's copy of the tree can report the session's first commit + dirty)")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny random Llama, 1x64 and 2x48: seconds")
     args = ap.parse_args(argv)
 
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name = torch.cuda.get_device_name(0).replace(" ", "-").lower()
         bw = copy_bandwidth(torch.device("cuda"), nbytes=4 << 30)
     dev = next(model.parameters()).device
-    commit = git_commit()
+    commit = args.commit or git_commit()
     out_dir = Path(args.out_dir)
     rows_path = out_dir / "rows" / f"{device_name}-{commit}.jsonl"
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

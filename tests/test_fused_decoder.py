@@ -64,6 +64,8 @@ def _check_kernels(device: str, dtype: torch.dtype, exact: bool) -> None:
             want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
             tol = 1e-5 if dtype == torch.float32 else 3e-2  # fp32 accumulation; bf16: the output's rounding
             torch.testing.assert_close(L.linear(x, w, b).float(), want, atol=tol, rtol=tol)
+            small = L.gemv(x, w, b, block_n=16, block_k=64, num_warps=4, num_stages=2)  # fits any dtype
+            torch.testing.assert_close(small.float(), want, atol=tol, rtol=tol)
     assert L.gemv_config(9, 4096) is None and L.gemv_config(1, 4096)["use_dot"] is False
     for B, H, D, S in ((2, 3, 16, 10), (4, 8, 128, 40)):
         K, V = torch.zeros(2, B, H, S, D, device=device, dtype=dtype)

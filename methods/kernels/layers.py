@@ -155,9 +155,11 @@ def gemv_config(rows: int, K: int) -> dict | None:
 
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """``torch.nn.functional.linear`` of a decode step's few rows: :func:`gemv` where :func:`gemv_config` has a
-    configuration (and the rows are contiguous), cuBLAS otherwise."""
+    configuration (and the rows are contiguous), cuBLAS otherwise (and for fp32 on the GPU, whose tiles the
+    configurations, sized for bf16/fp16 weights, would not fit in shared memory)."""
     cfg = gemv_config(x.shape[0], x.shape[1]) if x.dim() == 2 else None
-    if cfg is None or x.stride(-1) != 1 or w.stride(-1) != 1:
+    fp32_gpu = x.dtype == torch.float32 and x.device.type == "cuda"  # tiles sized for 2-byte weights
+    if cfg is None or fp32_gpu or x.stride(-1) != 1 or w.stride(-1) != 1:
         return torch.nn.functional.linear(x, w, bias)
     return gemv(x, w, bias, **cfg)
 
