@@ -30,3 +30,13 @@ def fresh_llama(tiny_llama):
     import copy
 
     return copy.deepcopy(tiny_llama)
+
+
+@pytest.fixture
+def interpret_on():
+    """Skip unless Triton runs on CPU tensors here (TRITON_INTERPRET=1 set above, before Triton's import)."""
+    pytest.importorskip("triton")
+    from methods.kernels import interpret_mode
+
+    if not interpret_mode():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")

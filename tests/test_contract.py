@@ -124,3 +124,21 @@ def test_capacity_overflow_is_an_error(tiny_llama):
     state = engine.new_state(1, 4)
     with pytest.raises(RuntimeError, match="capacity"):
         engine.run_segment(state, [[1, 2, 3, 4, 5]], [0], chunk=None, want_last=[False], last_logits=None)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_every_store_serves_the_fused_decode_step(interpret_on, method, tiny_llama):
+    """On CUDA every method's decode steps run harness/fused_decoder.py (q, k, v reach ``extend`` as views
+    into the fused QKV output): same greedy tokens and logits as the module path, same bytes stored."""
+    from harness.engine import Prompt
+
+    qs = random_prompts([3, 3], seed=5)
+    prompts = [Prompt(context=c, question=q) for c, q in zip(random_prompts([20, 13]), qs)]
+    outs = {}
+    for layers in ("off", "on"):
+        engine = Engine(copy.deepcopy(tiny_llama), copy.deepcopy(method), prefill_chunk=8, fused_layers=layers)
+        outs[layers] = engine.generate(prompts, max_new_tokens=4, return_logits=True)
+    assert outs["on"].tokens == outs["off"].tokens
+    for a, b in zip(outs["off"].logits, outs["on"].logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert outs["on"].stats_final.bytes_stored == outs["off"].stats_final.bytes_stored

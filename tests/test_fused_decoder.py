@@ -95,12 +95,12 @@ def _random_biases(model: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_fused_step_gives_the_module_paths_tokens_and_logits(interpret, arch):
-    """Ragged batch (a finished row included), both stores: the fused step gives the module path's greedy
+    """Ragged batch (a finished row included), the fused store: the fused step gives the module path's greedy
     tokens, logits to 1e-4, forward passes, attention calls and stored bytes. qwen2 has q/k/v biases."""
     model = build_random_model(tiny_config(arch), seed=0)
     _random_biases(model)
-    prompts = _prompts([29, 17, 23])
-    for store in ("off", "on"):
+    prompts = _prompts([13, 7, 10], q_len=3)
+    for store in ("on",):  # the store the GPU runs; tests/test_contract.py runs every method's store
         outs = {}
         for layers in ("off", "on"):
             engine = Engine(copy.deepcopy(model), Full(fused=store), prefill_chunk=8, fused_layers=layers)
