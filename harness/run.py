@@ -211,8 +211,13 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
         )
         kv_read = probe.pop("probe_kv_bytes_read_per_step")
         out.update(probe)
+        slow = []  # why this GPU row's decode speed is not the fast path's (an ok row still says so)
         if engine.graph_error:
-            out["reason"] = f"decode ran without a CUDA graph: {engine.graph_error}"
+            slow.append(f"decode ran without a CUDA graph: {engine.graph_error}")
+        if loaded.device.type == "cuda" and engine.fused is None:
+            slow.append(f"decode steps ran through the model's modules: {engine.fused_layers_reason}")
+        if slow:
+            out["reason"] = "; ".join([r for r in (out.get("reason"),) if r] + slow)
         if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
             from .measure import copy_bandwidth, weights_bytes
 
