@@ -298,6 +298,10 @@ class Engine:
         """``step(tok (B,), pos (B,), valid (B,)) -> logits (B, V)``: one greedy decode step, replayed from
         a CUDA graph when the device is CUDA and every store is ``graph_safe``, else run eagerly."""
         dev = self.device
+        if self.fused is not None and not self.fused.intact():  # the model moved or was cast since: rebuild
+            from .fused_decoder import choose
+
+            self.fused, self.fused_layers_reason = choose(self.model, self.fused_layers, self.device)
 
         def eager(tok: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
             return self.step_forward(state, tok[:, None], pos[:, None], valid[:, None])

@@ -48,6 +48,9 @@ def reasons(model: Any) -> list[str]:
         out.append(f"hidden_act {cfg.hidden_act!r} is not silu")
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         out.append("pretraining_tp > 1 splits the projections")
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        out.append(f"weights in {dtype}; the kernels compute float32, bfloat16 and float16")
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         out.append("the output embedding is not a Linear layer")
     dec = model.get_decoder()
@@ -124,9 +127,39 @@ class FusedDecoder:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.layers = [_Layer(layer) for layer in self.decoder.layers]
+        self.checked: str | None = None  # the self-test's verdict on CUDA: None = not run, "" = passed, else why not
 
     def intact(self) -> bool:
         return all(layer.intact() for layer in self.layers)
+
+    @torch.inference_mode()
+    def selftest(self) -> None:
+        """Run each kernel once at this model's shapes, with 1 and 2 rows, against torch. Raises if one cannot
+        launch on this GPU (shared memory, compiler) or computes something else, so the engine can keep the
+        module path rather than fail a run mid-decode."""
+        from methods.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
+
+        L0 = self.layers[0]
+        dev, dt = L0.wqkv.device, L0.wqkv.dtype
+        g = torch.Generator(device=dev).manual_seed(0)
+        mats = {"qkv": (L0.wqkv, L0.bqkv), "o_proj": (L0.attn.o_proj.weight, L0.attn.o_proj.bias),
+                "gate_up": (L0.wgu, L0.bgu), "down_proj": (L0.mlp.down_proj.weight, L0.mlp.down_proj.bias),
+                "lm_head": (self.lm_head.weight, self.lm_head.bias)}
+        for rows in (1, 2):
+            for name, (w, b) in mats.items():
+                x = torch.randn(rows, w.shape[1], generator=g, device=dev, dtype=dt)
+                got, want = linear(x, w, b).float(), torch.nn.functional.linear(x, w, b).float()
+                tol = 2e-2 * float(want.abs().max()) + 1e-3
+                if not bool(((got - want).abs() <= tol).all()):
+                    raise RuntimeError(f"gemv of {name} ({rows} rows) differs from torch by "
+                                       f"{float((got - want).abs().max()):.3g}")
+            x = torch.randn(rows, L0.wqkv.shape[1], generator=g, device=dev, dtype=dt)
+            add_rmsnorm(x.clone(), x, L0.norm_in.weight, L0.norm_in.variance_epsilon)
+            heads = torch.randn(rows, (L0.n_q + L0.n_kv) // L0.head_dim, L0.head_dim, generator=g, device=dev, dtype=dt)
+            rope_(heads, heads[:, 0].clone(), heads[:, 0].clone())
+            silu_mul(torch.randn(rows, L0.wgu.shape[0], generator=g, device=dev, dtype=dt))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def forward(self, state: Any, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """One decode token per row: ids, positions (B, 1) int64, valid (B, 1) bool -> logits (B, V) fp32.
@@ -160,7 +193,9 @@ class FusedDecoder:
 
 
 def for_model(model: Any) -> FusedDecoder:
-    """The model's fused decoder, built on first use and rebuilt if its weights moved since."""
+    """The model's fused decoder, built on first use and rebuilt if its weights moved since. Fusing re-points
+    q/k/v and gate/up at views of one tensor each: to ``save_pretrained`` such a model afterwards, clone those
+    parameters first (safetensors refuses tensors that share memory without being tied)."""
     fd = model.__dict__.get("_kvbench_fused_decoder")
     if fd is None or not fd.intact():
         fd = FusedDecoder(model)
@@ -184,8 +219,18 @@ def choose(model: Any, choice: str, device: Any) -> tuple[FusedDecoder | None, s
         why.append(f"the fused kernels cannot run on {dev} (they need CUDA and Triton, or TRITON_INTERPRET=1 on CPU)")
     elif choice == "auto" and dev.type != "cuda":
         why.append("fused_layers=auto takes the fused step on CUDA only")
+    if not why:
+        fd = for_model(model)
+        if dev.type == "cuda" and fd.checked is None:
+            try:
+                fd.selftest()
+                fd.checked = ""
+            except Exception as e:  # noqa: BLE001 - any failure: this GPU keeps the module path, with the reason
+                fd.checked = f"the fused step's self-test failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
+        if fd.checked:
+            why.append(fd.checked)
     if why:
         if choice == "on":
             raise ValueError(f"fused_layers=on, but: {'; '.join(why)}; use fused_layers=auto or off")
         return None, "; ".join(why)
-    return for_model(model), None
+    return fd, None

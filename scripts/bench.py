@@ -108,9 +108,10 @@ def meta_model(name: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    from harness.loading import resolve_dtype
+
     config = AutoConfig.from_pretrained(REPO / cfg["path"])
-    dtype = getattr(config, "dtype", None)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.bfloat16)
+    dtype = resolve_dtype(cfg.get("dtype"), torch.device("cuda"), config)  # what load(..., device="cuda") picks
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -382,6 +383,15 @@ def fmt_gb(x: Any) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
+def row_commits(rows: list[dict], commit: str) -> str:
+    """Where measured rows carry other commits than the report's (merged by hand), say which rows."""
+    other: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("kind") == "cell" and r.get("commit") not in (None, commit):
+            other.setdefault(r["commit"], set()).add(r["engine"])
+    return "".join(f" ({', '.join(sorted(e))} rows measured at {c})" for c, e in sorted(other.items()))
+
+
 def kernel_label(r: dict) -> str:
     """The report's kernel column: the attention path, and for kvbench whether the decode step ran the fused
     layers (harness/fused_decoder.py) or the Hugging Face modules."""
@@ -426,7 +436,8 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
     lines = [
         f"# Decode benchmark: kvbench `full` vs Hugging Face, {meta['model']}, {meta['device']}",
         "",
-        f"Commit {meta['commit']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}; copy "
+        f"Commit {meta['commit']}{row_commits(rows, meta['commit'])}, {meta['date']}; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}; copy "
         f"bandwidth {meta['bandwidth'] / 1e12:.2f} TB/s (measured in-process); weights read per step "
         f"{meta['weight_bytes_read'] / 1e9:.2f} GB; KV {meta['kv_bytes_per_token'] / 1024:.0f} KiB per token.",
         "",

@@ -115,6 +115,30 @@ def test_fused_step_gives_the_module_paths_tokens_and_logits(interpret, arch):
         assert torch.equal(fast.stats_final.tokens_kept, ref.stats_final.tokens_kept)
 
 
+def test_fused_step_applies_every_bias_in_bf16(interpret):
+    """Llama with attention and MLP biases (o_proj and down_proj included), in bf16, one row (the
+    interpreter's bf16 tl.dot is unfaithful; one row takes the CUDA-core GEMV): the fused step rounds where
+    the modules round, so the greedy tokens are the module path's and the logits agree to bf16 precision."""
+    model = build_random_model(tiny_config("llama", attention_bias=True, mlp_bias=True), seed=0)
+    _random_biases(model)
+    model = model.to(torch.bfloat16)
+    prompts = _prompts([15], q_len=3)
+    outs = {}
+    for layers in ("off", "on"):
+        engine = Engine(copy.deepcopy(model), Full(fused="on"), fused_layers=layers)
+        outs[layers] = engine.generate(prompts, max_new_tokens=6, return_logits=True)
+    assert outs["on"].tokens == outs["off"].tokens
+    torch.testing.assert_close(outs["on"].logits[0], outs["off"].logits[0], atol=0.05, rtol=0.02)
+
+
+def test_selftest_passes_and_catches_a_kernel_that_computes_something_else(interpret, monkeypatch):
+    fd = fused_decoder.for_model(build_random_model(tiny_config("qwen2"), seed=0))
+    fd.selftest()
+    monkeypatch.setattr(L, "linear", lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
+    with pytest.raises(RuntimeError, match="gemv of qkv"):
+        fd.selftest()
+
+
 def test_fused_step_shares_the_models_weights(interpret):
     """Fusing re-points q/k/v and gate/up at views of one tensor each: no second copy, the same values,
     and the module path still computes the same logits. Moving the model rebuilds the fused decoder."""

@@ -19,6 +19,8 @@ the tests compare the kernels with them on CPU (``TRITON_INTERPRET=1``) and on t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -138,27 +140,54 @@ def append_decode(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths: Tensor, s
     )
 
 
-def gemv_config(rows: int, K: int) -> dict | None:
+def gemv_config(rows: int, K: int, *, itemsize: int = 2, smem: int | None = None) -> dict | None:
     """The :func:`gemv` configuration for ``rows`` x ``K`` inputs, or None where cuBLAS is as fast (more than 8
     rows). Chosen with ``python scripts/bench_gemv.py`` on an H200 at the Llama-3.1-8B shapes (projections
     of 4096 and 14336 inputs), where it beats cuBLAS by 3-15 % at one row and by up to 11 % at eight
     (results/bench/2026-11-29-h200-gemv.md): one row on the CUDA cores (no tensor-core padding), K > 8192
-    and batches through ``tl.dot``."""
+    and batches through ``tl.dot``. ``smem`` (bytes of shared memory a program may use; None: no limit, the
+    interpreter) shrinks the pipeline, then the tile, until the stages of ``itemsize``-byte tiles fit: a GPU
+    with less shared memory than the H200 gets a shallower pipeline, not a launch failure."""
     if rows > 8:
         return None
     if K > 8192:
-        return {"block_n": 32, "block_k": 512, "num_warps": 4, "num_stages": 4, "use_dot": True}
-    if rows == 1:
-        return {"block_n": 16, "block_k": 512, "num_warps": 8, "num_stages": 3, "use_dot": False}
-    return {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4, "use_dot": True}
+        cfg = {"block_n": 32, "block_k": 512, "num_warps": 4, "num_stages": 4, "use_dot": True}
+    elif rows == 1:
+        cfg = {"block_n": 16, "block_k": 512, "num_warps": 8, "num_stages": 3, "use_dot": False}
+    else:
+        cfg = {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4, "use_dot": True}
+    while smem is not None and _gemv_smem(cfg, itemsize) > smem:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["block_k"] > 64:
+            cfg["block_k"] //= 2
+        else:
+            return None
+    return cfg
+
+
+def _gemv_smem(cfg: dict, itemsize: int) -> int:
+    """Shared memory of a gemv configuration's pipeline as Triton 3.6 allocates it: num_stages - 1 buffered
+    copies of the weight tile (and of the rows' tile, padded to 16, for tl.dot); e.g. block_n 64, block_k 512,
+    4 stages, tl.dot, bf16: 245,760 bytes, which the H200 (232,448 per block) refused in scripts/bench_gemv.py."""
+    rows = 16 if cfg["use_dot"] else 0
+    return (cfg["num_stages"] - 1) * (cfg["block_n"] + rows) * cfg["block_k"] * itemsize
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
 
 
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """``torch.nn.functional.linear`` of a decode step's few rows: :func:`gemv` where :func:`gemv_config` has a
     configuration (and the rows are contiguous), cuBLAS otherwise (and for fp32 on the GPU, whose tiles the
     configurations, sized for bf16/fp16 weights, would not fit in shared memory)."""
-    cfg = gemv_config(x.shape[0], x.shape[1]) if x.dim() == 2 else None
-    fp32_gpu = x.dtype == torch.float32 and x.device.type == "cuda"  # tiles sized for 2-byte weights
+    cuda = x.device.type == "cuda"
+    smem = _smem_limit(x.device.index if x.device.index is not None else torch.cuda.current_device()) if cuda else None
+    cfg = gemv_config(x.shape[0], x.shape[1], itemsize=w.element_size(), smem=smem) if x.dim() == 2 else None
+    fp32_gpu = x.dtype == torch.float32 and cuda  # cuBLAS: the tiles were tuned for 2-byte weights
     if cfg is None or fp32_gpu or x.stride(-1) != 1 or w.stride(-1) != 1:
         return torch.nn.functional.linear(x, w, bias)
     return gemv(x, w, bias, **cfg)
