@@ -57,3 +57,28 @@ def test_bench_profile_breaks_a_decode_step_down(tmp_path):
         assert any("mm" in name or "linear" in name for name, _, _ in r["top"])
     report = next(tmp_path.glob("cpu-smoke-*.md")).read_text()
     assert "Where a kvbench `full` decode step goes" in report and "| attention | gemm |" in report
+
+
+def test_report_checks_the_targets_and_names_every_commit():
+    """The report's targets section: roofline bar per target cell (met / missed / not measured), the speed-up
+    over HF StaticCache + compile where that engine is below 0.27 of roofline, peak memory against weights +
+    KV capacity + 2 GB; rows of another commit are named in the header."""
+    import bench
+
+    def cell(engine, B, S, frac, tok_s, peak=None, commit="abc"):
+        return {"kind": "cell", "engine": engine, "batch": B, "context": S, "status": "ok", "roofline_frac": frac,
+                "tokens_s": tok_s, "decode_steps": 9, "peak_mem_prefill_bytes": peak, "commit": commit}
+
+    kv_tok = 1000
+    rows = [cell("kvbench", 1, 32768, 0.81, 100, peak=2.5e9), cell("kvbench", 8, 32768, 0.79, 600, peak=30e9),
+            cell("hf_static_compile", 8, 32768, 0.14, 100, commit="def")]
+    meta = {"kv_bytes_per_token": kv_tok, "weight_bytes": 1e9}
+    text = "\n".join(bench.targets(rows, meta))
+    assert "roofline_frac >= 0.80 at 1 x 32768: 0.81 met" in text
+    assert "roofline_frac >= 0.80 at 8 x 32768: 0.79 missed" in text
+    assert "at 1 x 131072: not measured" in text
+    assert "(HF at 0.14 of roofline: the target applies): 6.00x met" in text
+    cap = 1 * (32768 + 9 + 1) * kv_tok  # context + decode steps + the first token's slot
+    assert f"KV capacity {cap / 1e9:.2f} + 2 GB = {(1e9 + cap + 2e9) / 1e9:.2f} GB: met" in text
+    assert "peak memory at 8 x 32768: 30.00 GB" in text and text.rstrip().endswith("missed")
+    assert bench.row_commits(rows, "abc") == " (hf_static_compile rows measured at def)"
