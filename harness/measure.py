@@ -132,6 +132,36 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def graph_ms_per_call(fns: list, iters: int) -> float:
+    """Device milliseconds per call of ``fns`` (each called once per replay, in turn) captured in a CUDA graph, as
+    the engine's decode step runs kernels (no Python launch overhead): median over ``iters`` replays. Kernel
+    micro-benchmarks (scripts/bench_attention.py, scripts/bench_gemv.py) time with it."""
+    for f in fns:  # compile and warm up, then once more on a side stream (what capture needs)
+        f()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     """Device memory bandwidth in bytes/s measured by a large copy (read + write), GPU only."""
     if device.type != "cuda":

@@ -26,37 +26,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.measure import copy_bandwidth  # noqa: E402
+from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels.attention import decode_attention, decode_attention_reference  # noqa: E402
 from methods.stores import attend  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
     """Device milliseconds of one ``fn()``: 10 calls captured in a CUDA graph (as the engine's decode step
-    runs them: no Python launch overhead), the graph replayed ``iters`` times, median per call."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 10)
-    return sorted(times)[len(times) // 2]
+    runs them), the graph replayed ``iters`` times, median per call."""
+    return graph_ms_per_call([fn] * 10, iters)
 
 
 def tune(cells: list[tuple[int, int]], H_q: int, H_kv: int, D: int, bw: float, iters: int) -> list[str]:

@@ -23,36 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.measure import copy_bandwidth  # noqa: E402
+from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels.layers import gemv  # noqa: E402
-
-
-def timed(fns: list, iters: int) -> float:
-    """Device ms per call of the ``fns`` (each called once per replay, in turn), graph-captured."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = N * K * 2
         for B in map(int, args.rows.split(",")):
             x = torch.randn(B, K, device=dev, dtype=torch.bfloat16)
-            t_cublas = timed([functools.partial(torch.nn.functional.linear, x, w) for w in ws], args.iters)
+            t_cublas = graph_ms_per_call([functools.partial(torch.nn.functional.linear, x, w) for w in ws], args.iters)
             best = (float("inf"), None)
             for bn, bk, warps, stages, dot in grid:
                 if not dot and (B != 1 or bn * bk > 16384):  # one row only; the fp32 tile must fit registers
@@ -96,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     if err > 0.05:
                         raise RuntimeError(f"wrong result: max abs err {err}")
                     cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, use_dot=dot)
-                    t = timed([functools.partial(gemv, x, w, **cfg) for w in ws], args.iters)
+                    t = graph_ms_per_call([functools.partial(gemv, x, w, **cfg) for w in ws], args.iters)
                 except Exception as e:  # noqa: BLE001 - a configuration that cannot run (shared memory)
                     print(f"  {name} {B} {bn},{bk},{warps},{stages},{dot}: {type(e).__name__}: {str(e)[:80]}",
                           file=sys.stderr)
