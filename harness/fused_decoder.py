@@ -170,7 +170,7 @@ class FusedDecoder:
         B = ids.shape[0]
         x = self.decoder.embed_tokens(ids[:, 0])  # (B, hidden): the residual stream, updated in place
         cos, sin = self.decoder.rotary_emb(x[:, None], position_ids=positions)  # (B, 1, D) each
-        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        cos, sin = cos[:, 0], sin[:, 0]  # (B, D) views: rope_ needs unit stride along D only
         first = self.layers[0].norm_in
         h = add_rmsnorm(x, None, first.weight, first.variance_epsilon)
         for i, L in enumerate(self.layers):

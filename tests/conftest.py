@@ -33,7 +33,7 @@ def fresh_llama(tiny_llama):
 
 
 @pytest.fixture
-def interpret_on():
+def interpret():
     """Skip unless Triton runs on CPU tensors here (TRITON_INTERPRET=1 set above, before Triton's import)."""
     pytest.importorskip("triton")
     from methods.kernels import interpret_mode

@@ -127,7 +127,7 @@ def test_capacity_overflow_is_an_error(tiny_llama):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-def test_every_store_serves_the_fused_decode_step(interpret_on, method, tiny_llama):
+def test_every_store_serves_the_fused_decode_step(interpret, method, tiny_llama):
     """On CUDA every method's decode steps run harness/fused_decoder.py (q, k, v reach ``extend`` as views
     into the fused QKV output): same greedy tokens and logits as the module path, same bytes stored."""
     from harness.engine import Prompt

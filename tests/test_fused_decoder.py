@@ -21,14 +21,6 @@ from methods.kernels import layers as L  # noqa: E402
 from tests.test_kernels import _prompts  # noqa: E402
 
 
-@pytest.fixture
-def interpret():
-    from methods.kernels import interpret_mode
-
-    if not interpret_mode():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")
-
-
 def _check_kernels(device: str, dtype: torch.dtype, exact: bool) -> None:
     """Every kernel of methods.kernels.layers against its reference: odd widths (masked tails), GQA heads,
     a finished row (valid False). ``exact``: elementwise kernels bit-equal, norms within one ulp."""

@@ -22,16 +22,6 @@ from methods.kernels.attention import (  # noqa: E402
     prefill_attention_reference,
 )
 
-
-@pytest.fixture
-def interpret():
-    """Set in conftest.py before Triton is imported (it must be)."""
-    from methods.kernels import interpret_mode
-
-    if not interpret_mode():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")
-
-
 SHAPES = [  # (B, H_q, H_kv, D, S): GQA group of 3 (not a power of two), MHA, MQA
     (2, 6, 2, 32, 50),
     (3, 4, 4, 16, 130),
