@@ -7,14 +7,18 @@ prints it as the last stdout line. Rows are never lost: a rerun of a failed or s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gzip
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
-import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,28 +73,180 @@ def row_path(results_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(results_dir) / "runs" / f"{run_id}.json"
 
 
-def read_row(path: Path) -> dict[str, Any] | None:
+def samples_path(results_dir: str | os.PathLike, run_id: str) -> Path:
+    """Where a run's per-sample predictions are kept, beside its row."""
+    return Path(results_dir) / "samples" / f"{run_id}.jsonl.gz"
+
+
+class BadRow(ValueError):
+    """A file under runs/ that is not a kvbench row (not UTF-8, not JSON, not an object, no run_id)."""
+
+
+def load_row(path: Path) -> dict[str, Any]:
+    """The row in ``path``; BadRow (with the reason) when the file is not one."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadRow(f"cannot read it ({e.strerror or e})") from None
+    try:
+        row = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRow("it is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadRow(f"it is not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(row, dict):
+        raise BadRow(f"it holds a JSON {type(row).__name__}, not an object")
+    if not isinstance(row.get("run_id"), str) or row.get("status") not in STATUSES:
+        raise BadRow("it has no run_id or no status (ok, skipped, failed)")
+    return row
+
+
+def read_row(path: Path) -> dict[str, Any] | None:
+    """The row in ``path``, or None when there is none or the file is not a row (a rerun replaces it)."""
+    try:
+        return load_row(path)
+    except BadRow:
         return None
 
 
-def write_row(results_dir: str | os.PathLike, row: dict[str, Any]) -> Path:
-    """Write atomically; a previous row for the same run_id is kept under runs/history/."""
+def strict(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, so the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def dumps(row: dict[str, Any], **kw: Any) -> str:
+    """Strict JSON of a row (NaN and inf written as null; other objects as their str)."""
+    return json.dumps(strict(row), allow_nan=False, default=str, **kw)
+
+
+LOCK_STALE_S = 120.0  # a row write takes milliseconds; a lock older than this was left by a killed process
+
+
+@contextlib.contextmanager
+def run_lock(results_dir: str | os.PathLike, run_id: str, *, timeout: float = 300.0) -> Iterator[None]:
+    """Hold the write lock of one run id (an O_EXCL lock file beside the rows) across processes and hosts
+    sharing the results directory. A lock whose holder died (same host, pid gone) or that is older than
+    LOCK_STALE_S is taken over."""
+    runs = Path(results_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    lock = runs / f".{run_id}.lock"
+    deadline = time.monotonic() + timeout
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            if _stale(lock):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the row of run {run_id} is locked by {lock} ({_read(lock)}); if no kvbench "
+                                   "process is writing it, delete that file") from None
+            time.sleep(0.02)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, ValueError):
+        return "?"
+
+
+def _stale(lock: Path) -> bool:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    host, _, pid = _read(lock).partition(" ")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return age > LOCK_STALE_S
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old file or the
+    new one, never a part. The file gets the umask's mode (0644 under the usual 022), like any file."""
+    for i in range(100):
+        tmp = path.with_name(f".tmp-{os.getpid()}-{i}-{path.name}")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover
+        raise OSError(f"cannot create a temporary file beside {path}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _to_history(path: Path, run_id: str, stamp: str, suffix: str) -> Path | None:
+    if not path.exists():
+        return None
+    hist = path.parent / "history"
+    hist.mkdir(exist_ok=True)
+    dest = hist / f"{run_id}.{stamp}{suffix}"
+    n = 1
+    while dest.exists():
+        dest = hist / f"{run_id}.{stamp}-{n}{suffix}"
+        n += 1
+    path.replace(dest)
+    return dest
+
+
+def write_row(results_dir: str | os.PathLike, row: dict[str, Any], *, samples: list[dict] | None = None) -> Path:
+    """Write a run's row (and its per-sample predictions) atomically under the run id's lock.
+
+    A previous row of the same run id (and its samples) moves to ``history/`` first, so two identical
+    runs finishing together leave one row and one history entry, and nothing is ever lost. The row is
+    strict JSON (NaN -> null)."""
     path = row_path(results_dir, row["run_id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        hist = path.parent / "history"
-        hist.mkdir(exist_ok=True)
+    text = dumps(row, indent=1) + "\n"
+    spath = samples_path(results_dir, row["run_id"])
+    with run_lock(results_dir, row["run_id"]):
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-        path.replace(hist / f"{row['run_id']}.{stamp}.json")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(row, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+        _to_history(path, row["run_id"], stamp, ".json")
+        _to_history(spath, row["run_id"], stamp, ".jsonl.gz")
+        if samples:
+            spath.parent.mkdir(parents=True, exist_ok=True)
+            lines = "".join(dumps(s) + "\n" for s in samples).encode("utf-8")
+            _write_atomic(spath, gzip.compress(lines, mtime=0))
+        _write_atomic(path, text.encode("utf-8"))
     return path
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The per-sample records of a ``samples/<run_id>.jsonl.gz`` file."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _git(*args: str) -> str | None:

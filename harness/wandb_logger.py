@@ -1,10 +1,13 @@
 """Mirror a run to Weights & Biases (``logger=wandb``): config = the resolved Hydra config,
-summary = the row, plus a Table of per-sample predictions. Offline unless ``WANDB_MODE`` (or
-``logger.mode``) says otherwise; sync later with ``wandb sync <dir>``. The JSON row in
-``results/runs/`` stays the source of truth."""
+summary = the row, plus a Table of per-sample predictions (the records of
+``results/samples/<run_id>.jsonl.gz``). Offline unless ``WANDB_MODE`` (or ``logger.mode``) says otherwise;
+sync later with ``.venv/bin/wandb sync <dir>``. The JSON row in ``results/runs/`` stays the source of truth.
+A run whose row exists is skipped and sends nothing, unless ``logger.resync=true`` (send the existing row
+and its samples) or ``force=true`` (rerun it)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,11 @@ def log_run(logger_cfg: Any, config: dict[str, Any], row: dict[str, Any], sample
         run.summary.update(summary)
         if samples:
             cols = sorted({k for s in samples for k in s})
-            table = wandb.Table(columns=cols, data=[[s.get(c) for c in cols] for s in samples])
+
+            def cell(v: Any) -> Any:  # expected answers (lists), log-likelihoods: one JSON string per cell
+                return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+            table = wandb.Table(columns=cols, data=[[cell(s.get(c)) for c in cols] for s in samples])
             run.log({"predictions": table})
         return str(Path(run.dir).parent)
     finally:

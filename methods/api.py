@@ -229,6 +229,10 @@ class KVMethod(Protocol):
         """Reasons this method cannot run on ``model`` at this ratio; [] = ok."""
         ...
 
+    def ratio_reasons(self) -> list[str]:
+        """Reasons this method cannot honour its ratio on any model; [] = ok (see MethodBase)."""
+        ...
+
     def calibrate(self, ctx: CalibrationContext) -> None:
         """Optional one-time fit (RateQuant's distortion curves, LKV's weights)."""
         ...
@@ -248,8 +252,22 @@ class MethodBase:
     kernel: ClassVar[str] = "reference"
     name: ClassVar[str] = ""
 
+    def ratio_reasons(self) -> list[str]:
+        """Reasons this method cannot honour its ``ratio`` on any model ([] = it can): one rule for every
+        method, checked by the runner before the model loads (a skipped row with the reason).
+
+        ``ratio`` is the target fraction of KV bytes removed, so 0 <= ratio < 1. A method that honours
+        fewer ratios (a bit width it cannot store, ``full`` only 0) overrides this and extends it."""
+        r = self.ratio  # type: ignore[attr-defined]
+        label = self.name or type(self).__name__
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r != r or r in (float("inf"), float("-inf")):
+            return [f"{label}: ratio must be a finite number, got {r!r}"]
+        if not 0.0 <= float(r) < 1.0:
+            return [f"{label} cannot honour ratio {r}: ratio is the fraction of KV bytes removed, 0 <= ratio < 1"]
+        return []
+
     def validate(self, model: ModelSpec) -> list[str]:
-        return engine_reasons(model)
+        return engine_reasons(model) + self.ratio_reasons()
 
     def calibrate(self, ctx: CalibrationContext) -> None:
         return None

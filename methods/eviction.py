@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.ragged import EvictionStore
 from methods.selectors import (
     GROUP_REDUCE,
@@ -38,7 +38,6 @@ from methods.selectors import (
     pool_scores,
     protect_mask,
     pyramid_budgets,
-    ratio_fraction,
     select_topk,
     window_attention,
 )
@@ -71,14 +70,6 @@ class EvictionMethod(MethodBase):
             raise ValueError(f"n_sink and window must be >= 0, got {self.n_sink}, {self.window}")
         if getattr(self, "group_reduce", "mean") not in GROUP_REDUCE:
             raise ValueError(f"unknown group_reduce {self.group_reduce!r}; use one of {GROUP_REDUCE}")
-
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        try:
-            ratio_fraction(self.ratio)
-        except ValueError as e:
-            reasons.append(f"{self.name}: {e}")
-        return reasons
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> EvictionStore:
         return EvictionStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.quantizers import FP8_MAX, Fp8TokenQuantizer, fp8_decode, fp8_encode
 from methods.stores import CodecStore, SlotStore, scatter_slots
 
@@ -46,9 +46,9 @@ class Fp8(MethodBase):
         if float(self.head_margin) < 1.0:
             raise ValueError(f"head_margin must be >= 1, got {self.head_margin}")
 
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if abs(float(self.ratio) - 0.5) > 1e-9:
+    def ratio_reasons(self) -> list[str]:
+        reasons = super().ratio_reasons()
+        if not reasons and abs(float(self.ratio) - 0.5) > 1e-9:
             reasons.append(f"fp8 stores 8 bits per element and honours ratio 0.5 only, got ratio {self.ratio} "
                            f"({16 * (1 - float(self.ratio)):g} bits)")
         return reasons

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.kernels import FUSED_CHOICES, use_fused
 from methods.stores import DenseStore, FusedDenseStore
 
@@ -35,11 +35,8 @@ class Full(MethodBase):
     kernel = "fused"  # has a fused path; rows record the path that actually ran
     name = "full"
 
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if self.ratio != 0:
-            reasons.append(f"method 'full' keeps every byte; ratio must be 0, got {self.ratio}")
-        return reasons
+    def ratio_reasons(self) -> list[str]:
+        return [] if self.ratio == 0 else [f"method 'full' keeps every byte; ratio must be 0, got {self.ratio}"]
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> DenseStore:
         if use_fused(self.fused, device, FusedDenseStore.supports(layer)):

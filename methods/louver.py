@@ -298,9 +298,7 @@ class Louver(MethodBase):
             raise ValueError("power_iters and gate_eps must be >= 0")
 
     def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if not 0.0 <= float(self.ratio) < 1.0:
-            reasons.append(f"louver reads (1 - ratio) of the keys per step; ratio must be in [0, 1), got {self.ratio}")
+        reasons = super().validate(model)  # the ratio's range: MethodBase.ratio_reasons
         if model.head_dim % int(self.n_subspaces):
             reasons.append(f"n_subspaces={self.n_subspaces} does not divide head_dim {model.head_dim}")
         return reasons

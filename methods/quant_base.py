@@ -52,22 +52,24 @@ class QuantMethod(MethodBase):
     widths: ClassVar[tuple[int, ...]] = INT_BITS
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        """Knob checks of subclasses chain here; the ratio is checked by :meth:`ratio_reasons` (a skipped row)."""
 
     @property
     def bits(self) -> int | None:
         b = integer_bits(self.ratio)
         return b if b == 16 or b in self.widths else None
 
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if self.bits is None:
-            ok = ", ".join(f"{1 - w / 16:g}" for w in self.widths)
-            reasons.append(f"{self.name} cannot honour ratio {self.ratio}: it needs {ratio_to_bits(self.ratio):g} bits "
-                           f"per element and stores {self.widths} bits (ratios {ok}) or 16 (ratio 0)")
+    def ratio_reasons(self) -> list[str]:
+        reasons = super().ratio_reasons()
+        if reasons or self.bits is not None:
             return reasons
-        if self.bits != 16:
+        ok = ", ".join(f"{1 - w / 16:g}" for w in self.widths)
+        return [f"{self.name} cannot honour ratio {self.ratio}: it needs {ratio_to_bits(self.ratio):g} bits "
+                f"per element and stores {self.widths} bits (ratios {ok}) or 16 (ratio 0)"]
+
+    def validate(self, model: ModelSpec) -> list[str]:
+        reasons = super().validate(model)  # engine reasons + ratio_reasons
+        if self.bits is not None and self.bits != 16:
             reasons += self.extra_reasons(model, self.bits, self.bits)
         return reasons
 

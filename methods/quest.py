@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.stores import SparseReadStore
 
 
@@ -59,12 +59,6 @@ class Quest(MethodBase):
     def __post_init__(self) -> None:
         if int(self.page_size) < 1 or int(self.dense_layers) < 0:
             raise ValueError(f"page_size must be >= 1 and dense_layers >= 0, got {self.page_size}, {self.dense_layers}")
-
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if not 0.0 <= float(self.ratio) < 1.0:
-            reasons.append(f"quest reads (1 - ratio) of the tokens per step; ratio must be in [0, 1), got {self.ratio}")
-        return reasons
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> QuestStore:
         return QuestStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)

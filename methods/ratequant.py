@@ -217,8 +217,6 @@ class RateQuant(MethodBase):
     name = "ratequant"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         for knob, value, allowed in (("base", self.base, BASES), ("allocation", self.allocation, ALLOCATIONS),
                                      ("importance", self.importance, IMPORTANCE)):
             if value not in allowed:
@@ -242,7 +240,7 @@ class RateQuant(MethodBase):
 
     def validate(self, model: ModelSpec) -> list[str]:
         reasons = super().validate(model)
-        if integer_bits(self.ratio) == 16:
+        if self.ratio_reasons() or integer_bits(self.ratio) == 16:
             return reasons
         B, U = self.mean_bits, 2 * model.n_layers * model.n_kv_heads
         if not self.widths[0] <= B <= self.widths[-1]:

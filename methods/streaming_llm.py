@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.selectors import keep_count
 from methods.stores import DenseStore, attend
 
@@ -48,12 +48,6 @@ class StreamingLLM(MethodBase):
     def __post_init__(self) -> None:
         if int(self.n_sink) < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
-
-    def validate(self, model: ModelSpec) -> list[str]:
-        reasons = super().validate(model)
-        if not 0.0 <= float(self.ratio) < 1.0:
-            reasons.append(f"streaming_llm keeps (1 - ratio) of the context; ratio must be in [0, 1), got {self.ratio}")
-        return reasons
 
     def kept_tokens(self, n_context: int) -> int:
         """Tokens a row of ``n_context`` context tokens keeps (the family's budget function)."""

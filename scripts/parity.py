@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.models import ARCHS  # noqa: E402
+from methods import catalog  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", choices=ARCHS, default="llama")
     ap.add_argument("--lengths", default="23,17,9", help="comma-separated prompt lengths (tokens)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill forward (default: all)")
-    ap.add_argument("--method", default="full", choices=["full", "uniform_int", "streaming_llm"])
+    ap.add_argument("--method", default="full", choices=catalog.names(), help="a method of conf/method/")
     ap.add_argument("--ratio", type=float, default=None, help="compression ratio (default: per method)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,7 @@ import csv
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,24 +50,23 @@ RECORDED = ("kv_bytes_stored_final", "kv_bytes_read_per_step")
 FIELDS = ("method", "ratio", "task", "limit", *EXACT, *RECORDED, "accuracy", "reason")
 
 
-def run_matrix(methods: list[str], tasks: list[str], limit: int, overrides: list[str]) -> list[dict]:
+def cells(methods: list[str], tasks: list[str]) -> list[tuple[str, float, str]]:
+    return [(m, r, t) for m in methods for r in MATRIX[m] for t in tasks]
+
+
+def run_matrix(methods: list[str], tasks: list[str], limit: int, overrides: list[str]) -> Iterator[dict]:
+    """Run the matrix's cells one after the other, yielding each cell's record as it finishes."""
     from harness.run import run_job
     from harness.sweep import compose
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            for ratio in MATRIX[method]:
-                for task in tasks:
-                    cfg = compose([f"method={method}", f"ratio={ratio}", f"task={task}", f"limit={limit}",
-                                   f"results_dir={tmp}", *SETTINGS, *overrides])
-                    row = run_job(cfg, method_name=method)
-                    rec = {k: row.get(k) for k in FIELDS if k != "limit"}
-                    rec.update(method=method, ratio=ratio, task=task, limit=limit)
-                    rows.append(rec)
-                    print(f"  {method:>14} ratio={ratio:<6} {task:<18} {row.get('status'):<8} "
-                          f"acc={row.get('accuracy')} stored={row.get('kv_bytes_stored')}", file=sys.stderr, flush=True)
-    return rows
+        for method, ratio, task in cells(methods, tasks):
+            cfg = compose([f"method={method}", f"ratio={ratio}", f"task={task}", f"limit={limit}",
+                           f"results_dir={tmp}", *SETTINGS, *overrides])
+            row = run_job(cfg, method_name=method)
+            rec = {k: row.get(k) for k in FIELDS if k != "limit"}
+            rec.update(method=method, ratio=ratio, task=task, limit=limit)
+            yield rec
 
 
 def _norm(v) -> str:
@@ -130,19 +130,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=LIMIT)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. to test a change)")
     args = ap.parse_args(argv)
+    from methods import catalog
+
+    stale = [m for m in MATRIX if m not in catalog.names()]
+    if stale:
+        ap.error(f"the CI matrix names methods the catalogue (conf/method/) does not have: {stale}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in MATRIX]
     if unknown:
         ap.error(f"methods {unknown} are not in the CI matrix {sorted(MATRIX)}")
     tasks = [t for t in args.tasks.split(",") if t]
     baseline = Path(args.baseline)
-    print(f"[regress] {len(methods)} methods x ratios x {len(tasks)} tasks, limit {args.limit}", file=sys.stderr)
-    rows = run_matrix(methods, tasks, args.limit, args.overrides)
+    base = None if args.update else read_baseline(baseline, methods)  # a missing baseline fails before any run
+    total = len(cells(methods, tasks))
+    print(f"[regress] {total} runs: {len(methods)} methods x their ratios x {len(tasks)} tasks, limit {args.limit}; "
+          "each is compared as it finishes", file=sys.stderr, flush=True)
+    rows: list[dict] = []
+    problems: list[str] = []
+    try:
+        for rec in run_matrix(methods, tasks, args.limit, args.overrides):
+            rows.append(rec)
+            new = [] if base is None else compare([rec], base)
+            problems += new
+            verdict = "" if base is None else ("REGRESSION" if new else "ok")
+            print(f"[regress] {len(rows)}/{total} {rec['method']:>14} ratio={rec['ratio']:<7} {rec['task']:<18} "
+                  f"{rec.get('status'):<8} acc={rec.get('accuracy')} stored={rec.get('kv_bytes_stored')} {verdict}"
+                  + (f" ({len(problems)} regression(s) so far)" if problems else ""), file=sys.stderr, flush=True)
+            for p in new:
+                print(f"           - {p}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"[regress] interrupted after {len(rows)}/{total} runs: {len(problems)} regression(s) so far"
+              + ("" if args.update else f"; {len(rows)} compared"), file=sys.stderr, flush=True)
+        return 130
     if args.update:
         write_baseline(rows, baseline)
         print(f"[regress] wrote {baseline}/<method>.csv for {', '.join(methods)}")
         return 0
-    problems = compare(rows, read_baseline(baseline, methods))
     if problems:
         print(f"[regress] {len(problems)} regression(s) against {baseline}:")
         for p in problems:

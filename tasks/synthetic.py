@@ -829,6 +829,26 @@ def make_ppl_docs(
     return docs
 
 
+def read_text_file(path: Path) -> str:
+    """The contents of a UTF-8 text file; anything else is refused with what to do.
+
+    Text in another encoding is not decoded with replacement characters (a Latin-1 file read that way
+    gives a perplexity of 1e22 that looks like a result), and binary data is not text at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file; pass the path of a UTF-8 text file")
+    data = path.read_bytes()
+    if b"\x00" in data[: 1 << 16]:
+        raise ValueError(f"{str(path)!r} is binary data (it holds NUL bytes), not text; pass a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is not valid "
+            f"UTF-8); convert it first, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
+        ) from None
+
+
 def _ppl_from_file(
     path: Path, *, count_tokens: CountTokens, context_length: int, n: int, split: str
 ) -> list[dict]:
@@ -839,7 +859,7 @@ def _ppl_from_file(
             f"at least n * context_length = {n * context_length} tokens, or leave the file unset to use the "
             "built-in synthetic filler text"
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
     floor = context_length - length_tolerance(context_length)
     docs: list[dict] = []
     pos = 0

@@ -37,3 +37,11 @@ def test_compare_tolerances():
     assert regress.compare([{**row, "kv_bytes_stored": 51}], base)  # bytes at end of context are exact
     assert regress.compare([{**row, "kv_bytes_stored_final": 61}], base) == []  # follow generation length
     assert regress.compare([{**row, "status": "failed"}], base)
+
+
+def test_the_matrix_names_catalogue_methods_and_covers_every_family():
+    from methods import catalog
+
+    regress = _regress()
+    assert set(regress.MATRIX) <= set(catalog.names())
+    assert {catalog.family(n) for n in catalog.names()} <= {catalog.family(m) for m in regress.MATRIX}
