@@ -67,6 +67,7 @@ def test_retrained_weights_at_the_same_path_are_a_new_run(tmp_path):
     over = [f"model.path={model}", "method=full", "task=niah_single", "bench.enabled=false"]
     first = job(tmp_path, *over)
     assert first["status"] == "ok" and first["model_revision"].startswith("local:")
+    assert first["model"] == "model"  # named after the directory loaded, not the config's "tiny"
     assert job(tmp_path, *over)["started_at"] == first["started_at"]  # same weights: skipped as done
     from safetensors.torch import load_file, save_file
 
