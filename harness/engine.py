@@ -1,4 +1,4 @@
-"""The engine: kvbench drives the model itself and owns the KV cache (DESIGN §3).
+"""The engine: kvbench drives the model itself and owns the KV cache (docs/ARCHITECTURE.md §3).
 
 The model runs with ``past_key_values=None``, ``use_cache=False``, explicit absolute
 ``position_ids`` and the run's :class:`~methods.api.KVState` as the keyword argument ``kv_state``;

@@ -1,4 +1,4 @@
-"""The engine's fused decode step for Llama-style decoders (DESIGN §7: a strong full-cache baseline).
+"""The engine's fused decode step for Llama-style decoders (docs/ARCHITECTURE.md §7: a strong full-cache baseline).
 
 One decode token per row through every layer, with the model's own weights and the run's stores, in
 ten kernels per layer (for ``full``) instead of the Hugging Face modules' forty or so:

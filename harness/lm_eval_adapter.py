@@ -1,6 +1,6 @@
 """An lm-eval ``LM`` that runs every request through kvbench's engine with the run's method.
 
-- ``generate_until``: context -> compress -> question -> greedy decode (DESIGN §3).
+- ``generate_until``: context -> compress -> question -> greedy decode (docs/ARCHITECTURE.md §3).
 - ``loglikelihood``: compress the context once, ``fork`` per continuation, teacher-force it.
 - ``loglikelihood_rolling``: feed the text in ``ppl_chunk`` chunks; each attends to the compressed past.
 

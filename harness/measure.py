@@ -1,4 +1,4 @@
-"""Speed and memory measurement (DESIGN §7).
+"""Speed and memory measurement (docs/ARCHITECTURE.md §7).
 
 - Timing: phases are bracketed by ``torch.cuda.synchronize()`` on GPU; decode steps are timed
   one by one (p50/p90 of the per-step list). A warm-up run precedes every measured one.

@@ -1,4 +1,4 @@
-"""Parity of the engine against Hugging Face's own path (DESIGN §3).
+"""Parity of the engine against Hugging Face's own path (docs/ARCHITECTURE.md §3).
 
 Each prompt runs alone through transformers (sdpa attention, DynamicCache, one-shot prefill, greedy
 decode); the whole batch runs through our engine (right-padded phases, chunked prefill, the

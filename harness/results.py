@@ -1,4 +1,4 @@
-"""Result rows: one flat JSON object per run (DESIGN §6).
+"""Result rows: one flat JSON object per run (docs/ARCHITECTURE.md §6).
 
 Every run (ok, skipped or failed) writes exactly one row to ``results/runs/<run_id>.json`` and
 prints it as the last stdout line. Rows are never lost: a rerun of a failed or skipped run, or a

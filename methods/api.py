@@ -1,4 +1,4 @@
-"""The contract between the harness and KV-cache methods (DESIGN.md §4).
+"""The contract between the harness and KV-cache methods (docs/ARCHITECTURE.md §4).
 
 The harness drives the model with ``past_key_values=None`` and routes every attention call to the
 run's :class:`KVState`; each layer's :class:`LayerKV` owns its storage layout (dense, packed codes,
@@ -218,7 +218,7 @@ class CalibrationContext:
 
 @runtime_checkable
 class KVMethod(Protocol):
-    """A KV-cache compression method: its fields are its hyperparameters (see DESIGN §8)."""
+    """A KV-cache compression method: its fields are its hyperparameters (see docs/ARCHITECTURE.md §8)."""
 
     family: ClassVar[str]  # "none" | "quantization" | "eviction" | "sparse" | "composed"
     memory: ClassVar[str]  # "physical" | "simulated"

@@ -6,7 +6,7 @@ layers or heads), compacts them physically at ``end_of_context`` and frees the p
 Question and decode tokens are added on top, except for H2O, whose cache stays within the budget
 function applied to every token seen so far (so ``ratio=0`` never evicts and equals ``full``).
 
-Choices common to the family (papers.md §6 and kvpress' query-agnostic protocol):
+Choices common to the family (docs/PAPERS.md §6 and kvpress' query-agnostic protocol):
 - The context is prefilled in full (every chunk attends to every earlier context token), then
   compressed once; with ``protocol=query_aware`` the question is part of the context, so
   observation-window scorers see it.

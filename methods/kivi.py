@@ -1,5 +1,5 @@
 """``kivi``: KIVI (Liu, Yuan et al., ICML 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
-for KV Cache"; papers.md §6).
+for KV Cache"; docs/PAPERS.md §6).
 
 Asymmetric min/max INT-k: keys per channel (each channel's group of ``group_size`` consecutive
 tokens shares a scale and zero point), values per token (groups of ``group_size`` channels). The

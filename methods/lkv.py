@@ -1,6 +1,6 @@
 """``lkv``: learned head-wise budgets and a learned query-agnostic token scorer (paper 4, LKV:
 "End-to-End Learning of Head-wise Budgets and Token Selection for LLM KV Cache Eviction",
-arXiv:2605.06676; papers.md §4). Trained by ``scripts/train_lkv.py``.
+arXiv:2605.06676; docs/PAPERS.md §4). Trained by ``scripts/train_lkv.py``.
 
 Two learned parts, both per (layer, kv head):
 
@@ -9,7 +9,7 @@ Two learned parts, both per (layer, kv head):
   two-layer MLP (``hidden`` units, SiLU). Features: the pre-RoPE key and the value, each divided by
   its RMS, plus the log of both RMS values (so a key-norm heuristic is representable). Pre-RoPE keys
   are recovered from the stored post-RoPE ones by rotating back with the token's position and the
-  model's own ``inv_freq`` (papers.md §4 (d) 1: importance is then position-agnostic).
+  model's own ``inv_freq`` (docs/PAPERS.md §4 (d) 1: importance is then position-agnostic).
 - **LKV-H, the budgets.** Retention fractions ``rho_{l,h}`` whose mean is the target retention
   ``1 - ratio``, each at least ``budget_floor x (1 - ratio)`` (a safeguard like AdaKV's) and at
   most 1: ``rho = f + (mean - f) L H softmax(theta)``, capped at 1 by water-filling.
@@ -23,7 +23,7 @@ window first, then the highest scores, physically compacted in the ragged store
 budget (context budget + the budget function's share of the new tokens) frees its lowest-score
 token outside the sinks and recent window at every step, the new tokens scored when written.
 
-Choices the paper leaves open, and ours (papers.md §4 (b), (d)):
+Choices the paper leaves open, and ours (docs/PAPERS.md §4 (b), (d)):
 - Budgets are per kv head (the cache is stored per kv head) and task-agnostic: learned once per
   (model, ratio) on synthetic retrieval tasks, ``niah_multikey`` and ``common_words`` held out.
 - Training (``scripts/train_lkv.py``): the LLM is frozen; the context is prefilled with the full

@@ -1,6 +1,6 @@
 """``louver``: decode attention as halfspace range search over keys, with zero false negatives
 (Dehghankar & Asudeh, "Sparse Attention as a Range Searching Problem: Towards an Inference-Efficient
-Index for KV Cache", arXiv:2605.06763; shared/papers.md §5).
+Index for KV Cache", arXiv:2605.06763; docs/PAPERS.md §5).
 
 Every token stays (K/V are not compressed); a decode step reads only the keys whose Cauchy-Schwarz
 upper bound reaches the query's threshold t, scores them exactly and attends over them plus a dense

@@ -1,7 +1,7 @@
 """Shared pieces of the quantization family: ratio -> bits, the 16-bit pass-through, and the
 per-unit interface RateQuant drives (``store(layer, k_bits=, v_bits=)`` and ``roundtrip``).
 
-Ratio mapping (DESIGN §6): nominal code bits = 16 * (1 - ratio). Overheads (scales, zero points,
+Ratio mapping (docs/ARCHITECTURE.md §6): nominal code bits = 16 * (1 - ratio). Overheads (scales, zero points,
 norms, residual windows) are not part of the nominal bits; the row's ``ratio_achieved`` includes them.
 At 16 bits (ratio 0) every quantizer stores K/V unquantized in a dense store, so it reproduces ``full``.
 """

@@ -254,7 +254,7 @@ def lloyd_max_codebook(law: str, dim: int, bits: int) -> tuple[list[float], list
 
 
 class TurboQuantizer:
-    """TurboQuant-style vector quantizer of one head's K or V vectors (papers.md §1 and §6).
+    """TurboQuant-style vector quantizer of one head's K or V vectors (docs/PAPERS.md §1 and §6).
 
     x -> norm ||x|| (meta dtype) and u = x / ||x||; y = randomized Hadamard rotation of u (skipped
     when ``rotate=False``: the "scalar" baseline on raw coordinates); each coordinate of y is

@@ -1,5 +1,5 @@
 """``quarot``: Hadamard-rotated per-head asymmetric INT-k K/V (Ashkboos et al. 2024, "QuaRot:
-Outlier-Free 4-Bit Inference in Rotated LLMs"; papers.md §6).
+Outlier-Free 4-Bit Inference in Rotated LLMs"; docs/PAPERS.md §6).
 
 Each token's K and V vector (per kv head) is rotated by a randomized Walsh-Hadamard transform
 H diag(s) / sqrt(D) over head_dim, then quantized with one asymmetric min/max scale and zero point

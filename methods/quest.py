@@ -1,5 +1,5 @@
 """``quest``: query-aware page selection (Tang et al., ICML 2024, "Quest: Query-Aware Sparsity for
-Efficient Long-Context LLM Inference"; shared/papers.md §6). The comparator of ``louver``.
+Efficient Long-Context LLM Inference"; docs/PAPERS.md §6). The comparator of ``louver``.
 
 Every token stays; the keys are cut into pages of ``page_size`` (16) consecutive tokens and each page
 keeps the element-wise min and max of its keys. A decode query scores each page with the upper bound

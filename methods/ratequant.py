@@ -1,5 +1,5 @@
 """``ratequant``: RateQuant (Zuo et al. 2026, "RateQuant: Optimal Mixed-Precision KV Cache
-Quantization via Rate-Distortion Theory", arXiv:2605.06675; papers.md §2): per-unit bit widths by
+Quantization via Rate-Distortion Theory", arXiv:2605.06675; docs/PAPERS.md §2): per-unit bit widths by
 reverse water-filling over a fitted distortion model D(b) = a * beta^-b, on top of a base quantizer.
 
 Units are (layer, kv head, K or V). Calibration (``calibrate``, on held-out text, cached per model,
@@ -25,7 +25,7 @@ Choices the paper leaves open, and ours (knobs):
   measured without KIVI's full-precision window (the quantizer's own curve).
 - ``importance``: "wo" (default): w_u = ||W_O[:, group of u]||_F^2 / (group * head_dim), the mean
   squared output-projection column of the unit's query heads, so w_u * D_u estimates the error
-  the unit adds to the layer output under isotropic errors (papers.md option (iii), without the
+  the unit adds to the layer output under isotropic errors (docs/PAPERS.md §2, option (iii), without the
   Var(o) factor, which D_u already carries); "none": w_u = 1.
 - ``allocation``: "calibrated" (the base's own fit), "uniform" (no calibration: floor(B) bits
   everywhere and, for a fractional B, one more bit to an evenly spread subset of units ordered K

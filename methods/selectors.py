@@ -244,7 +244,7 @@ def block_reduce(x: Tensor, blocks: Tensor, n_blocks: int) -> Tensor:
 
 def leave_block_out(a: Tensor, v: Tensor, blocks: Tensor, n_blocks: int, *, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Attention mass A_b and exact leave-one-block-out output change dO_b of each block
-    (papers.md §3): with o = sum_i a_i v_i, removing block b and renormalising changes the output by
+    (docs/PAPERS.md §3): with o = sum_i a_i v_i, removing block b and renormalising changes the output by
     ||sum_{i in b} a_i (v_i - o)|| / (1 - A_b).
 
     a (B, H_q, S) attention (0 where no token); v (B, H_kv, S, D); blocks (B, H_kv, S) ->

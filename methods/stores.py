@@ -272,7 +272,7 @@ class DenseStore(SlotStore):
 
 
 class FusedDenseStore(DenseStore):
-    """:class:`DenseStore` with the fused fast path (DESIGN §7): the layout and the numbers are the same,
+    """:class:`DenseStore` with the fused fast path (docs/ARCHITECTURE.md §7): the layout and the numbers are the same,
     the kernels differ (``kernel = "fused"``).
 
     - Decode (T == 1): the new K/V go to slot ``lengths[b]`` and ``lengths`` and ``seen`` advance, in one

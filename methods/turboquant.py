@@ -23,7 +23,7 @@ Choices the paper leaves open, and ours (each a knob):
   coordinate of the budget, the MSE stage gets n - m/D (TurboQuant-prod's (n-1) + 1 split at m = D).
   n - m/D must be a whole number in 0..8; 0 means QJL alone.
 - ``rotate`` (default true): whether the scheme rotates before the scalar codebook. False is the
-  plain per-coordinate Lloyd-Max on raw coordinates of u (papers.md §1 (d) 2).
+  plain per-coordinate Lloyd-Max on raw coordinates of u (docs/PAPERS.md §1 (d) 2).
 - ``codebook``: "gaussian" (the N(0, 1/D) limit, recommended for D >= 64) or "beta" (the exact
   coordinate law for this D; stored for D in 32, 64, 128, 256).
 - ``seed``: rotation signs and S per (layer, K|V), shared by the kv heads of a layer; the signs

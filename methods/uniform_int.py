@@ -5,7 +5,7 @@ group gets its own min/max scale and zero point. Codes are physically bit-packed
 and zero points are kept in the model dtype. Groups never cross tokens, so padding never enters a
 quantization group.
 
-Ratio mapping (DESIGN §6): nominal code bits = 16 * (1 - ratio), which must be 8, 4 or 2 (ratio
+Ratio mapping (docs/ARCHITECTURE.md §6): nominal code bits = 16 * (1 - ratio), which must be 8, 4 or 2 (ratio
 0.5, 0.75, 0.875), or 16 (ratio 0: stored unquantized, i.e. ``full``); any other ratio gives a
 skipped row, never a silent rounding. The achieved ratio
 includes the scale/zero-point overhead: 2 * 16 / group_size extra bits per element in bf16.

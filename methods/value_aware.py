@@ -15,7 +15,7 @@ recent window, block size, observation window, GQA combination):
   tokens, best first), ``dilate`` (blocks worth the best score within ``dilation`` blocks, so the
   neighbours of a selected block come with it).
 
-Choices the paper leaves open (papers.md §3, [I]), and ours:
+Choices the paper leaves open (docs/PAPERS.md §3, [I]), and ours:
 - The exact probe formula: exact leave-one-block-out dO_b as above, per query head with the
   window-averaged attention a_i, then the query heads of a group averaged (``group_reduce``). The
   score combining A_b and dO_b is ``value_score``: ``mass_x_delta`` (A_b * dO_b, default),

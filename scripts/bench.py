@@ -1,4 +1,4 @@
-"""Decode-speed benchmark on the GPU machine: kvbench ``full`` against the Hugging Face engines (DESIGN §7).
+"""Decode-speed benchmark on the GPU machine: kvbench ``full`` against the Hugging Face engines (docs/ARCHITECTURE.md §7).
 
     python scripts/bench.py                                   # every cell, every engine (several GPU calls' worth)
     python scripts/bench.py --engines kvbench,hf_eager --cells 1x32768,8x32768

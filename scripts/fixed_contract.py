@@ -1,4 +1,4 @@
-"""Fixed-contract diagnostic for value-aware eviction (paper 3; papers.md §3).
+"""Fixed-contract diagnostic for value-aware eviction (paper 3; docs/PAPERS.md §3).
 
     python scripts/fixed_contract.py                  # default grid: tiny x 4 tasks x 2 budgets, n=100
     python scripts/fixed_contract.py --smoke          # a seconds-long CPU run (tests use it)
@@ -8,7 +8,7 @@ Over a grid of cells (model x task x budget) the base contract (``value_aware`` 
 ``prefill_window``, ranking ``attention``, projection ``block``) is compared with probes that swap
 one decision slot at a time (ranking ``value_aware`` | ``vatp``, projection ``topk`` | ``dilate``,
 support ``decode_queries``). Per cell: full-cache, base and probe accuracy with 95% intervals,
-margin = full - base (positive when > 0.5 points, papers.md §3 (d) 4) and the probe's sign
+margin = full - base (positive when > 0.5 points, docs/PAPERS.md §3 (d) 4) and the probe's sign
 (probe - base > 0: +, < 0: -, equal: 0). Then, per probe, the share of cells where it helps among
 positive-margin and among non-positive-margin cells (the paper: 72.6% and 32.4% on LongBench). A
 task is flagged non-monotone for a selector only when its accuracy rises with compression (from one

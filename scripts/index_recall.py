@@ -1,4 +1,4 @@
-"""How well do sparse-read indexes find the keys that matter? (issue 8; shared/papers.md §5)
+"""How well do sparse-read indexes find the keys that matter? (issue 8; docs/PAPERS.md §5)
 
     python scripts/index_recall.py                      # f = 0.1, niah_multikey, 2 samples x 4096 tokens
     python scripts/index_recall.py --fraction 0.25 --n-subspaces 16 --json-only

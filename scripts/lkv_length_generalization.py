@@ -1,4 +1,4 @@
-"""LKV length generalization (paper 4's open question; papers.md §4): a scorer and budgets trained at
+"""LKV length generalization (paper 4's open question; docs/PAPERS.md §4): a scorer and budgets trained at
 2048 tokens, evaluated at 2048, 4096 and 8192 on the tasks it was trained on and on a task it never
 saw, against SnapKV and AdaKV at the same ratio, with the ablations.
 

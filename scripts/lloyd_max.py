@@ -1,4 +1,4 @@
-"""Precompute the Lloyd-Max scalar codebooks TurboQuant-style quantizers use (papers.md §1, §6).
+"""Precompute the Lloyd-Max scalar codebooks TurboQuant-style quantizers use (docs/PAPERS.md §1, §6).
 
     python scripts/lloyd_max.py            # rewrite methods/data/lloyd_max.json (commit it)
     python scripts/lloyd_max.py --check    # recompute and compare with the stored file

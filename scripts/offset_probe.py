@@ -3,7 +3,7 @@ key matching? (models/kvbench-tiny/README.md, "Training experiments so far".)
 
     python scripts/offset_probe.py GAP STEPS [D_MODEL] [LAYERS]     # e.g. 0 1500 64 2, then 3 1500 64 2
 
-A token-level multi-query recall task as in /work/shared/tiny-model-notes.md: 96 random tokens (vocab 512)
+A token-level multi-query recall task as in models/kvbench-tiny/README.md ("The token-level recall recipe"): 96 random tokens (vocab 512)
 holding 8 needles ``KEY k1 k2 IS [GAP fixed tokens] v1 v2 v3 DOT``, then the 8 keys asked back as
 ``Q k1 k2 IS [GAP]`` -> ``v1 v2 v3 DOT``; a randomly initialised LlamaForCausalLM, AdamW lr 2e-3, batch 64,
 loss on the answer tokens. Prints teacher-forced accuracy of the first value token and of all three every
@@ -56,6 +56,9 @@ def episode(rng: random.Random, gap: int, L: int = LEN, n: int = 8) -> tuple[lis
 
 
 def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
     gap, steps = int(argv[0]), int(argv[1])
     d = int(argv[2]) if len(argv) > 2 else 64
     layers = int(argv[3]) if len(argv) > 3 else 2

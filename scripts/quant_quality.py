@@ -1,4 +1,4 @@
-"""Paper 1's quality measures for TurboQuant-style KV quantization (papers.md §1).
+"""Paper 1's quality measures for TurboQuant-style KV quantization (docs/PAPERS.md §1).
 
     python scripts/quant_quality.py --exp turboquant_mse   # MSE stage distortion on random unit vectors
     python scripts/quant_quality.py --exp qjl_bias         # QJL inner-product error: mean, variance vs theory

@@ -1,4 +1,4 @@
-"""RateQuant report (paper 2, papers.md §2): fitted distortion curves per base quantizer and
+"""RateQuant report (paper 2, docs/PAPERS.md §2): fitted distortion curves per base quantizer and
 perplexity of uniform, calibrated and mismatched bit allocation on the tiny model.
 
     python scripts/ratequant_report.py                 # markdown tables, JSON last line

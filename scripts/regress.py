@@ -1,4 +1,4 @@
-"""CI regression check on results (DESIGN §1).
+"""CI regression check on results (docs/ARCHITECTURE.md §1).
 
     python scripts/regress.py --update   # write results/baseline/ci/<method>.csv from the pinned matrix
     python scripts/regress.py            # re-run the matrix and compare; exit 1 on a regression

@@ -8,7 +8,7 @@ on text from the ``tasks/`` generators (``split="train"`` only, plus filler docu
 
     python scripts/train_tiny_model.py --out models/kvbench-tiny   # 530 s wall-clock budget by default
 
-Recipe (following /work/shared/tiny-model-notes.md):
+Recipe (following the token-level recall recipe, models/kvbench-tiny/README.md):
 
 - dense supervision: after each context come several questions, each followed by its answer; the first
   is the task's own question in exactly the evaluation format (prompt = context + question, the model
@@ -92,7 +92,7 @@ MIX: dict[str, float] = {
 # share at the first (shortest) stage: mostly many needles and many questions per context
 STAGE0_MIX: dict[str, float] = {
     "mqar": 0.0,  # run 4 in models/kvbench-tiny/README.md used 0.35 and learned nothing
-    "notes": 0.0,  # the token-level task of tiny-model-notes.md (--stage0-mix notes=1 reproduces it)
+    "notes": 0.0,  # the token-level recall task (models/kvbench-tiny/README.md; --stage0-mix only:notes=1)
     "dense_niah": 0.30,
     "niah_multikey": 0.08,
     "niah_multiquery": 0.05,
@@ -378,7 +378,7 @@ class BatchMaker:
         vocabulary: 8-16 needles ``One of the special magic numbers for <w1>-<w2> is: <value>.`` in random
         word-token filler, then every key asked back in the needle's own words. Keys far more varied than the
         task generators' (943 x 1379 word tokens) and no shared filler words make key matching the only way
-        to lower the loss: this is where the key-matching circuit forms (tiny-model-notes.md)."""
+        to lower the loss: this is where the key-matching circuit forms (models/kvbench-tiny/README.md, "The token-level recall recipe")."""
         if not hasattr(self, "_mq"):
             vocab = self.tok.get_vocab()
             self._mq = ([i for t, i in vocab.items() if re.fullmatch("\u0120[a-z]{3,}", t)],
@@ -421,7 +421,7 @@ class BatchMaker:
         return ids, spans
 
     def notes(self, L: int, cap: int) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """The token-level recall task of /work/shared/tiny-model-notes.md, the one recipe measured to form key
+        """The token-level recall task (models/kvbench-tiny/README.md), the one recipe measured to form key
         matching in minutes: random filler tokens with 8 needles ``KEY k1 k2 IS v1 v2 v3 DOT``, then the 8 keys
         asked back in random order as ``Q k1 k2 IS`` -> ``v1 v2 v3 DOT``. ``--notes-gap`` inserts that many fixed
         tokens after IS (3 mimics ``is``, ``:``, `` `` of the text needles) to measure what the offset costs.
@@ -690,7 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "at the same offset from the key")
     ap.add_argument("--fuse-space-digits", action="store_true",
                     help="add ' 0' ... ' 9' as single tokens: with --fuse-token ' is:' a needle reads `river`, ` is:`, "
-                         "` 1` and its question ends `river`, ` is:` -> ` 1`, the offsets of tiny-model-notes.md's recipe")
+                         "` 1` and its question ends `river`, ` is:` -> ` 1`, the offsets of the token-level recall recipe")
     ap.add_argument("--fuse-digit-groups", action="store_true",
                     help="add '000'...'999' and ' 000'...' 999' as single tokens (numbers split left to right in "
                          "groups of three, as in cl100k): a value's first token is one of 1,000, not one of 10, so "

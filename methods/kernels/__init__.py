@@ -1,5 +1,5 @@
 """Fused kernels (Triton) for the stores' fast paths, each beside the plain-torch reference it is tested
-against (DESIGN §7). Nothing here is imported at package import time and Triton is optional: without it,
+against (docs/ARCHITECTURE.md §7). Nothing here is imported at package import time and Triton is optional: without it,
 or on a CPU without ``TRITON_INTERPRET=1``, :func:`fused_available` is False and stores use the reference
 path."""
 
