@@ -18,11 +18,17 @@ export TOKENIZERS_PARALLELISM ?= false
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
+# Says what it installs before it starts (a fresh install takes minutes) and shows pip's progress.
 $(STAMP): pyproject.toml
-	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_CPU)"
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "[install] $(VENV): torch ($(TORCH_CPU), the CPU build; about 40 s if missing), then kvbench and its"
+	@echo "[install] dependencies (transformers, lm-eval, hydra, wandb, pandas, ...; 2-3 min on a fresh machine)"
+	@test -x $(PYTHON) || { echo "[install] creating $(VENV) with $(PY)"; $(PY) -m venv $(VENV); }
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then echo "[install] torch is there: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	else echo "[install] pip install $(TORCH_CPU)"; $(BIN)/pip install --progress-bar on "$(TORCH_CPU)"; fi
+	@echo "[install] pip install -e '.[dev]' (kvbench, editable, with its test tools)"
+	@$(BIN)/pip install --progress-bar on -e '.[dev]'
 	@touch $(STAMP)
+	@echo "[install] done: $(PYTHON) runs kvbench; make help lists the targets"
 
 install: $(STAMP)  ## create .venv if missing and install kvbench with its dev tools
 

@@ -8,6 +8,7 @@ method's stores). With ``method=full`` the tokens must match and the logits agre
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,15 +63,23 @@ def run_parity(
     ratio: float | None = None,
     n_new: int = 16,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Compare HF (each prompt alone) with our engine (the batch); returns the JSON-able report."""
+    """Compare HF (each prompt alone) with our engine (the batch); returns the JSON-able report.
+    ``log`` receives a line at the start of each step (the CLI prints them on stderr)."""
     from transformers import DynamicCache
 
+    say = log or (lambda msg: None)
+    say(f"building a random {arch} model (seed {seed})")
     config = tiny_config(arch)
     model = build_random_model(config, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    reference = [hf_greedy(model, p, n_new) for p in prompts]
+    reference = []
+    for i, p in enumerate(prompts, 1):
+        say(f"Hugging Face reference, prompt {i}/{len(prompts)} ({len(p)} tokens, {n_new} greedy steps)")
+        reference.append(hf_greedy(model, p, n_new))
+    say(f"kvbench engine, method {method}: the {len(prompts)} prompts as one batch")
 
     ours_model = copy.deepcopy(model)  # kvbench attention is set on this model only
     created = {"n": 0}

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / "summary.md").write_text(md, encoding="utf-8")
     if not args.quiet:
         print(md)
-        print(f"[table] {len(df)} rows from {results / 'runs'}/<run_id>.json (per-sample predictions in "
+        print(f"[table] {len(df)} row{'' if len(df) == 1 else 's'} from {results / 'runs'}/<run_id>.json (per-sample predictions in "
               f"{results / 'samples'}/) -> {', '.join(str(p) for p in written)}")
     return 0
 

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if not lengths or min(lengths) < 1:
         ap.error("--lengths needs at least one positive length")
 
+    print("[parity] importing torch and transformers", file=sys.stderr, flush=True)
     from harness.engine import UnsupportedModel
     from harness.parity import run_parity
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio=args.ratio,
             n_new=args.new_tokens,
             seed=args.seed,
+            log=lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True),
         )
     except (UnsupportedModel, ValueError) as e:
         print(f"parity: cannot run {args.method} on {args.arch}: {e}", file=sys.stderr)

@@ -160,3 +160,23 @@ def test_every_documented_command_runs_as_written():
             else:
                 flags_ok(where, script, args[1:])
     assert not problems, "\n".join(problems)
+
+
+def test_install_says_what_it_installs_before_it_starts(tmp_path):
+    """`make run` / `make test` on a fresh clone spend minutes in pip: the first lines say what and how long."""
+    import subprocess
+
+    p = subprocess.run(["make", "-n", "install", f"VENV={tmp_path}/venv"], cwd=REPO, capture_output=True, text=True)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and lines[0].startswith("echo") and "torch" in lines[0] and "40 s" in lines[0]
+    assert "min" in lines[1]
+    assert not any(" -q " in ln for ln in lines if "pip install" in ln)  # pip's progress is shown
+
+
+def test_the_default_tasks_are_defined_once():
+    from harness.sweep import DEFAULT_TASKS
+
+    for path in (REPO / "conf" / "sweep").glob("*.yaml"):
+        assert "task:" not in path.read_text(), f"{path.name}: the tasks are harness.sweep.DEFAULT_TASKS"
+    readme = (REPO / "README.md").read_text()
+    assert "DEFAULT_TASKS" in readme and ", ".join(f"`{t}`" for t in DEFAULT_TASKS) in readme

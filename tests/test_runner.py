@@ -160,10 +160,19 @@ def test_table_from_rows(tmp_path):
     assert f"@ {rev} ·" in md and "@ local:other ·" in md
 
 
-def test_wandb_offline_run_holds_the_row(tmp_path):
+def test_wandb_offline_run_holds_the_row(tmp_path, capsys):
     row = job(tmp_path, "method=full", "logger=wandb", f"logger.dir={tmp_path}/wb", "bench.enabled=false")
     files = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
+    # the same run again is skipped: nothing is sent, and the message says how to send it
+    capsys.readouterr()
+    job(tmp_path, "method=full", "logger=wandb", f"logger.dir={tmp_path}/wb", "bench.enabled=false")
+    assert "logger.resync=true sends the existing row" in capsys.readouterr().err
+    assert len(glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))) == 1
+    again = job(tmp_path, "method=full", "logger=wandb", f"logger.dir={tmp_path}/wb", "bench.enabled=false",
+                "logger.resync=true")
+    assert again["started_at"] == row["started_at"]  # not rerun
+    assert len(glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))) == 2
     # the W&B service writes the file asynchronously; on a loaded machine the summary can land after the
     # run has returned, so wait for it (up to a minute) before reading
     summary: dict = {}
