@@ -643,7 +643,9 @@ def main() -> None:
         if not os.environ.get(SUPERVISED_ENV):
             done = read_job_log(os.environ[JOB_LOG_ENV]) if multirun else []
             what = f"{tally(done)} finished, their rows are kept" if multirun else "no row was written for this run"
-            print(f"interrupted: {what}; rerun the same command to resume (finished runs are skipped)",
+            from .sweep import fresh_line
+
+            print(f"{fresh_line()}interrupted: {what}; rerun the same command to resume (finished runs are skipped)",
                   file=sys.stderr, flush=True)
         sys.exit(128 + int(signum))
     finally:

@@ -69,8 +69,15 @@ def compose(overrides: list[str]) -> Any:
 
 def _interrupted(done: int, total: int | None) -> str:
     of = f" of {total}" if total else ""
-    return (f"interrupted: {done}{of} runs done, their rows are kept; rerun the same command to resume "
-            "(finished runs are skipped)")
+    return (f"{fresh_line()}interrupted: {done}{of} runs done, their rows are kept; rerun the same command to "
+            "resume (finished runs are skipped)")
+
+
+def fresh_line() -> str:
+    """What starts a message on its own line after a progress bar that an interruption left half drawn:
+    on a terminal, return to the line's start and clear it; elsewhere nothing (bars are not drawn there
+    unless forced, and a blank line would be a second line)."""
+    return "\r\033[K" if sys.stderr.isatty() else ""
 
 
 def run_default(extra: list[str]) -> int:
