@@ -81,7 +81,8 @@ def fresh_line() -> str:
 
 
 def run_default(extra: list[str]) -> int:
-    """full + one representative per family x DEFAULT_TASKS, in this process; prints each row."""
+    """full + one representative per family x DEFAULT_TASKS, in this process: one summary line per run
+    (the rows are in results/runs/; ``make run`` prints the table after)."""
     from . import results as R
     from .run import interruptible, run_job
 
@@ -100,7 +101,6 @@ def run_default(extra: list[str]) -> int:
             rows.append(row)
             path = R.row_path(str(cfg.results_dir), row["run_id"])
             print(f"[kvbench] {summary_line(row, path, metric=cfg.task.get('metric'))}", file=sys.stderr, flush=True)
-            print(R.dumps(row), flush=True)
     except UsageError as e:  # the same settings go to every run: the first says it
         print(usage_message(e), file=sys.stderr, flush=True)
         return 2

@@ -110,13 +110,13 @@ def markdown(df: pd.DataFrame, *, show_all: bool = False) -> str:
     # rows of different weights under one model name (a retrained checkpoint) never share a table
     ok["_rev"] = ok["model_revision"].fillna("") if "model_revision" in ok else ""
     shown, superseded = (ok, ok.iloc[0:0]) if show_all else supersede(ok)
+    notes: dict[str, str] = {}  # footnote mark -> text, listed once after the tables
     for (model, rev, task, ctx), g in shown.groupby(["model", "_rev", "task", "context_length"], sort=True):
         weights = ", ".join(sorted(set(map(str, g["weights"].dropna())))) if "weights" in g else ""
         out.append(f"### {model}{' @ ' + rev if rev else ''} · {task} · {ctx} tokens  (weights: {weights})\n")
         out.append("| method | ratio | achieved | read achieved | accuracy ± se | n | seed | KV MB | peak decode MB "
                    "| prefill tok/s | decode tok/s | decode ms p50 | kernel |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        notes: dict[str, str] = {}
         for _, r in g.sort_values(["method", "ratio"]).iterrows():
             acc = _num(r.get("accuracy"), ".3f")
             se = _num(r.get("accuracy_stderr"), ".3f")
@@ -127,7 +127,7 @@ def markdown(df: pd.DataFrame, *, show_all: bool = False) -> str:
                 mark = f"ref-{family}"
                 tail = "" if family == "none" else " Its speed columns measure that code, not the method."
                 notes.setdefault(mark, f"`reference` ({family}): " + REFERENCE_NOTES.get(family, "plain-torch path.")
-                                 + tail + " Compare speeds only between rows of the same kernel.")
+                                 + tail)
                 kernel = f"reference [{mark}]"
             read = _num(r.get("read_ratio_achieved"), ".3f")
             target = r.get("ratio")
@@ -143,10 +143,10 @@ def markdown(df: pd.DataFrame, *, show_all: bool = False) -> str:
                 f"{_num(r.get('decode_ms_p50'), '.2f')} | {kernel} |"
             )
         out.append("")
-        for mark, text in notes.items():
-            out.append(f"- [{mark}] {text}")
-        if notes:
-            out.append("")
+    if notes:
+        out.append("Notes (the marks in the tables; compare speeds only between rows of the same kernel):\n")
+        out += [f"- [{mark}] {text}" for mark, text in sorted(notes.items())]
+        out.append("")
     if not superseded.empty:
         out.append("### superseded rows\n")
         out.append("Same cell as a row shown above (they differ only in `limit` or `seed`), with fewer samples or "

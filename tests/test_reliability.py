@@ -113,6 +113,21 @@ def test_malformed_settings_exit_2_naming_each_setting(tmp_path):
     assert p.returncode == 2 and "limit=0 is not allowed" in p.stderr
 
 
+def test_every_top_level_setting_has_a_schema_entry():
+    """A new setting in conf/config.yaml must be checked too (harness/settings.py SCHEMA, harness/run.py TOP_LEVEL)."""
+    import yaml
+
+    from harness.run import TOP_LEVEL
+    from harness.settings import SCHEMA
+
+    conf = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
+    keys = {k for k in conf if k not in ("defaults", "hydra")}
+    keys |= {f"bench.{k}" for k in conf["bench"]} - {"bench"}
+    keys.discard("bench")
+    assert keys <= {s.key for s in SCHEMA}, keys - {s.key for s in SCHEMA}
+    assert {k.split(".")[0] for k in keys} <= set(TOP_LEVEL)
+
+
 @pytest.mark.parametrize("setting", ["batch_size=0", "limit=0", "ratio=abc", "seed=-1", "prefill_chunk=0",
                                      "device=cpu device.name=tpu", "force=maybe"])
 def test_a_multirun_job_with_a_malformed_setting_writes_a_failed_row(tmp_path, setting):
