@@ -1,4 +1,4 @@
-"""Generate the README's method table from the method configs and their docstrings.
+"""Generate the README's method table from the method catalogue (conf/method/) and the docstrings.
 
     python scripts/method_table.py            # print the table
     python scripts/method_table.py --write    # replace it in README.md (between the markers)
@@ -13,28 +13,26 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 
 
 def rows() -> list[dict]:
+    from methods import catalog
+
     out = []
-    for path in sorted((REPO / "conf" / "method").glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        mod_name, _, cls_name = cfg["_target_"].rpartition(".")
-        mod = importlib.import_module(mod_name)
-        cls = getattr(mod, cls_name)
-        prefix = f"``{path.stem}``:"
+    for name in catalog.names():
+        cls = catalog.get(name).cls()
+        mod = importlib.import_module(cls.__module__)
+        prefix = f"``{name}``:"
         own, module = (cls.__doc__ or "").strip(), (mod.__doc__ or "").strip()
         # the docstring that names the method; a module of several methods describes each in its class
         doc = own if own.startswith(prefix) else module if module.startswith(prefix) else (own or module)
         summary = " ".join(doc.strip().split("\n\n")[0].split())
         summary = summary[len(prefix):].strip() if summary.startswith(prefix) else summary
         knobs = [f.name for f in dataclasses.fields(cls) if f.name != "ratio"] if dataclasses.is_dataclass(cls) else []
-        out.append({"name": path.stem, "family": cls.family, "memory": cls.memory, "kernel": cls.kernel,
+        out.append({"name": name, "family": cls.family, "memory": cls.memory, "kernel": cls.kernel,
                     "summary": summary, "knobs": ", ".join(f"`{k}`" for k in knobs) or "-"})
     return out
 
