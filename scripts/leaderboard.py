@@ -366,6 +366,32 @@ Commands that wrote these rows: `commands.log`.
     return counts
 
 
+def sync_wandb(grid: dict, results: Path, *, project: str, group: str | None) -> int:
+    """Mirror every grid row (and its per-sample predictions, where kept) to W&B as one project, offline
+    (``wandb sync <dir>`` uploads later). Each W&B run's config carries the flat grouping keys
+    (harness.wandb_logger.GROUPING_KEYS), so a workspace can draw the report's Pareto plots."""
+    import gzip
+
+    from harness.wandb_logger import log_run
+
+    rows = rows_by_cell(read_rows(results), dict(grid["settings"]))
+    directory = results / "wandb"
+    cfg = {"project": project, "group": group, "tags": ["leaderboard"], "mode": os.environ.get("WANDB_MODE", "offline"),
+           "dir": str(directory)}
+    n = 0
+    for row in rows.values():
+        samples = []
+        for p in sorted((results / "samples").glob(f"{row['run_id']}.*")):
+            opener = gzip.open if p.suffix == ".gz" else open
+            with opener(p, "rt") as f:
+                samples = [json.loads(line) for line in f if line.strip()]
+        log_run(cfg, json.loads(row.get("config") or "{}"), row, samples)
+        n += 1
+    print(f"[leaderboard] {n} rows logged to W&B project {project!r} under {directory}; upload with "
+          f"`wandb sync {directory}/wandb/offline-run-*`", file=sys.stderr)
+    return n
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -406,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimated cost, run nothing")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from the rows")
+    ap.add_argument("--wandb", metavar="PROJECT", help="log every grid row to this W&B project (offline) and exit")
+    ap.add_argument("--wandb-group", default="leaderboard")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (part of run identity!)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -417,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                  tasks=split(args.tasks), only_methods=split(args.methods))
     if args.plan:
         print(estimate(grid, parts, read_rows(args.results)))
+        return 0
+    if args.wandb:
+        sync_wandb(grid, args.results, project=args.wandb, group=args.wandb_group)
         return 0
     if args.tables:
         print(json.dumps(write_tables(grid, args.results, [])))

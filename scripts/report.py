@@ -50,6 +50,7 @@ FAMILY_COLOR = {"none": "#111111", "quantization": "#1f77b4", "eviction": "#d627
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "triangle-down", "x", "cross", "star-triangle-up",
            "pentagon", "hexagon", "triangle-left", "triangle-right", "hourglass", "bowtie"]
 MAX_BYTES = 10 * 2**20
+TICKS = [0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 32]
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -253,12 +254,13 @@ def pareto_figure(part: dict, *, x: str, title: str, xlabel: str, log_x: bool, v
         vis = [i in idxs for i in range(n)]
         buttons.append(dict(label=view, method="restyle", args=[{"visible": vis}]))
     fig.update_layout(
-        title=dict(text=title, font=dict(size=14)), height=430, margin=dict(l=60, r=20, t=70, b=50),
+        title=dict(text=title), height=420, margin=dict(l=60, r=20, t=40, b=50),
         template="plotly_white", legend=dict(orientation="v", x=1.01, y=1),
-        xaxis=dict(title=xlabel, type="log" if log_x else "linear"),
+        xaxis=dict(title=xlabel, type="log" if log_x else "linear",
+                   **(dict(tickvals=TICKS, ticktext=[f"{t:g}×" for t in TICKS]) if x != "decode_tok_s" else {})),
         yaxis=dict(title="accuracy (95% CI)", range=[-0.02, 1.04]),
-        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.13, yanchor="top",
-                          showactive=True)] if len(views) > 1 else [],
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.02, yanchor="bottom",
+                          showactive=True, pad=dict(t=0, b=0))] if len(views) > 1 else [],
     )
     return fig
 
@@ -296,11 +298,11 @@ def family_figure(part: dict, *, title: str) -> Any:
                                "%{customdata[1]:.3f}], n=%{customdata[2]}<br>achieved %{customdata[3]:.3f}<extra></extra>")),
                 row=1, col=col)
         if fa is not None:
-            fig.add_hline(y=fa["accuracy"], line=dict(dash="dot", color="#111", width=1), row=1, col=col,
-                          annotation_text="full" if col == 1 else None, annotation_position="bottom left")
+            label = dict(annotation_text="full cache", annotation_position="bottom left") if col == 1 else {}
+            fig.add_hline(y=fa["accuracy"], line=dict(dash="dot", color="#111", width=1), row=1, col=col, **label)
         fig.update_xaxes(title_text="target ratio (fraction of KV bytes removed)", row=1, col=col)
     fig.update_yaxes(title_text="accuracy (mean over tasks)", range=[-0.02, 1.04], row=1, col=1)
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=430, template="plotly_white",
+    fig.update_layout(title=dict(text=title), height=460, template="plotly_white",
                       margin=dict(l=60, r=20, t=70, b=50), legend=dict(groupclick="toggleitem"))
     return fig
 
@@ -410,38 +412,53 @@ def coverage_table(parts: dict, method_families: dict[str, str], planned: dict) 
     return "\n".join(out)
 
 
+def _commit_age(commit: str) -> int:
+    """Commits between ``commit`` and HEAD (0 = HEAD; unknown commits sort last)."""
+    try:
+        res = subprocess.run(["git", "rev-list", "--count", f"{commit}..HEAD"], capture_output=True, text=True,
+                             cwd=REPO, timeout=10)
+        return int(res.stdout.strip()) if res.returncode == 0 else 10**9
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 10**9
+
+
 def bench_section(bench_dir: Path) -> str:
-    """The latest decode-engine benchmark (kvbench full vs Hugging Face) from results/bench/rows."""
-    files = sorted(bench_dir.glob("rows/*.jsonl"), key=lambda p: p.stat().st_mtime)
-    cells, commands, meta = [], [], {}
-    for p in files:
-        for line in p.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if d.get("kind") == "command":
-                commands.append((p.stem, d.get("command")))
-                meta[p.stem] = d
-            elif d.get("kind") == "cell" and d.get("status") == "ok":
-                cells.append((p.stem, d))
-    if not cells:
+    """The decode-engine benchmark (kvbench full vs Hugging Face): the rows file of the newest clean commit
+    (``results/bench/rows/<device>-<commit>[-dirty].jsonl``; several GPU calls at one commit merge there)."""
+    files = list(bench_dir.glob("rows/*.jsonl"))
+    if not files:
         return "<p><i>no benchmark rows in results/bench/rows/</i></p>"
-    latest = {}
-    for src, d in cells:  # the latest file wins per (engine, batch, context)
-        latest[(d.get("engine"), d.get("batch"), d.get("context"))] = (src, d)
+
+    def rank(p: Path) -> tuple:
+        dirty = p.stem.endswith("-dirty")
+        commit = p.stem.removesuffix("-dirty").rsplit("-", 1)[-1]
+        return (dirty, _commit_age(commit), p.name)
+
+    best = sorted(files, key=rank)[0]
+    cells, commands = [], []
+    for line in best.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if d.get("kind") == "command":
+            commands.append(d.get("command"))
+        elif d.get("kind") == "cell" and d.get("status") == "ok":
+            cells.append(d)
     reports = sorted(p.name for p in bench_dir.glob("*.md"))
-    out = ["<p>Decode speed of the engine itself on the GPU (Llama-3.1-8B shape, random weights, bf16): "
-           "<code>make bench</code>, rows in <code>results/bench/rows/</code>, reports "
-           + ", ".join(f"<code>{esc(r)}</code>" for r in reports) + ".</p>",
+    out = [f"<p>Decode speed of the engine itself (Llama-3.1-8B shape, random weights, bf16), from "
+           f"<code>results/bench/rows/{esc(best.name)}</code> (the newest clean commit's rows; reports: "
+           + ", ".join(f"<code>{esc(r)}</code>" for r in reports) + "). Commands:</p><ul>"
+           + "".join(f"<li><code>{esc(c)}</code></li>" for c in commands) + "</ul>",
            "<table class=sortable><thead><tr>", *(f"<th>{h}</th>" for h in (
                "engine", "batch", "context", "kernel", "CUDA graph", "decode ms p50", "tokens/s", "roofline frac",
-               "peak decode GB", "rows file")), "</tr></thead><tbody>"]
-    for (eng, b, ctx), (src, d) in sorted(latest.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0, str(kv[0][0]))):
-        out.append(f"<tr><td>{esc(eng)}</td><td>{b}</td><td>{ctx}</td><td>{esc(d.get('kernel'))}</td>"
-                   f"<td>{'yes' if d.get('cuda_graph') else 'no'}</td><td>{_fmt(_f(d.get('decode_ms_p50')), '.2f')}</td>"
-                   f"<td>{_fmt(_f(d.get('tokens_s')), '.0f')}</td><td>{_fmt(_f(d.get('roofline_frac')), '.2f')}</td>"
-                   f"<td>{_fmt(_f(d.get('peak_mem_decode_bytes')) / 1e9, '.2f')}</td><td>{esc(src)}</td></tr>")
+               "peak decode GB", "commit")), "</tr></thead><tbody>"]
+    for d in sorted(cells, key=lambda d: (d.get("batch") or 0, d.get("context") or 0, str(d.get("engine")))):
+        out.append(f"<tr><td>{esc(d.get('engine'))}</td><td>{d.get('batch')}</td><td>{d.get('context')}</td>"
+                   f"<td>{esc(d.get('kernel'))}</td><td>{'yes' if d.get('cuda_graph') else 'no'}</td>"
+                   f"<td>{_fmt(_f(d.get('decode_ms_p50')), '.2f')}</td><td>{_fmt(_f(d.get('tokens_s')), '.0f')}</td>"
+                   f"<td>{_fmt(_f(d.get('roofline_frac')), '.2f')}</td>"
+                   f"<td>{_fmt(_f(d.get('peak_mem_decode_bytes')) / 1e9, '.2f')}</td><td>{esc(d.get('commit'))}</td></tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -458,6 +475,7 @@ th{background:#f0f0f0;position:sticky;top:0;cursor:pointer} td:first-child,th:fi
 table.coverage td,table.coverage th{text-align:left}
 .ref{color:#a15c00} .bad{color:#b00020} .todo{color:#777} .ci{color:#666;font-size:11px}
 .plot{background:white;border:1px solid #e3e3e3;border-radius:6px;margin:10px 0;padding:4px}
+.cap{font-size:13px;font-weight:600;padding:6px 8px 0}
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:10px}
 details{margin:6px 0} summary{cursor:pointer;font-weight:600;font-size:14px}
 nav{background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;font-size:13px;position:sticky;top:0;z-index:10}
@@ -467,6 +485,19 @@ nav a{margin-right:14px;color:#0b57d0;text-decoration:none}
 """
 
 SORT_JS = """
+(function(){  // ?section=<h2 id>: show that section alone (report-check screenshots one section at a time)
+  var m = location.search.match(/[?&]section=([^&]+)/); if (!m) return;
+  var inside = false;
+  Array.from(document.querySelector('main').children).forEach(function(el){
+    if (el.tagName === 'H2') inside = (el.id === m[1]);
+    if (!inside) el.style.display = 'none';
+  });
+  window.dispatchEvent(new Event('resize'));
+})();
+window.addEventListener('load', function(){  // plots change the page's height as they draw: jump to the anchor after
+  if (location.hash) { setTimeout(function(){ var e = document.getElementById(location.hash.slice(1));
+    if (e) { e.scrollIntoView(); window.scrollBy(0, -40); } }, 300); }
+});
 document.querySelectorAll('table.sortable th').forEach(function(th, col){
   th.addEventListener('click', function(){
     var table = th.closest('table'), body = table.tBodies[0], rows = Array.from(body.rows);
@@ -511,14 +542,16 @@ def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path
             for c in cells:
                 if (done.get(key_of(c)) or {}).get("status") not in ("ok", "skipped"):
                     planned[(k, c.method)] += 1
-    plot_cfg = {"displaylogo": False, "showLink": False, "responsive": True,
+    plot_cfg = {"displaylogo": False, "responsive": True,
                 "toImageButtonOptions": {"format": "png", "scale": 2}}
     figs_html: list[str] = []
 
     def fig_div(fig: Any) -> str:
+        caption = fig.layout.title.text or ""  # the title goes above the plot, clear of plotly's toolbar
+        fig.update_layout(title=None, margin=dict(t=40))
         div = po.plot(fig, output_type="div", include_plotlyjs=False, config=plot_cfg, auto_open=False)
         figs_html.append(div)
-        return f'<div class="plot">{div}</div>'
+        return f'<div class="plot"><div class="cap">{esc(caption)}</div>{div}</div>'
 
     shas = sorted({str(r.get("git_sha") or "")[:8] + ("*" if r.get("git_dirty") else "") for r in rows} - {""})
     machines = defaultdict(int)
@@ -651,19 +684,25 @@ def chromium() -> str | None:
     return None
 
 
-def check(page: Path, shots: Path, *, width: int = 1400, heights: tuple[int, ...] = (1400, 9000)) -> list[Path]:
+def check(page: Path, shots: Path, *, width: int = 1400, height: int = 1700) -> list[Path]:
     """Render ``page`` in headless Chromium with every network request refused (a proxy that does not
-    exist), and save screenshots: the top of the page and the whole page. Returns the PNGs."""
+    exist), and save one screenshot per section (``?section=<h2 id>`` shows that section alone). Returns the PNGs."""
+    import re
+
     exe = chromium()
     if exe is None:
         raise SystemExit("report-check needs Chromium: `apt-get install -y chromium` (Debian's package)")
     shots.mkdir(parents=True, exist_ok=True)
+    for old in shots.glob("*.png"):
+        old.unlink()
+    anchors = [""] + re.findall(r'<h2 id="([A-Za-z0-9_.-]+)"', page.read_text())
     out = []
-    for h in heights:
-        png = shots / f"report-{width}x{h}.png"
+    for i, anchor in enumerate(anchors):
+        png = shots / f"{i:02d}-{anchor or 'top'}.png"
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",
                "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--virtual-time-budget=15000",
-               f"--window-size={width},{h}", f"--screenshot={png}", page.resolve().as_uri()]
+               f"--window-size={width},{height}", f"--screenshot={png}",
+               page.resolve().as_uri() + (f"?section={anchor}" if anchor else "")]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0 or not png.is_file():
             raise SystemExit(f"chromium failed ({res.returncode}): {res.stderr[-2000:]}")
