@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 # Flat config keys a W&B workspace groups, filters and colours by (the resolved config nests model, method and
 # task as dicts without their names): the same Pareto plots as `make report`, e.g. a scatter of summary
 # ratio_achieved (x) against accuracy (y), grouped by method_name, filtered on model_name, task_name, context_length.

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gzip
 import html
 import json
 import math
@@ -196,7 +195,7 @@ def pareto_figure(part: dict, *, x: str, title: str, xlabel: str, log_x: bool, v
     for view_i, view in enumerate(views):
         tasks = part["tasks"] if view == "mean over tasks" else [view]
         pts = []
-        for (method, ratio), cell in sorted(part["cells"].items(), key=lambda kv: (FAMILY_ORDER.index(kv[1].family)
+        for (_method, _ratio), cell in sorted(part["cells"].items(), key=lambda kv: (FAMILY_ORDER.index(kv[1].family)
                                                                                  if kv[1].family in FAMILY_ORDER else 9, kv[0])):
             a = cell.agg(tasks)
             if a is None or math.isnan(a[x]) or a[x] <= 0:
@@ -518,7 +517,7 @@ def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path
     import plotly
     import plotly.offline as po
 
-    from scripts.leaderboard import family_ratios, load_grid, methods, plan, rows_by_cell, key_of, gate_passes
+    from scripts.leaderboard import family_ratios, gate_passes, key_of, load_grid, methods, plan, rows_by_cell
 
     t0 = time.monotonic()
     grid = load_grid(grid_path)
@@ -560,7 +559,7 @@ def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path
     n_ok = sum(r.get("status") == "ok" for r in rows)
     body = []
     nav = ['<a href="#measured">How it was measured</a>', '<a href="#coverage">Coverage</a>']
-    for (model, length), part in parts.items():
+    for model, length in parts:
         anchor = f"{model}-{length}"
         nav.append(f'<a href="#{anchor}">{esc(model)} @ {length}</a>')
     nav.append('<a href="#bench">Engine benchmark</a>')

@@ -160,10 +160,9 @@ def _site_has_it() -> bool:
 
 def _convert(manifest: dict) -> int:
     """Convert the GGUF once (harness.pretrained) with /tmp/site on the path; print where it is."""
-    code = ("import sys, yaml; sys.path[:0] = [%r, %r]; import importlib; importlib.invalidate_caches(); "
+    code = ("import sys, yaml; sys.path[:0] = [{!r}, {!r}]; import importlib; importlib.invalidate_caches(); "
             "from harness.pretrained import ensure_converted; "
-            "spec = yaml.safe_load(open(%r))['gguf']; print(ensure_converted(%r, spec))"
-            % (str(SITE), str(REPO), str(REPO / "conf" / "model" / f"{MODEL}.yaml"), MODEL))
+            "spec = yaml.safe_load(open({!r}))['gguf']; print(ensure_converted({!r}, spec))".format(str(SITE), str(REPO), str(REPO / "conf" / "model" / f"{MODEL}.yaml"), MODEL))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
         print(f"receive: conversion failed:\n{res.stderr[-3000:]}", file=sys.stderr)

@@ -2,9 +2,11 @@
 harness.run rows (same run_id), the gate drops tasks the model cannot do, resume, one probe per method x ratio."""
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.run import options, run_job
@@ -43,6 +45,7 @@ def _grid(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
     grid_path = _grid(tmp_path)
     res = tmp_path / "res"
@@ -77,13 +80,11 @@ def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
     assert names == {f"runs/{rid}.json" for rid in rows}
     # tables: the status page and the aggregate
     text = (res / "README.md").read_text()
-    assert "common_words 0.00 ✗" in text and "niah_single 1.00 ✓" in text
+    assert re.search(r"common_words 0\.\d\d ✗", text) and "niah_single 1.00 ✓" in text
     assert (res / "summary.md").is_file()
     assert "tiny @ 256" in L.estimate(L.load_grid(grid_path), L.plan(L.load_grid(grid_path)), L.read_rows(res))
 
 
 def test_unknown_method_is_refused():
-    import pytest
-
     with pytest.raises(SystemExit, match="unknown method"):
         L.plan(L.load_grid(), only_methods=["snapkvv"])
