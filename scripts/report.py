@@ -144,7 +144,7 @@ class Cell:
                 "read_compression": compression(mean("read_ratio_achieved")) if not math.isnan(mean("read_ratio_achieved"))
                 else (full_b / read_b if read_b and not math.isnan(read_b) else float("nan")),
                 "decode_tok_s": mean("decode_tok_s"), "speed_path": speed_path(rows[0]),
-                "device": str(rows[0].get("device") or "")}
+                "device": str(rows[0].get("device") or ""), "devices": {str(r.get("device") or "") for r in rows}}
 
 
 def organise(rows: list[dict], grid: dict) -> dict[tuple[str, int], dict]:
@@ -175,6 +175,13 @@ def organise(rows: list[dict], grid: dict) -> dict[tuple[str, int], dict]:
         cell.rows[task] = r
     for part in out.values():
         part["tasks"] = [t for t in part["candidates"] if part["gate"].get(t, -1) >= threshold]
+        devices = defaultdict(int)  # the machine most cells ran on: the speed plot shows its cells only
+        for c in part["cells"].values():
+            for r in c.rows.values():
+                if r.get("status") == "ok":
+                    devices[str(r.get("device") or "")] += 1
+        part["speed_device"] = max(devices, key=devices.get) if devices else ""
+        part["other_devices"] = sum(v for k, v in devices.items() if k != part["speed_device"])
     return out
 
 
@@ -200,6 +207,8 @@ def pareto_figure(part: dict, *, x: str, title: str, xlabel: str, log_x: bool, v
             a = cell.agg(tasks)
             if a is None or math.isnan(a[x]) or a[x] <= 0:
                 continue
+            if x == "decode_tok_s" and a["devices"] != {part["speed_device"]}:
+                continue  # speeds compare only within one machine
             pts.append((cell, a))
         idx0 = len(fig.data)
         for family in FAMILY_ORDER:
@@ -614,14 +623,14 @@ Per-cell commit and machine are in each table; hover a row for its run_id. Regen
         body.append(f"<p>{len(complete)} (method, ratio) points have all {len(part['tasks'])} tasks; points missing a "
                     "task are left out of the means (they stay in the task tables).</p>")
         views = ["mean over tasks", *part["tasks"]]
-        machine = sorted({_short_device(r.get("device")) for c in part["cells"].values() for r in c.rows.values()})
-        mtxt = " / ".join(machine)
         body.append('<div class="grid2">')
         body.append(fig_div(pareto_figure(part, x="compression", log_x=True, views=views,
                                           title=f"{model} @ {length}: accuracy vs achieved compression (bytes stored)",
                                           xlabel="achieved compression, full / stored bytes (log)")))
+        other = (f"; {part['other_devices']} rows from other machines left out" if part["other_devices"] else "")
         body.append(fig_div(pareto_figure(part, x="decode_tok_s", log_x=True, views=views,
-                                          title=f"{model} @ {length}: accuracy vs decode speed ({mtxt})",
+                                          title=f"{model} @ {length}: accuracy vs decode speed on "
+                                                f"{_short_device(part['speed_device'])}{other}",
                                           xlabel="decode tokens/s (throughput probe, log)")))
         body.append("</div>")
         body.append(fig_div(pareto_figure(part, x="read_compression", log_x=True, views=views,
