@@ -88,3 +88,37 @@ def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown method"):
         L.plan(L.load_grid(), only_methods=["snapkvv"])
+
+
+def test_wandb_sync_carries_the_grouping_keys(tmp_path, monkeypatch):
+    """--wandb logs each grid row as an offline W&B run whose config has the flat grouping keys."""
+    import glob
+    import time
+
+    from harness.wandb_logger import GROUPING_KEYS
+    from tests.helpers import read_wandb_offline
+    from tests.report_rows import write_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    grid = {"min_full_accuracy": 0.8, "settings": L.load_grid()["settings"],
+            "models": {"tiny": {"context_lengths": [4096], "tasks": ["niah_single"]}}}
+    res = tmp_path / "res"
+    rows = write_rows(res, grid, tasks=("niah_single",))
+    keep = {r["run_id"] for r in rows if r["method"] == "full"}
+    for p in (res / "runs").glob("*.json"):  # one row is enough
+        if p.stem not in keep:
+            p.unlink()
+    assert L.sync_wandb(grid, res, project="kvbench-test", group="leaderboard") == 1
+    files = glob.glob(str(res / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    config: set = set()
+    for _ in range(120):  # the W&B service writes asynchronously
+        try:
+            summary, config, _ = read_wandb_offline(files[0])
+        except AssertionError:
+            summary = {}
+        if "run_id" in summary:
+            break
+        time.sleep(0.5)
+    assert set(GROUPING_KEYS) <= config and summary["method"] == "full"
