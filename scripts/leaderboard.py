@@ -217,7 +217,14 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
               f"{'' if row.get('status') == 'ok' else ' - ' + str(row.get('reason'))[:160]}", file=sys.stderr, flush=True)
         return row
 
+    unavailable: dict[str, str] = {}
     for (model, length), part in parts.items():
+        if model not in unavailable:
+            unavailable[model] = model_unavailable(model) or ""
+        if unavailable[model]:
+            print(f"[leaderboard] {model} @ {length}: not run, the model is not available: {unavailable[model]}",
+                  file=sys.stderr, flush=True)
+            continue
         for gate_cell in part["gate"]:  # task by task in the grid's order: the gate, then every method on that task
             ok = gate_passes(run(gate_cell), threshold)
             if ok is False:
@@ -230,6 +237,25 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
             print(f"[leaderboard] stopped after {max_minutes} minutes; run again to resume", file=sys.stderr, flush=True)
             break
     return written
+
+
+def model_unavailable(model: str) -> str | None:
+    """Why ``model``'s weights cannot be had here (a GGUF package that is not installed and cannot be), or None.
+    Checked once per model, so a machine without the package writes no hundreds of failed rows."""
+    import yaml
+
+    from harness.run import CONF
+
+    cfg = yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())
+    if not cfg.get("gguf"):
+        return None
+    from harness.pretrained import MissingGGUF, ensure_converted
+
+    try:
+        ensure_converted(str(cfg["name"]), cfg["gguf"])
+    except MissingGGUF as e:
+        return str(e)
+    return None
 
 
 def _threads() -> int:
