@@ -383,6 +383,17 @@ Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the re
 ## Cost per cell (row start to finish, {grid['settings'].get('limit')} samples)
 
 {cost_table(rows)}
+## What is left (`make leaderboard-plan`)
+
+```
+{estimate(grid, parts, rows)}
+```
+
+On the GPU machine (the tree of a commit that has this runner; `.whl` from `scripts/fetch_gpu_wheels.sh`):
+`run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python scripts/leaderboard.py --models tiny
+--max-minutes 8 --pack $OUT/rows.tar.gz"`, then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
+python scripts/leaderboard.py --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
+
 ## Commits and machines
 
 {provenance(rows)}
