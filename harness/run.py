@@ -202,8 +202,13 @@ class _Skip(Exception):
     pass
 
 
-def run_job(cfg: Any, *, method_name: str | None = None, strict: bool = False) -> dict[str, Any]:
+def run_job(cfg: Any, *, method_name: str | None = None, strict: bool = False,
+            probe_cache: dict | None = None) -> dict[str, Any]:
     """Run one configuration and return its row (written to results/runs/ before returning).
+
+    ``probe_cache``: a dict kept by a caller that runs many jobs in one process (scripts/leaderboard.py):
+    the throughput probe, which never sees the task, runs once per (model, method, ratio, probe shape,
+    device) and later rows of other tasks copy its columns.
 
     ``strict`` (a single run from the command line): malformed settings and a context the model cannot
     hold raise :class:`UsageError` (exit 2, no row) before the model loads. Otherwise (a multirun job, a
@@ -296,7 +301,7 @@ def run_job(cfg: Any, *, method_name: str | None = None, strict: bool = False) -
             ratio_reasons = method.ratio_reasons() if hasattr(method, "ratio_reasons") else []
             if ratio_reasons:  # before the model loads: the method honours it on no model
                 raise _Skip("; ".join(ratio_reasons))
-            row.update(_run(cfg, method, samples, ctx))
+            row.update(_run(cfg, method, samples, ctx, probe_cache=probe_cache))
     except _Skip as e:
         row.update(status="skipped", reason=str(e))
     except Exception as e:  # noqa: BLE001 - a failed run still writes its row with the reason
@@ -322,7 +327,19 @@ def _wandb(logger_cfg: Any, config: dict, row: dict, samples: list[dict], path: 
         _log(f"W&B logging failed ({type(e).__name__}: {e}); the row is in {path}")
 
 
-def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any]) -> dict[str, Any]:
+def _probe_key(cfg: Any) -> str:
+    """What the throughput probe depends on: the run's config without the task and the accuracy pass's knobs."""
+    from omegaconf import OmegaConf
+
+    from .results import NON_IDENTITY_KEYS, canonical
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return canonical({k: v for k, v in c.items() if k not in (*NON_IDENTITY_KEYS, "task", "limit", "batch_size",
+                                                             "ppl_chunk")})
+
+
+def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
+         probe_cache: dict | None = None) -> dict[str, Any]:
     import torch
     from omegaconf import OmegaConf
 
@@ -370,14 +387,21 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any]) -> dic
     out["kernel"] = engine.kernel  # the path that ran: fused kernels (CUDA) or the reference
 
     if cfg.bench.enabled:
-        _log(f"throughput probe: {cfg.bench.batch_size} x {cfg.bench.context_length} random tokens, "
-             f"{cfg.bench.decode_steps} decode steps (after a short warm-up)")
-        tp = time.perf_counter()
-        probe = throughput_probe(
-            engine, batch_size=int(cfg.bench.batch_size), context_length=int(cfg.bench.context_length),
-            decode_steps=int(cfg.bench.decode_steps), vocab_size=spec.vocab_size, seed=int(cfg.seed),
-        )
-        _log(f"throughput probe done in {time.perf_counter() - tp:.1f}s")
+        key = None if probe_cache is None else _probe_key(cfg)
+        if key is not None and key in probe_cache:
+            _log("throughput probe: measured earlier in this process for the same model, method and ratio")
+            probe = dict(probe_cache[key])
+        else:
+            _log(f"throughput probe: {cfg.bench.batch_size} x {cfg.bench.context_length} random tokens, "
+                 f"{cfg.bench.decode_steps} decode steps (after a short warm-up)")
+            tp = time.perf_counter()
+            probe = throughput_probe(
+                engine, batch_size=int(cfg.bench.batch_size), context_length=int(cfg.bench.context_length),
+                decode_steps=int(cfg.bench.decode_steps), vocab_size=spec.vocab_size, seed=int(cfg.seed),
+            )
+            _log(f"throughput probe done in {time.perf_counter() - tp:.1f}s")
+            if key is not None:
+                probe_cache[key] = dict(probe)
         kv_read = probe.pop("probe_kv_bytes_read_per_step")
         out.update(probe)
         slow = []  # why this GPU row's decode speed is not the fast path's (an ok row still says so)

@@ -12,6 +12,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+# Flat config keys a W&B workspace groups, filters and colours by (the resolved config nests model, method and
+# task as dicts without their names): the same Pareto plots as `make report`, e.g. a scatter of summary
+# ratio_achieved (x) against accuracy (y), grouped by method_name, filtered on model_name, task_name, context_length.
+GROUPING_KEYS = ("model_name", "task_name", "method_name", "family", "ratio", "context_length", "protocol")
+
+
+def grouping_keys(row: dict[str, Any]) -> dict[str, Any]:
+    return {"model_name": row.get("model"), "task_name": row.get("task"), "method_name": row.get("method"),
+            "family": row.get("family"), "ratio": row.get("ratio"), "context_length": row.get("context_length"),
+            "protocol": row.get("protocol")}
+
 
 def log_run(logger_cfg: Any, config: dict[str, Any], row: dict[str, Any], samples: list[dict]) -> str | None:
     """Log one run; returns the local run directory (or None when W&B is disabled)."""
@@ -32,7 +43,7 @@ def log_run(logger_cfg: Any, config: dict[str, Any], row: dict[str, Any], sample
         id=None,
         mode=mode,
         dir=str(directory),
-        config={k: v for k, v in config.items() if k != "logger"},
+        config={**{k: v for k, v in config.items() if k != "logger"}, **grouping_keys(row)},
         reinit="finish_previous",
         settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
     )

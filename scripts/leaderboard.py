@@ -1,0 +1,510 @@
+"""``make leaderboard``: run the pinned grid of ``conf/experiment/leaderboard.yaml``, resumable.
+
+    python scripts/leaderboard.py --plan                         # cells, what is done, estimated cost
+    python scripts/leaderboard.py --models tiny --lengths 4096   # run part of the grid (here: CPU)
+    python scripts/leaderboard.py --max-minutes 9 --pack $OUT/rows.tar.gz   # a GPU call; bring the rows back
+    python scripts/leaderboard.py --tables                       # only rebuild results/leaderboard/*.md
+
+Every cell is an ordinary run of ``harness.run.run_job`` (the same evaluation loop, row schema and run_id
+as ``python -m harness.run``), written to ``results/leaderboard/runs/<run_id>.json``. The grid avoids the
+per-run overheads that ``python -m harness.run -m ...`` would pay:
+
+- one process per invocation: each model is loaded once (``harness.loading`` caches it), the Hydra config
+  is composed in-process;
+- the throughput probe (random tokens, task-independent by design) runs once per (model, length, method,
+  ratio) and the rows of the other tasks copy its columns (``run_job(probe_cache=...)``);
+- resume is run_job's own rule: a cell whose ok row exists is not rerun (skipped and failed cells are
+  retried: a skipped one costs a validate call).
+
+Order: for each model and length, task by task in the grid's order: ``full`` first (the gate: the task
+stays when full-cache accuracy >= ``min_full_accuracy``), then every other method x its family's ratios on
+that task. So a partial run (a GPU call's worth) covers every method on the first tasks. ``--max-minutes`` stops starting new cells
+after that long, so a GPU call ends inside its limit and the next call resumes.
+
+Tables: ``results/leaderboard/summary.{md,csv}`` (scripts/aggregate.py over the leaderboard's rows) and
+``results/leaderboard/README.md`` (the gate per model, length and task; cells done, skipped, failed and
+still to run; how long cells took per model and machine; the commands and machines that produced the
+rows). ``make report`` renders the page from the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GRID = REPO / "conf" / "experiment" / "leaderboard.yaml"
+RESULTS = REPO / "results" / "leaderboard"
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    context_length: int
+    task: str
+    method: str
+    family: str
+    ratio: float
+
+    def overrides(self, settings: dict[str, Any]) -> list[str]:
+        return [f"model={self.model}", f"method={self.method}", f"ratio={self.ratio}", f"task={self.task}",
+                f"context_length={self.context_length}", *(f"{k}={_hydra_value(v)}" for k, v in settings.items())]
+
+    def label(self) -> str:
+        return f"{self.model} {self.context_length} {self.task} {self.method}@{self.ratio:g}"
+
+
+def _hydra_value(v: Any) -> str:
+    return "null" if v is None else ("true" if v is True else "false" if v is False else str(v))
+
+
+def load_grid(path: Path = GRID) -> dict[str, Any]:
+    import yaml
+
+    grid = yaml.safe_load(path.read_text())
+    for key in ("min_full_accuracy", "settings", "models"):
+        if key not in grid:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return grid
+
+
+def family_ratios() -> dict[str, list[float]]:
+    """Family -> ratios, from conf/sweep/<family sweep>.yaml (the one place they are pinned)."""
+    import yaml
+
+    from harness.run import CONF, FAMILY_SWEEP
+
+    out = {}
+    for family, sweep in FAMILY_SWEEP.items():
+        params = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["hydra"]["sweeper"]["params"]
+        out[family] = [float(r) for r in str(params["ratio"]).split(",")]
+    return out
+
+
+def methods() -> dict[str, str]:
+    """Every method of conf/method/ -> its family (read from the class, nothing instantiated)."""
+    from harness.run import options
+    from harness.sweep import method_family
+
+    return {m: method_family(m) for m in options("method")}
+
+
+def plan(grid: dict[str, Any], *, models: list[str] | None = None, lengths: list[int] | None = None,
+         tasks: list[str] | None = None, only_methods: list[str] | None = None) -> dict[tuple[str, int], dict]:
+    """(model, length) -> {"gate": [full cells], "cells": {task: [cells of the other methods]}} in run order."""
+    fams = methods()
+    ratios = family_ratios()
+    unknown = [m for m in (only_methods or []) if m not in fams]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; available: {', '.join(fams)}")
+    out: dict[tuple[str, int], dict] = {}
+    for model, spec in grid["models"].items():
+        if models and model not in models:
+            continue
+        for length in spec["context_lengths"]:
+            if lengths and int(length) not in lengths:
+                continue
+            cand = [t for t in spec["tasks"] if not tasks or t in tasks]
+            gate = [Cell(model, int(length), t, "full", "none", r) for t in cand for r in ratios["none"]]
+            cells: dict[str, list[Cell]] = {t: [] for t in cand}
+            for m, fam in fams.items():
+                if m == "full" or (only_methods and m not in only_methods):
+                    continue
+                for r in ratios[fam]:
+                    for t in cand:
+                        cells[t].append(Cell(model, int(length), t, m, fam, r))
+            out[(model, int(length))] = {"gate": gate, "cells": cells}
+    return out
+
+
+def read_rows(results: Path = RESULTS) -> dict[str, dict]:
+    rows = {}
+    for p in sorted((results / "runs").glob("*.json")):
+        try:
+            row = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows[row["run_id"]] = row
+    return rows
+
+
+def cell_key(row: dict) -> tuple:
+    return (row.get("model"), int(row.get("context_length") or 0), row.get("task"), row.get("method"),
+            round(float(row.get("ratio") or 0.0), 6))
+
+
+def key_of(cell: Cell) -> tuple:
+    return (cell.model, cell.context_length, cell.task, cell.method, round(cell.ratio, 6))
+
+
+def rows_by_cell(rows: dict[str, dict], settings: dict[str, Any]) -> dict[tuple, dict]:
+    """The latest row of each grid cell among rows run with the grid's settings."""
+    out: dict[tuple, dict] = {}
+    for row in sorted(rows.values(), key=lambda r: str(r.get("finished_at") or "")):
+        cfg = json.loads(row.get("config") or "{}")
+        if any(_hydra_value(_lookup(cfg, k)) != _hydra_value(v) for k, v in settings.items()):
+            continue
+        out[cell_key(row)] = row
+    return out
+
+
+def _lookup(cfg: dict, key: str) -> Any:
+    """A setting's value in a row's resolved config: ``bench.enabled`` -> cfg["bench"]["enabled"];
+    ``device`` -> the device group's name."""
+    if key == "device":
+        return (cfg.get("device") or {}).get("name")
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def gate_passes(row: dict | None, threshold: float) -> bool | None:
+    """True / False once the full-cache row is ok; None while it is missing or not ok."""
+    if not row or row.get("status") != "ok" or row.get("accuracy") is None:
+        return None
+    return float(row["accuracy"]) >= threshold
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | None, extra: list[str]) -> list[str]:
+    """Run every cell of ``parts`` not done yet; returns the run_ids written by this invocation."""
+    from harness.run import run_job
+    from harness.sweep import compose
+
+    settings = dict(grid["settings"])
+    threshold = float(grid["min_full_accuracy"])
+    t_start = time.monotonic()
+    written: list[str] = []
+    probe_cache: dict = {}
+    done = rows_by_cell(read_rows(results), settings)
+
+    def out_of_time() -> bool:
+        return max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
+
+    def run(cell: Cell) -> dict | None:
+        row = done.get(key_of(cell))
+        if row is not None and row.get("status") == "ok":
+            return row
+        if out_of_time():
+            return None
+        t0, c0 = time.monotonic(), time.process_time()
+        cfg = compose(cell.overrides(settings) + [f"results_dir={results}", "progress=false", *extra])
+        row = run_job(cfg, method_name=cell.method, probe_cache=probe_cache)
+        done[key_of(cell)] = row
+        written.append(row["run_id"])
+        with (results / "costs.jsonl").open("a") as f:  # wall and CPU seconds of each cell this process ran
+            f.write(json.dumps({"run_id": row["run_id"], "cell": cell.label(), "status": row.get("status"),
+                                "wall_s": round(time.monotonic() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+                                "machine": row.get("device"), "threads": _threads()}) + "\n")
+        acc = row.get("accuracy")
+        print(f"[leaderboard] {cell.label()}: {row.get('status')}"
+              f"{'' if acc is None else f' acc={acc:.3f}'} ({time.monotonic() - t0:.0f}s)"
+              f"{'' if row.get('status') == 'ok' else ' - ' + str(row.get('reason'))[:160]}", file=sys.stderr, flush=True)
+        return row
+
+    unavailable: dict[str, str] = {}
+    for (model, length), part in parts.items():
+        if model not in unavailable:
+            unavailable[model] = model_unavailable(model) or ""
+        if unavailable[model]:
+            print(f"[leaderboard] {model} @ {length}: not run, the model is not available: {unavailable[model]}",
+                  file=sys.stderr, flush=True)
+            continue
+        for gate_cell in part["gate"]:  # task by task in the grid's order: the gate, then every method on that task
+            ok = gate_passes(run(gate_cell), threshold)
+            if ok is False:
+                print(f"[leaderboard] {model} {length}: {gate_cell.task} is out (full accuracy "
+                      f"{done[key_of(gate_cell)]['accuracy']:.2f} < {threshold})", file=sys.stderr, flush=True)
+            if ok:
+                for cell in part["cells"][gate_cell.task]:  # the probe cache spans tasks: one probe per method x ratio
+                    run(cell)
+        if out_of_time():
+            print(f"[leaderboard] stopped after {max_minutes} minutes; run again to resume", file=sys.stderr, flush=True)
+            break
+    return written
+
+
+def model_unavailable(model: str) -> str | None:
+    """Why ``model``'s weights cannot be had here (a GGUF package that is not installed and cannot be), or None.
+    Checked once per model, so a machine without the package writes no hundreds of failed rows."""
+    import yaml
+
+    from harness.run import CONF
+
+    cfg = yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())
+    if not cfg.get("gguf"):
+        return None
+    from harness.pretrained import MissingGGUF, ensure_converted
+
+    try:
+        ensure_converted(str(cfg["name"]), cfg["gguf"])
+    except MissingGGUF as e:
+        return str(e)
+    return None
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def pack(results: Path, run_ids: list[str], dest: Path) -> None:
+    """The rows (and per-sample files) this invocation wrote, as one tar.gz (a GPU call brings it back;
+    extract it with ``tar -xzf FILE -C results/leaderboard``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:gz") as tar:
+        for rid in run_ids:
+            for p in [results / "runs" / f"{rid}.json", *sorted((results / "samples").glob(f"{rid}.*"))]:
+                if p.is_file():
+                    tar.add(p, arcname=str(p.relative_to(results)))
+        if (results / "costs.jsonl").is_file():
+            tar.add(results / "costs.jsonl", arcname=f"costs-{os.getpid()}.jsonl")
+    print(f"[leaderboard] packed {len(run_ids)} rows into {dest}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _machine(row: dict) -> str:
+    return str(row.get("device") or "?")
+
+
+def status_table(grid: dict, parts: dict, rows: dict[str, dict]) -> tuple[str, dict]:
+    """Markdown: the gate, what is done and what is left, per (model, length); and counts."""
+    settings = dict(grid["settings"])
+    threshold = float(grid["min_full_accuracy"])
+    done = rows_by_cell(rows, settings)
+    lines = []
+    counts = defaultdict(int)
+    for (model, length), part in parts.items():
+        gate_cells = []
+        passed = []
+        for cell in part["gate"]:
+            row = done.get(key_of(cell))
+            ok = gate_passes(row, threshold)
+            acc = "" if not row or row.get("accuracy") is None else f"{row['accuracy']:.2f}"
+            gate_cells.append(f"{cell.task} {acc or '?'}{' ✓' if ok else (' ✗' if ok is False else '')}")
+            counts["ok" if row and row.get("status") == "ok" else "todo"] += 1
+            if ok:
+                passed.append(cell.task)
+        todo = {"ok": 0, "skipped": 0, "failed": 0, "todo": 0}
+        for task in passed:
+            for cell in part["cells"][task]:
+                row = done.get(key_of(cell))
+                st = row.get("status") if row else "todo"
+                todo[st if st in todo else "todo"] += 1
+        pending = sum(1 for c in part["gate"] if gate_passes(done.get(key_of(c)), threshold) is None)
+        for k, v in todo.items():
+            counts[k] += v
+        lines.append(f"| {model} | {length} | {', '.join(gate_cells)} | {todo['ok']} | {todo['skipped']} | "
+                     f"{todo['failed']} | {todo['todo']}{f' (+ the tasks of {pending} gate cells not run)' if pending else ''} |")
+    head = [f"Gate: full-cache accuracy >= {threshold} over the same {settings.get('limit')} samples (✓ in, ✗ out, "
+            "? not run yet).", "",
+            "| model | context | gate (full accuracy per task) | ok | skipped | failed | to run |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    return "\n".join(head + lines) + "\n", dict(counts)
+
+
+def cost_table(rows: dict[str, dict]) -> str:
+    """Seconds a cell took (row start to finish), per model, length and machine: the basis of the estimates."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows.values():
+        if r.get("status") != "ok" or not r.get("started_at") or not r.get("finished_at"):
+            continue
+        t = (_dt.datetime.fromisoformat(r["finished_at"]) - _dt.datetime.fromisoformat(r["started_at"])).total_seconds()
+        acc[(r["model"], int(r["context_length"]), _machine(r))].append(t)
+    if not acc:
+        return "_no finished cells yet_\n"
+    out = ["| model | context | machine | cells | median s/cell | total h |", "|---|---:|---|---:|---:|---:|"]
+    for (m, L, dev), ts in sorted(acc.items()):
+        ts = sorted(ts)
+        out.append(f"| {m} | {L} | {dev} | {len(ts)} | {ts[len(ts) // 2]:.0f} | {sum(ts) / 3600:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def provenance(rows: dict[str, dict]) -> str:
+    """Which commit and machine produced how many rows."""
+    acc: dict[tuple, int] = defaultdict(int)
+    span: dict[tuple, list[str]] = defaultdict(list)
+    for r in rows.values():
+        k = (str(r.get("git_sha") or "?")[:10] + ("-dirty" if r.get("git_dirty") else ""), _machine(r),
+             str(r.get("hostname") or "?"))
+        acc[k] += 1
+        span[k] += [str(r.get("started_at") or ""), str(r.get("finished_at") or "")]
+    out = ["| commit | machine | host | rows | from | to |", "|---|---|---|---:|---|---|"]
+    for k, n in sorted(acc.items()):
+        s = sorted(x for x in span[k] if x)
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {n} | {s[0] if s else ''} | {s[-1] if s else ''} |")
+    return "\n".join(out) + "\n"
+
+
+def write_tables(grid: dict, results: Path, commands: list[str]) -> dict:
+    rows = read_rows(results)
+    parts = plan(grid)
+    status, counts = status_table(grid, parts, rows)
+    import subprocess
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "aggregate.py"), "--results", str(results), "--quiet"],
+                   check=True)
+    log = results / "commands.log"
+    prior = log.read_text().splitlines() if log.exists() else []
+    lines = prior + [c for c in commands if c not in prior]
+    if lines:
+        log.write_text("\n".join(lines) + "\n")
+    text = f"""# kvbench leaderboard: rows
+
+The grid is pinned in `conf/experiment/leaderboard.yaml`; every cell is an ordinary `harness.run` row in
+`runs/` (same schema and run_id as `python -m harness.run ...`), run by `scripts/leaderboard.py`
+(`make leaderboard`). `summary.md` / `summary.csv` are `scripts/aggregate.py --results results/leaderboard`;
+`make report` renders `results/report/index.html` from these rows.
+
+## Progress and gate
+
+{status}
+Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the reason in the row),
+{counts.get('failed', 0)} failed, {counts.get('todo', 0)} still to run (not counting the tasks of gate cells not run yet).
+
+## Cost per cell (row start to finish, {grid['settings'].get('limit')} samples)
+
+{cost_table(rows)}
+## What is left (`make leaderboard-plan`)
+
+```
+{estimate(grid, parts, rows)}
+```
+
+On the GPU machine (the tree of a commit that has this runner; `.whl` from `scripts/fetch_gpu_wheels.sh`):
+`run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python scripts/leaderboard.py --models tiny
+--max-minutes 8 --pack $OUT/rows.tar.gz"`, then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
+python scripts/leaderboard.py --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
+
+## Commits and machines
+
+{provenance(rows)}
+Commands that wrote these rows: `commands.log`.
+"""
+    (results / "README.md").write_text(text)
+    return counts
+
+
+def sync_wandb(grid: dict, results: Path, *, project: str, group: str | None) -> int:
+    """Mirror every grid row (and its per-sample predictions, where kept) to W&B as one project, offline
+    (``wandb sync <dir>`` uploads later). Each W&B run's config carries the flat grouping keys
+    (harness.wandb_logger.GROUPING_KEYS), so a workspace can draw the report's Pareto plots."""
+    import gzip
+
+    from harness.wandb_logger import log_run
+
+    rows = rows_by_cell(read_rows(results), dict(grid["settings"]))
+    directory = results / "wandb"
+    cfg = {"project": project, "group": group, "tags": ["leaderboard"], "mode": os.environ.get("WANDB_MODE", "offline"),
+           "dir": str(directory)}
+    n = 0
+    for row in rows.values():
+        samples = []
+        for p in sorted((results / "samples").glob(f"{row['run_id']}.*")):
+            opener = gzip.open if p.suffix == ".gz" else open
+            with opener(p, "rt") as f:
+                samples = [json.loads(line) for line in f if line.strip()]
+        log_run(cfg, json.loads(row.get("config") or "{}"), row, samples)
+        n += 1
+    print(f"[leaderboard] {n} rows logged to W&B project {project!r} under {directory}; upload with "
+          f"`wandb sync {directory}/wandb/offline-run-*`", file=sys.stderr)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def estimate(grid: dict, parts: dict, rows: dict[str, dict]) -> str:
+    """Cells to run per (model, length) and their cost at the median measured s/cell on each machine."""
+    settings = dict(grid["settings"])
+    threshold = float(grid["min_full_accuracy"])
+    done = rows_by_cell(rows, settings)
+    med: dict[tuple, dict[str, float]] = defaultdict(dict)
+    per: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows.values():
+        if r.get("status") == "ok" and r.get("started_at") and r.get("finished_at"):
+            t = (_dt.datetime.fromisoformat(r["finished_at"]) - _dt.datetime.fromisoformat(r["started_at"])).total_seconds()
+            per[(r["model"], int(r["context_length"]), _machine(r))].append(t)
+    for (m, L, dev), ts in per.items():
+        med[(m, L)][dev] = sorted(ts)[len(ts) // 2]
+    out = []
+    for (model, length), part in parts.items():
+        n_gate_todo = sum(1 for c in part["gate"] if not (done.get(key_of(c)) or {}).get("status") == "ok")
+        tasks_in = [c.task for c in part["gate"] if gate_passes(done.get(key_of(c)), threshold) is not False]
+        n = sum(1 for t in tasks_in for c in part["cells"][t] if (done.get(key_of(c)) or {}).get("status") != "ok")
+        cost = ", ".join(f"{dev}: {(n + n_gate_todo) * s / 3600:.1f} h at {s:.0f} s/cell" for dev, s in med[(model, length)].items())
+        out.append(f"{model} @ {length}: {n_gate_todo} gate cells + up to {n} cells to run "
+                   f"({len(tasks_in)} tasks in or undecided){'; ' + cost if cost else ''}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", type=Path, default=GRID)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--models", help="comma-separated subset of the grid's models")
+    ap.add_argument("--lengths", help="comma-separated subset of context lengths")
+    ap.add_argument("--tasks", help="comma-separated subset of tasks")
+    ap.add_argument("--methods", help="comma-separated subset of methods (full always runs: it is the gate)")
+    ap.add_argument("--max-minutes", type=float, help="start no new cell after this long (resume later)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
+    ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
+    ap.add_argument("--plan", action="store_true", help="print the plan and the estimated cost, run nothing")
+    ap.add_argument("--tables", action="store_true", help="only rebuild the tables from the rows")
+    ap.add_argument("--wandb", metavar="PROJECT", help="log every grid row to this W&B project (offline) and exit")
+    ap.add_argument("--wandb-group", default="leaderboard")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (part of run identity!)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    split = (lambda s: [x for x in s.split(",") if x] if s else None)  # noqa: E731
+    grid = load_grid(args.grid)
+    parts = plan(grid, models=split(args.models), lengths=[int(x) for x in split(args.lengths) or []] or None,
+                 tasks=split(args.tasks), only_methods=split(args.methods))
+    if args.plan:
+        print(estimate(grid, parts, read_rows(args.results)))
+        return 0
+    if args.wandb:
+        sync_wandb(grid, args.results, project=args.wandb, group=args.wandb_group)
+        return 0
+    if args.tables:
+        print(json.dumps(write_tables(grid, args.results, [])))
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cmd = " ".join(["python scripts/leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
+    written = run_grid(grid, parts, results=args.results, max_minutes=args.max_minutes, extra=list(args.overrides))
+    if args.pack:
+        pack(args.results, written, args.pack)
+    try:
+        counts = write_tables(grid, args.results, [cmd] if written else [])
+    except Exception as e:  # noqa: BLE001 - the rows are written; tables can be rebuilt with --tables
+        print(f"[leaderboard] tables not rebuilt ({type(e).__name__}: {e}); run --tables", file=sys.stderr)
+        counts = {}
+    print(json.dumps({"written": len(written), **counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The leaderboard grid and its runner (scripts/leaderboard.py): every method has cells, rows are ordinary
+harness.run rows (same run_id), the gate drops tasks the model cannot do, resume, one probe per method x ratio."""
+
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.run import options, run_job
+from harness.sweep import compose
+from scripts import leaderboard as L
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pinned_grid_covers_every_method_on_both_models():
+    grid = L.load_grid()
+    assert {"tiny", "smollm2_135m"} <= set(grid["models"])
+    assert grid["settings"]["limit"] >= 100 and grid["min_full_accuracy"] == 0.8
+    assert grid["models"]["tiny"]["context_lengths"] == [4096, 8192]
+    parts = L.plan(grid)
+    ratios = L.family_ratios()
+    fams = L.methods()
+    assert set(fams) == set(options("method"))
+    for (model, length), part in parts.items():
+        seen = {(c.method, c.ratio) for cells in part["cells"].values() for c in cells} | {
+            (c.method, c.ratio) for c in part["gate"]}
+        for method, fam in fams.items():  # every method at each of its family's ratios
+            assert {(method, r) for r in ratios[fam]} <= seen, (model, length, method)
+    # the per-family ratios are the sweep files' (one source)
+    q = yaml.safe_load((REPO / "conf/sweep/quantization.yaml").read_text())["hydra"]["sweeper"]["params"]["ratio"]
+    assert ratios["quantization"] == [float(x) for x in str(q).split(",")]
+
+
+def _grid(tmp_path):
+    grid = {"min_full_accuracy": 0.8,
+            "settings": {"limit": 2, "seed": 0, "protocol": "query_agnostic", "prefill_chunk": 64, "batch_size": 1,
+                         "device": "auto", "bench.context_length": 128, "bench.decode_steps": 3},
+            "models": {"tiny": {"context_lengths": [256], "tasks": ["niah_single", "common_words", "niah_multikey"]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+@pytest.mark.slow
+def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
+    grid_path = _grid(tmp_path)
+    res = tmp_path / "res"
+    args = ["--grid", str(grid_path), "--results", str(res), "--methods", "streaming_llm", "--pack", str(tmp_path / "rows.tgz")]
+    assert L.main(args) == 0
+    rows = {r["run_id"]: r for r in map(lambda p: json.loads(p.read_text()), (res / "runs").glob("*.json"))}
+    by = {(r["task"], r["method"], r["ratio"]): r for r in rows.values()}
+    # the gate: common_words is out (the tiny model never learned it), so only full ran there
+    assert by[("common_words", "full", 0.0)]["accuracy"] < 0.8
+    assert not [k for k in by if k[0] == "common_words" and k[1] != "full"]
+    eviction = L.family_ratios()["eviction"]
+    for task in ("niah_single", "niah_multikey"):
+        assert by[(task, "full", 0.0)]["accuracy"] >= 0.8
+        assert {r for (t, m, r) in by if t == task and m == "streaming_llm"} == set(eviction)
+    # a cell's row is the ordinary harness.run row: same run_id as a direct run of the same overrides
+    cell = by[("niah_single", "streaming_llm", 0.5)]
+    cfg = compose(["model=tiny", "method=streaming_llm", "ratio=0.5", "task=niah_single", "context_length=256",
+                   "limit=2", "seed=0", "protocol=query_agnostic", "prefill_chunk=64", "batch_size=1", "device=auto",
+                   "bench.context_length=128", "bench.decode_steps=3", f"results_dir={res}", "progress=false"])
+    again = run_job(cfg, method_name="streaming_llm")
+    assert again["run_id"] == cell["run_id"] and again["finished_at"] == cell["finished_at"]  # found done, not rerun
+    # the probe ran once per method x ratio: the second task's row carries the first one's speed columns
+    other = by[("niah_multikey", "streaming_llm", 0.5)]
+    for col in ("decode_tok_s", "decode_ms_p50", "prefill_tok_s", "peak_mem_decode_bytes"):
+        assert other[col] == cell[col] and cell[col] is not None
+    # resume: nothing left to run
+    assert L.main(["--grid", str(grid_path), "--results", str(res), "--methods", "streaming_llm"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
+    # the pack holds exactly the rows written by the first invocation
+    with tarfile.open(tmp_path / "rows.tgz") as tar:
+        names = {n for n in tar.getnames() if n.startswith("runs/")}
+    assert names == {f"runs/{rid}.json" for rid in rows}
+    # tables: the status page and the aggregate
+    text = (res / "README.md").read_text()
+    assert re.search(r"common_words 0\.\d\d ✗", text) and "niah_single 1.00 ✓" in text
+    assert (res / "summary.md").is_file()
+    assert "tiny @ 256" in L.estimate(L.load_grid(grid_path), L.plan(L.load_grid(grid_path)), L.read_rows(res))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit, match="unknown method"):
+        L.plan(L.load_grid(), only_methods=["snapkvv"])
+
+
+def test_wandb_sync_carries_the_grouping_keys(tmp_path, monkeypatch):
+    """--wandb logs each grid row as an offline W&B run whose config has the flat grouping keys."""
+    import glob
+    import time
+
+    from harness.wandb_logger import GROUPING_KEYS
+    from tests.helpers import read_wandb_offline
+    from tests.report_rows import write_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    grid = {"min_full_accuracy": 0.8, "settings": L.load_grid()["settings"],
+            "models": {"tiny": {"context_lengths": [4096], "tasks": ["niah_single"]}}}
+    res = tmp_path / "res"
+    rows = write_rows(res, grid, tasks=("niah_single",))
+    keep = {r["run_id"] for r in rows if r["method"] == "full"}
+    for p in (res / "runs").glob("*.json"):  # one row is enough
+        if p.stem not in keep:
+            p.unlink()
+    assert L.sync_wandb(grid, res, project="kvbench-test", group="leaderboard") == 1
+    files = glob.glob(str(res / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    config: set = set()
+    for _ in range(120):  # the W&B service writes asynchronously
+        try:
+            summary, config, _ = read_wandb_offline(files[0])
+        except AssertionError:
+            summary = {}
+        if "run_id" in summary:
+            break
+        time.sleep(0.5)
+    assert set(GROUPING_KEYS) <= config and summary["method"] == "full"
