@@ -78,7 +78,8 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("bench.decode_steps", "an integer >= 1", _int_at_least(1)),
     Setting("device.name", "auto, cpu, cuda or cuda:<index>", lambda v: isinstance(v, str) and bool(DEVICES.match(v))),
     Setting("model.name", "a name for the model's rows", lambda v: isinstance(v, str) and bool(v.strip())),
-    Setting("model.path", "a local model directory or a Hugging Face id", lambda v: isinstance(v, str) and bool(v.strip())),
+    Setting("model.path", "a local model directory or a Hugging Face id (null only for a model.gguf model)",
+            lambda v: isinstance(v, str) and bool(v.strip()), nullable=True),
     Setting("model.dtype", ", ".join(DTYPES), lambda v: v in DTYPES, nullable=True, optional=True),
     Setting("model.max_length", "an integer >= 1, or null (the model's max_position_embeddings)", _int_at_least(1),
             nullable=True, optional=True),
@@ -122,6 +123,9 @@ def check(config: dict[str, Any]) -> list[str]:
             problems.append(f"{s.key}={_show(v)} is not allowed: use {s.allowed}")
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     path = model.get("path")
+    if path is None and not model.get("gguf") and "path" in model:
+        problems.append("model.path=null is not allowed: use a local model directory or a Hugging Face id "
+                        "(null only for a model converted from a GGUF, model.gguf)")
     if isinstance(path, str) and path.strip():
         p = local_model_dir(path)
         if p is not None and not p.is_dir():
