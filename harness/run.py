@@ -161,6 +161,10 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
     from .measure import nominal_weights_bytes, throughput_probe
 
     out: dict[str, Any] = {}
+    from .devices import pin_error
+
+    if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
+        raise RuntimeError(f"no GPU for this job: {pin_error()}")
     if cfg.protocol not in ("query_agnostic", "query_aware"):
         raise ValueError(f"unknown protocol {cfg.protocol!r}; use query_agnostic or query_aware")
     try:
@@ -174,7 +178,8 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _log(f"loading model {cfg.model.name}")
-    loaded = load(OmegaConf.to_container(cfg.model, resolve=True), device=cfg.device.name)
+    loaded = load(OmegaConf.to_container(cfg.model, resolve=True), device=cfg.device.name,
+                  split_over=OmegaConf.to_container(cfg.device, resolve=True).get("split_over"))
     model, tok = loaded.model, loaded.tokenizer
     out["_device"] = str(loaded.device)
     out["weights"] = loaded.weights
@@ -219,13 +224,12 @@ def _run(cfg: Any, row: dict[str, Any], samples: list[dict]) -> dict[str, Any]:
         if slow:
             out["reason"] = "; ".join([r for r in (out.get("reason"),) if r] + slow)
         if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
-            from .measure import copy_bandwidth, weights_bytes
+            from .devices import roofline_ms
 
-            bw = copy_bandwidth(loaded.device)
-            if bw:
-                roof = 1000 * (weights_bytes(model) + kv_read) / bw
-                out["roofline_ms"] = roof
-                out["roofline_frac"] = roof / out["decode_ms_p50"]
+            roof = roofline_ms(model, kv_bytes=kv_read)  # over every GPU a split model spans (harness/devices.py)
+            if roof:
+                out["roofline_ms"] = roof["roofline_ms"]
+                out["roofline_frac"] = roof["roofline_ms"] / out["decode_ms_p50"]
     out["status"] = "ok"
     out["reason"] = out.get("reason")
     return out
