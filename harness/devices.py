@@ -10,9 +10,10 @@
    later job in that worker checks it still holds that GPU. Two jobs therefore never share a GPU, whichever
    worker joblib hands a job to (a job-number rule, ``num % N``, would pair two running jobs on one GPU as
    soon as jobs finish out of order, and could not re-pin a reused worker anyway). ``n_jobs`` defaults to the
-   pool's size; more workers than GPUs is refused before any job starts. The locks live per host and user,
-   so a second sweep on the same host takes only the GPUs the first left free. Each job computes exactly
-   what it computes alone, so the rows are a serial run's rows.
+   pool's size; more workers than GPUs are cut to one per GPU. The locks live per host and user, so a second
+   sweep on the same host takes only the GPUs the first left free; a job that finds none fails with its row
+   (never runs unpinned). Each job computes exactly what it computes alone: the rows are a serial run's rows.
+   Tensor parallelism, and why the layer split is the path built here: ``docs/multi_gpu.md``.
 
 2. **One model over several GPUs.** ``device=split`` loads the model with its decoder layers split into
    contiguous groups over the GPUs (:func:`split_map`, handed to accelerate as a ``device_map``; accelerate's
