@@ -366,7 +366,7 @@ def graph_blocker(devices: list[Any]) -> str | None:
     if len(devices) > 1:
         names = ", ".join(str(d) for d in devices)
         return (f"the model spans {len(devices)} devices ({names}); a CUDA graph captures one device's stream, "
-                "so decode runs eagerly, each layer fused on its own GPU")
+                "so decode runs eagerly, each layer on its own GPU")
     return None
 
 
