@@ -39,15 +39,30 @@ def kvbench_attention(
         raise RuntimeError("kvbench attention is inference-only; call model.eval() first")
     kv_state.attention_calls += 1
     layer = kv_state.layers[module.layer_idx]
-    out = layer.extend(
-        query,
-        key,
-        value,
-        positions=kv_state.positions,
-        valid=kv_state.valid,
-        scaling=float(scaling if scaling is not None else module.scaling),
-    )
+    positions, valid = kv_state.positions, kv_state.valid
+    if positions is not None and positions.device != query.device:  # a layer on another device (device=split)
+        positions, valid = positions.to(query.device), valid.to(query.device)
+    with _on_device(query.device):
+        out = layer.extend(
+            query,
+            key,
+            value,
+            positions=positions,
+            valid=valid,
+            scaling=float(scaling if scaling is not None else module.scaling),
+        )
     return out, None
+
+
+def _on_device(device: Any) -> Any:
+    """The store's Triton kernels launch on the current CUDA device: make it the layer's (device=split)."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def no_mask(*args: Any, **kwargs: Any) -> None:

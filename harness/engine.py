@@ -98,6 +98,11 @@ class Engine:
         self.lm_head = self.model.get_output_embeddings()
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        from .devices import layer_devices, model_devices
+
+        # a model split over devices (device=split, accelerate device_map): each layer's store on its layer's device
+        self.layer_devices = layer_devices(self.decoder)
+        self.devices = model_devices(self.model)
         self.n_forward = 0
         self.kernel = getattr(self.method, "kernel", "reference")  # the path the last state ran (row column)
         self.graph_error: str | None = None  # why the last capture failed (decode then ran eagerly)
@@ -109,7 +114,8 @@ class Engine:
     # -- state ----------------------------------------------------------------------------------
     def new_state(self, batch: int, capacity: int) -> KVState:
         layers = [
-            self.method.new_layer(self.spec.layer(i), batch=batch, capacity=capacity, device=self.device, dtype=self.dtype)
+            self.method.new_layer(self.spec.layer(i), batch=batch, capacity=capacity, device=self.layer_devices[i],
+                                  dtype=self.dtype)
             for i in range(self.spec.n_layers)
         ]
         state = KVState(layers)
@@ -146,13 +152,13 @@ class Engine:
             kv_state=state,
         )
         self.n_forward += 1
-        hidden = out.last_hidden_state  # (B, T, hidden)
+        hidden = out.last_hidden_state  # (B, T, hidden); on the last layer's device when split
         if all_logits:
-            return self.lm_head(hidden).float()  # (B, T, V)
+            return self.lm_head(hidden).float().to(self.device)  # (B, T, V)
         if logits_at is None:
             return None
-        h = hidden[torch.arange(B, device=hidden.device), logits_at]  # (B, hidden)
-        return self.lm_head(h).float()  # (B, V)
+        h = hidden[torch.arange(B, device=hidden.device), logits_at.to(hidden.device)]  # (B, hidden)
+        return self.lm_head(h).float().to(self.device)  # (B, V)
 
     def run_segment(
         self,
@@ -307,6 +313,11 @@ class Engine:
             return self.step_forward(state, tok[:, None], pos[:, None], valid[:, None])
 
         if not (self.cuda_graph and dev.type == "cuda" and state.graph_safe):
+            return eager
+        from .devices import graph_blocker
+
+        if graph_blocker(self.devices):
+            self.graph_error = graph_blocker(self.devices)
             return eager
         with self.monitor.phase("capture"):
             try:

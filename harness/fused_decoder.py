@@ -128,6 +128,8 @@ class FusedDecoder:
         self.lm_head = model.get_output_embeddings()
         self.layers = [_Layer(layer) for layer in self.decoder.layers]
         self.checked: str | None = None  # the self-test's verdict on CUDA: None = not run, "" = passed, else why not
+        # device=split: layers on several devices, each layer's kernels on its own (see forward)
+        self.multi_device = len({L.wqkv.device for L in self.layers} | {self.lm_head.weight.device}) > 1
 
     def intact(self) -> bool:
         return all(layer.intact() for layer in self.layers)
@@ -137,14 +139,27 @@ class FusedDecoder:
         """Run each kernel once at this model's shapes, with 1 and 2 rows, against torch. Raises if one cannot
         launch on this GPU (shared memory, compiler) or computes something else, so the engine can keep the
         module path rather than fail a run mid-decode."""
+        firsts: dict = {}  # the first layer on each device (device=split: kernels compile per device)
+        for L in self.layers:
+            firsts.setdefault(L.wqkv.device, L)
+        for L0 in firsts.values():
+            with _on(L0.wqkv.device):
+                self._selftest(L0, with_head=L0.wqkv.device == self.lm_head.weight.device)
+        if self.lm_head.weight.device not in firsts:
+            with _on(self.lm_head.weight.device):
+                self._selftest(None, with_head=True)
+
+    def _selftest(self, L0: _Layer | None, *, with_head: bool) -> None:
         from methods.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
 
-        L0 = self.layers[0]
-        dev, dt = L0.wqkv.device, L0.wqkv.dtype
+        w0 = L0.wqkv if L0 is not None else self.lm_head.weight
+        dev, dt = w0.device, w0.dtype
         g = torch.Generator(device=dev).manual_seed(0)
-        mats = {"qkv": (L0.wqkv, L0.bqkv), "o_proj": (L0.attn.o_proj.weight, L0.attn.o_proj.bias),
-                "gate_up": (L0.wgu, L0.bgu), "down_proj": (L0.mlp.down_proj.weight, L0.mlp.down_proj.bias),
-                "lm_head": (self.lm_head.weight, self.lm_head.bias)}
+        mats = {} if L0 is None else {
+            "qkv": (L0.wqkv, L0.bqkv), "o_proj": (L0.attn.o_proj.weight, L0.attn.o_proj.bias),
+            "gate_up": (L0.wgu, L0.bgu), "down_proj": (L0.mlp.down_proj.weight, L0.mlp.down_proj.bias)}
+        if with_head:
+            mats["lm_head"] = (self.lm_head.weight, self.lm_head.bias)
         for rows in (1, 2):
             for name, (w, b) in mats.items():
                 x = torch.randn(rows, w.shape[1], generator=g, device=dev, dtype=dt)
@@ -153,6 +168,8 @@ class FusedDecoder:
                 if not bool(((got - want).abs() <= tol).all()):
                     raise RuntimeError(f"gemv of {name} ({rows} rows) differs from torch by "
                                        f"{float((got - want).abs().max()):.3g}")
+            if L0 is None:
+                continue
             x = torch.randn(rows, L0.wqkv.shape[1], generator=g, device=dev, dtype=dt)
             add_rmsnorm(x.clone(), x, L0.norm_in.weight, L0.norm_in.variance_epsilon)
             heads = torch.randn(rows, (L0.n_q + L0.n_kv) // L0.head_dim, L0.head_dim, generator=g, device=dev, dtype=dt)
@@ -163,7 +180,22 @@ class FusedDecoder:
 
     def forward(self, state: Any, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """One decode token per row: ids, positions (B, 1) int64, valid (B, 1) bool -> logits (B, V) fp32.
-        Same contract as ``Engine.forward(..., logits_at=zeros)`` for T = 1."""
+        Same contract as ``Engine.forward(..., logits_at=zeros)`` for T = 1.
+
+        device=split (layers on several GPUs): each layer's kernels run on its layer's GPU, made the current
+        device there (Triton launches on the current device); the residual stream (B, hidden) moves when the
+        next layer sits on the next GPU, positions, validity and RoPE's cos/sin once per device; the logits
+        come back on the input's device."""
+        if not self.multi_device:
+            return self._forward(state, ids, positions, valid)
+        prev = torch.cuda.current_device() if ids.device.type == "cuda" else None
+        try:
+            return self._forward(state, ids, positions, valid).to(ids.device)
+        finally:
+            if prev is not None:
+                torch.cuda.set_device(prev)
+
+    def _forward(self, state: Any, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         from methods.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
 
         state.positions, state.valid = positions, valid
@@ -171,25 +203,51 @@ class FusedDecoder:
         x = self.decoder.embed_tokens(ids[:, 0])  # (B, hidden): the residual stream, updated in place
         cos, sin = self.decoder.rotary_emb(x[:, None], position_ids=positions)  # (B, 1, D) each
         cos, sin = cos[:, 0], sin[:, 0]  # (B, D) views: rope_ needs unit stride along D only
+        multi, pos, val = self.multi_device, positions, valid
+        inputs = {x.device: (cos, sin, positions.to(x.device), valid.to(x.device))} if multi else {}
         first = self.layers[0].norm_in
+        if multi:
+            x = _move(x, first.weight.device)
         h = add_rmsnorm(x, None, first.weight, first.variance_epsilon)
         for i, L in enumerate(self.layers):
             D, nq, nkv = L.head_dim, L.n_q, L.n_kv
+            if multi:  # this layer's GPU: its copy of the step's inputs (made once per device)
+                if x.device not in inputs:
+                    inputs[x.device] = tuple(t.to(x.device) for t in next(iter(inputs.values())))
+                cos, sin, pos, val = inputs[x.device]
             qkv = linear(h, L.wqkv, L.bqkv)  # (B, nq + 2 nkv)
             rope_(qkv[:, : nq + nkv].view(B, (nq + nkv) // D, D), cos, sin)
             q = qkv[:, :nq].view(B, nq // D, 1, D)
             k = qkv[:, nq : nq + nkv].view(B, nkv // D, 1, D)
             v = qkv[:, nq + nkv :].view(B, nkv // D, 1, D)
             state.attention_calls += 1
-            o = state.layers[i].extend(q, k, v, positions=positions, valid=valid, scaling=L.scaling)  # (B, 1, H, D)
+            o = state.layers[i].extend(q, k, v, positions=pos, valid=val, scaling=L.scaling)  # (B, 1, H, D)
             o_proj, down = L.attn.o_proj, L.mlp.down_proj
             o = linear(o.reshape(B, nq), o_proj.weight, o_proj.bias)
             h = add_rmsnorm(x, o, L.norm_post.weight, L.norm_post.variance_epsilon)
             a = silu_mul(linear(h, L.wgu, L.bgu))
             d = linear(a, down.weight, down.bias)
             nxt = self.layers[i + 1].norm_in if i + 1 < len(self.layers) else self.decoder.norm
+            if multi and nxt.weight.device != x.device:  # the next layer lives on the next GPU: (B, hidden) moves
+                x, d = _move(x, nxt.weight.device), d.to(nxt.weight.device)
             h = add_rmsnorm(x, d, nxt.weight, nxt.variance_epsilon)
+        if multi:
+            h = _move(h, self.lm_head.weight.device)
         return linear(h, self.lm_head.weight, self.lm_head.bias).float()
+
+
+def _move(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, made the current CUDA device (kernels launch there): device=split only."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return t.to(device)
+
+
+def _on(device: torch.device) -> Any:
+    """A context with ``device`` current on CUDA (nothing elsewhere)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def for_model(model: Any) -> FusedDecoder:

@@ -122,10 +122,16 @@ def _not_found(path: str, revision: str | None, err: Exception) -> ValueError:
     )
 
 
-def load(model_cfg: dict[str, Any], *, device: str | None = "auto") -> Loaded:
-    """Load (or fetch from the per-process cache) the model described by a ``conf/model`` entry."""
+def load(model_cfg: dict[str, Any], *, device: str | None = "auto", split_over: Any = None) -> Loaded:
+    """Load (or fetch from the per-process cache) the model described by a ``conf/model`` entry.
+
+    ``split_over`` (``device=split``: ``all``, a GPU count or a list of devices) splits the decoder layers over
+    several devices with an accelerate ``device_map`` (:func:`harness.devices.split_map`); ``Loaded.device`` is
+    then the first one, where the inputs and the embedding live."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if split_over is not None:
+        return _load_split(model_cfg, device=device, split_over=split_over)
     dev = resolve_device(device)
     if model_cfg.get("gguf"):  # converted once from the GGUF a registry package ships (harness/pretrained.py)
         from .pretrained import ensure_converted
@@ -158,6 +164,53 @@ def load(model_cfg: dict[str, Any], *, device: str | None = "auto") -> Loaded:
         except OSError as e:
             raise _not_found(path, revision, e) from e
         weights = str(model_cfg.get("weights") or "trained")
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = Loaded(model=model, tokenizer=tokenizer, device=dev, dtype=dtype, weights=weights, revision=revision)
+    _CACHE[key] = loaded
+    return loaded
+
+
+def _load_split(model_cfg: dict[str, Any], *, device: str | None, split_over: Any) -> Loaded:
+    """:func:`load` with the layers split over ``split_over`` (harness/devices.py): trained weights stream
+    from the checkpoint straight onto each layer's device (``from_pretrained(device_map=...)``); random
+    weights are built on the meta device and initialised block by block on their devices."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .devices import build_random_split, dispatch, split_devices, split_map
+
+    devices = split_devices(split_over, device if device not in (None, "auto") else "cuda")
+    dev = torch.device(devices[0])
+    path = _local(str(model_cfg["path"]))
+    revision = model_cfg.get("revision")
+    random_init = bool(model_cfg.get("random_init", False))
+    tok_path = _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))
+    offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE", "1") != "0" else {}
+    key = (path, revision, random_init, model_cfg.get("random_seed"), tuple(devices), model_cfg.get("dtype"), tok_path)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, **offline)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=None if tok_path != path else revision, **offline)
+    except (OSError, ValueError) as e:
+        raise _not_found(path, revision, e) from e
+    dtype = resolve_dtype(model_cfg.get("dtype"), dev, config)
+    with torch.device("meta"):  # shapes only: where each block goes
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    device_map = split_map(skeleton, devices)
+    del skeleton
+    if random_init:
+        model = build_random_split(config, device_map, dtype=dtype, seed=int(model_cfg.get("random_seed") or 0))
+        weights = "random"
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=revision, dtype=dtype, attn_implementation="sdpa", device_map=device_map, **offline)
+        except OSError as e:
+            raise _not_found(path, revision, e) from e
+        weights = str(model_cfg.get("weights") or "trained")
+    model = dispatch(model, device_map)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

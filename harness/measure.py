@@ -27,9 +27,15 @@ import torch
 from .engine import Engine, Monitor, Prompt
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device: torch.device | tuple) -> None:
+    for d in _devices(device):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _devices(device: torch.device | tuple) -> tuple[torch.device, ...]:
+    """One device, or the devices of a model split over several (device=split): a tuple of them."""
+    return tuple(torch.device(d) for d in device) if isinstance(device, (tuple, list)) else (torch.device(device),)
 
 
 def _proc_status(field: str) -> int | None:
@@ -60,19 +66,22 @@ def _reset_hwm() -> bool:
 
 
 class PeakMemory:
-    """Peak memory over a block: ``with PeakMemory(device) as p: ...; p.peak`` (bytes)."""
+    """Peak memory over a block: ``with PeakMemory(device) as p: ...; p.peak`` (bytes). For a tuple of GPUs (a
+    model split over them) the sum of each GPU's own peak: what the run needed of each, added up."""
 
-    def __init__(self, device: torch.device, sample_s: float = 0.005):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | tuple, sample_s: float = 0.005):
+        self.gpus = tuple(d for d in _devices(device) if d.type == "cuda")
+        self.device = self.gpus[0] if self.gpus else _devices(device)[0]
         self.peak: int | None = None
         self._sample_s = sample_s
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.gpus:
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
         elif not _reset_hwm():  # fall back to sampling RSS
             self._samples = [_rss_now() or 0]
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -84,9 +93,10 @@ class PeakMemory:
             self._samples.append(_rss_now() or 0)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        if self.gpus:
+            for d in self.gpus:
+                torch.cuda.synchronize(d)
+            self.peak = sum(int(torch.cuda.max_memory_allocated(d)) for d in self.gpus)
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -99,7 +109,7 @@ class PeakMemory:
 class TimingMonitor(Monitor):
     """Records wall time and peak memory per engine phase and the time of every decode step."""
 
-    device: torch.device
+    device: torch.device | tuple  # a tuple: every device of a split model
     phase_s: dict[str, float] = field(default_factory=dict)
     phase_peak: dict[str, int | None] = field(default_factory=dict)
     step_s: list[float] = field(default_factory=list)
@@ -214,7 +224,8 @@ def throughput_probe(
         if warmup:
             engine.monitor = Monitor()
             engine.generate(prompts(min(context_length, 64)), max_new_tokens=min(decode_steps, 4))
-        mon = TimingMonitor(device)
+        devs = getattr(engine, "devices", [device])
+        mon = TimingMonitor(tuple(devs) if len(devs) > 1 else device)
         engine.monitor = mon
         out = engine.generate(prompts(context_length), max_new_tokens=decode_steps)
     finally:

@@ -350,10 +350,15 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     from .loading import load
     from .measure import nominal_weights_bytes, throughput_probe
 
+    from .devices import pin_error
+
     out: dict[str, Any] = {}
+    if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
+        raise RuntimeError(f"no GPU for this job: {pin_error()}")
     t0 = time.perf_counter()
     _log(f"loading model {cfg.model.name}")
-    loaded = load(OmegaConf.to_container(cfg.model, resolve=True), device=cfg.device.name)
+    loaded = load(OmegaConf.to_container(cfg.model, resolve=True), device=cfg.device.name,
+                  split_over=OmegaConf.to_container(cfg.device, resolve=True).get("split_over"))
     model, tok = loaded.model, loaded.tokenizer
     ctx["device"] = loaded.device
     out["weights"] = loaded.weights
@@ -412,13 +417,12 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
         if slow:
             out["reason"] = "; ".join([r for r in (out.get("reason"),) if r] + slow)
         if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
-            from .measure import copy_bandwidth, weights_bytes
+            from .devices import roofline_ms
 
-            bw = copy_bandwidth(loaded.device)
-            if bw:
-                roof = 1000 * (weights_bytes(model) + kv_read) / bw
-                out["roofline_ms"] = roof
-                out["roofline_frac"] = roof / out["decode_ms_p50"]
+            roof = roofline_ms(model, kv_bytes=kv_read)  # over every GPU a split model spans (harness/devices.py)
+            if roof:
+                out["roofline_ms"] = roof["roofline_ms"]
+                out["roofline_frac"] = roof["roofline_ms"] / out["decode_ms_p50"]
     out["status"] = "ok"
     out["reason"] = out.get("reason")
     return out

@@ -293,11 +293,12 @@ def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool
     from harness.measure import PeakMemory
 
     dev = next(model.parameters()).device
+    devs = tuple({p.device: 0 for p in model.parameters()})  # every GPU of a --split model: peaks summed
     model.set_attn_implementation("sdpa")
     ids = random_ids(B, S, model.config.vocab_size, args.seed, dev)
     n = args.steps + args.warmup
     cache = StaticCache(config=model.config, max_cache_len=S + n + 1) if static else DynamicCache(config=model.config)
-    with torch.inference_mode(), PeakMemory(dev) as pm_prefill:
+    with torch.inference_mode(), PeakMemory(devs) as pm_prefill:
         t0 = time.perf_counter()
         logits = _hf_prefill(model, ids, cache, chunk_for(B, args), static)
         if dev.type == "cuda":
@@ -310,7 +311,7 @@ def run_hf(model: Any, B: int, S: int, args: argparse.Namespace, *, static: bool
     pos = S
     times = []
     compile_s = 0.0
-    with torch.inference_mode(), PeakMemory(dev) as pm_decode:
+    with torch.inference_mode(), PeakMemory(devs) as pm_decode:
         for i in range(n):
             kw = {"cache_position": torch.tensor([pos], device=dev)} if static else {}
             t0 = time.perf_counter()
@@ -515,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None,
                     help="label the rows and the report with this commit instead of `git rev-parse` (the GPU "
                          "machine's copy of the tree can report the session's first commit + dirty)")
+    ap.add_argument("--split", default=None, metavar="all|K",
+                    help="split the model's layers over all (or the first K) GPUs (accelerate device_map, "
+                         "harness/devices.py): a model larger than one GPU; roofline over the GPUs in turn")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny random Llama, 1x64 and 2x48: seconds")
     args = ap.parse_args(argv)
 
@@ -547,9 +551,15 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         cfg = yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())
-        model = load(cfg, device="cuda").model
+        split = int(args.split) if str(args.split).isdigit() else args.split
+        model = load(cfg, device="cuda", split_over=split).model
         device_name = torch.cuda.get_device_name(0).replace(" ", "-").lower()
         bw = copy_bandwidth(torch.device("cuda"), nbytes=4 << 30)
+        if args.split:  # per-GPU bandwidths; the report's figure is their sum
+            from harness.devices import device_bandwidths
+
+            bws = device_bandwidths(model, nbytes=4 << 30)
+            device_name, bw = f"{device_name}-x{len(bws)}", sum(bws.values())
     dev = next(model.parameters()).device
     commit = args.commit or git_commit()
     out_dir = Path(args.out_dir)
@@ -566,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"kind": "command", "command": command, "bandwidth": bw,
                                 "date": dt.date.today().isoformat(), "torch": torch.__version__,
                                 "transformers": transformers.__version__}) + "\n")
-        free = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+        free = sum(torch.cuda.get_device_properties(d).total_memory for d in {p.device for p in model.parameters()}
+                   ) if dev.type == "cuda" else None
         for B, S in cells + ([] if args.smoke else parse_cells(TOO_BIG)):
             kv = B * S * kv_tok
             if free is not None and kv + w_read > free:
@@ -587,7 +598,13 @@ def main(argv: list[str] | None = None) -> int:
                         row.update(run_hf(model, B, S, args, static=engine == "hf_static_compile"))
                     row["status"] = "ok"
                     row["tokens_s"] = B / (row["decode_ms_p50"] / 1000)
-                    if bw:
+                    if args.split and bw:  # GPUs in turn; tp_roofline_ms: all at once (harness/devices.py)
+                        from harness.devices import roofline_ms
+
+                        row.update(roofline_ms(model, kv_bytes=kv, skip_input_embedding=True, bandwidths=bws))
+                        row["note"] = (f"layers over {row['n_devices']} GPUs; tensor-parallel bound "
+                                       f"{row['tp_roofline_ms']:.2f} ms; {row.get('graph_error') or ''}").rstrip("; ")
+                    elif bw:
                         row["roofline_ms"] = 1000 * (w_read + kv) / bw
                     else:  # CPU smoke: no bandwidth, no roofline
                         row["roofline_ms"] = float("nan")
@@ -611,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(prof, default=str), flush=True)
                 with rows_path.open("a") as f:
                     f.write(json.dumps(prof, default=str) + "\n")
-        if args.capacity and dev.type == "cuda":
+        if args.capacity and dev.type == "cuda" and not args.split:
             cap = {"kind": "capacity", **capacity_probe(model, 32768, args)}
             print(json.dumps(cap), flush=True)
             with rows_path.open("a") as f:
