@@ -346,11 +346,10 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     from methods.api import CalibrationContext, ModelSpec
 
     from . import settings as S
+    from .devices import pin_error
     from .engine import Engine, UnsupportedModel
     from .loading import load
     from .measure import nominal_weights_bytes, throughput_probe
-
-    from .devices import pin_error
 
     out: dict[str, Any] = {}
     if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
