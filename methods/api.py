@@ -263,7 +263,7 @@ class MethodBase:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r != r or r in (float("inf"), float("-inf")):
             return [f"{label}: ratio must be a finite number, got {r!r}"]
         if not 0.0 <= float(r) < 1.0:
-            return [f"{label} cannot honour ratio {r}: ratio is the fraction of KV bytes removed, 0 <= ratio < 1"]
+            return [f"{label} cannot honour ratio {r}: ratio is the fraction of KV bytes removed, in [0, 1)"]
         return []
 
     def validate(self, model: ModelSpec) -> list[str]:

@@ -1,5 +1,6 @@
 """The README's method table is generated from the method docstrings and stays in sync."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,10 @@ def test_install_says_what_it_installs_before_it_starts(tmp_path):
     """`make run` / `make test` on a fresh clone spend minutes in pip: the first lines say what and how long."""
     import subprocess
 
-    p = subprocess.run(["make", "-n", "install", f"VENV={tmp_path}/venv"], cwd=REPO, capture_output=True, text=True)
+    # --no-print-directory: under a parent make (CI runs `make test`) make prints "Entering directory" first
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    cmd = ["make", "--no-print-directory", "-n", "install", f"VENV={tmp_path}/venv"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and lines[0].startswith("echo") and "torch" in lines[0] and "40 s" in lines[0]
     assert "min" in lines[1]
