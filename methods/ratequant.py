@@ -210,10 +210,11 @@ class RateQuant(MethodBase):
     calib_queries: int = 128
     cache: bool = True
     seed: int = 0
+    fused: str = "auto"
 
     family = "quantization"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # over bases whose codecs declare a fused kernel; rows record the path that ran
     name = "ratequant"
 
     def __post_init__(self) -> None:
@@ -228,7 +229,7 @@ class RateQuant(MethodBase):
         self.widths = sorted(int(w) for w in self.widths)
         if not self.widths or self.widths[0] < 1 or self.widths[-1] > 8:
             raise ValueError(f"widths must be bit widths in 1..8, got {self.widths}")
-        self.base_method = make_base(self.base, self.base_params)
+        self.base_method = make_base(self.base, {"fused": self.fused, **dict(self.base_params)})
         self.bit_table: Tensor | None = None  # (L, H_kv, 2) int8 after calibrate()
         self.fit: dict[str, Any] = {}
 
