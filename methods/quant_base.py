@@ -96,6 +96,12 @@ class QuantMethod(MethodBase):
         """x (B, 1, T, D) of one kv head -> what the store would give back at ``bits``."""
         raise NotImplementedError
 
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any] | None:
+        """(K codec, V codec) of a per-token :class:`~methods.stores.CodecStore` at these widths, or None when
+        the method's store is another layout. RateQuant groups a layer's heads by width into CodecStores with
+        them (one kernel launch per width pair, not per head)."""
+        return None
+
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> Any:
         if self.bits is None:
             raise ValueError(f"{self.name} cannot honour ratio {self.ratio}; call validate() first")

@@ -75,5 +75,10 @@ class QuaRot(QuantMethod):
         return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype,
                           fused=self.use_fused(layer, kc, vc, device))
 
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any]:
+        D = layer.head_dim
+        return (self.codec(D, k_bits, layer_idx=layer.layer_idx, kind="k", device=device),
+                self.codec(D, v_bits, layer_idx=layer.layer_idx, kind="v", device=device))
+
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         return codec_roundtrip(self.codec(x.shape[-1], bits, layer_idx=layer_idx, kind=kind, device=x.device), x)

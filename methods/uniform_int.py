@@ -62,6 +62,9 @@ class UniformInt(QuantMethod):
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         return codec_roundtrip(UniformQuantizer(bits, self.group_size), x)
 
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any]:
+        return UniformQuantizer(k_bits, self.group_size), UniformQuantizer(v_bits, self.group_size)
+
 
 class QuantizedStore(CodecStore):
     """Packed per-token codes + per-group scale and zero point for K and V, in slot order

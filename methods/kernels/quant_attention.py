@@ -421,7 +421,7 @@ class ScalarCodecKernel:
     name = "scalar"
 
     def __init__(self, layer: Any, k_decl: dict, v_decl: dict, *, batch: int, device: Any, dtype: torch.dtype,
-                 heads: Tensor | None = None, n_q_heads: int | None = None):
+                 heads: Tensor | None = None, workspace: tuple[Tensor, Tensor, Tensor] | None = None):
         D = layer.head_dim
         self.D = D
         self.k_layout, self.v_layout = ScalarLayout.from_decl(k_decl, D), ScalarLayout.from_decl(v_decl, D)
@@ -434,10 +434,9 @@ class ScalarCodecKernel:
             self.rot_k = rotation_matrix(k_decl["signs"], device=dev)  # (D, D) fp32
             self.rot_v = rotation_matrix(v_decl["signs"], device=dev)
             self.rot_v_t = self.rot_v.t().contiguous()
-            H_q, H_kv = n_q_heads or layer.n_q_heads, (n_q_heads or layer.n_q_heads) // self.group
-            self.q_r = torch.zeros(batch, H_q, D, dtype=torch.float32, device=dev)  # (B, H_q, D) workspace
-            self.k_r = torch.zeros(batch, H_kv, D, dtype=torch.float32, device=dev)  # (B, H_kv, D)
-            self.v_r = torch.zeros(batch, H_kv, D, dtype=torch.float32, device=dev)
+            if workspace is None:  # a store holding a subset of the layer's heads shares its layer's workspace
+                workspace = rotation_workspace(batch, layer.n_q_heads, layer.n_kv_heads, D, dev)
+            self.q_r, self.k_r, self.v_r = workspace
 
     @staticmethod
     def reason(layer: Any, k_decl: dict, v_decl: dict) -> str | None:
@@ -514,6 +513,14 @@ class ScalarCodecKernel:
 
     def unrotate(self, out: Tensor) -> Tensor:
         return out if self.rot_v_t is None else out @ self.rot_v_t
+
+
+def rotation_workspace(batch: int, n_q_heads: int, n_kv_heads: int, dim: int, device: Any
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """A decode step's rotated q (B, H_q, D), k, v (B, H_kv, D), fp32."""
+    z = dict(dtype=torch.float32, device=device)
+    return (torch.zeros(batch, n_q_heads, dim, **z), torch.zeros(batch, n_kv_heads, dim, **z),
+            torch.zeros(batch, n_kv_heads, dim, **z))
 
 
 KERNELS: dict[str, Any] = {"scalar": ScalarCodecKernel}  # family name (a codec's kernel_layout()["kernel"]) -> driver
