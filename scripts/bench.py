@@ -34,6 +34,7 @@ calibrated on random tokens when it fits something, the fit timed as ``calibrate
 and ratio per cell, carrying ``method``, ``ratio`` and ``label``, with ``kv_bytes_read_per_step`` (what the store
 says one decode step reads), the method's own roofline ((weights read + KV read) / bandwidth) and, in the report,
 decode ms as a multiple of ``full``'s in the same call (put ``full`` first in the list) and issue 20's targets.
+``--calibrate specs`` times those methods' calibration first (RateQuant's fit; rows of kind ``calibration``).
 
 Rows go to ``results/bench/rows/<device>-<commit>.jsonl`` (appended: several calls at one commit merge)
 and the report to ``results/bench/<device>-<date>-<commit>.md`` (commit, command, the three engines side by
@@ -619,7 +620,7 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
         lines += methods_table(mrows) + method_targets(mrows)
     cals = [r for r in rows if r.get("kind") == "calibration"]
     if cals:
-        lines += ["", "Calibration (`--calibrate-only`: the method's fit on random token ids, uncached):", ""]
+        lines += ["", "Calibration (`--calibrate`: the method's fit on random token ids, uncached):", ""]
         for c in cals:
             t = c.get("timing_ms") or {}
             parts = ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
@@ -676,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity", action="store_true", help="also find the largest batch at 32K in 80 GB")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N kvbench decode steps per cell (torch.profiler): time by kernel category")
-    ap.add_argument("--calibrate-only", action="store_true",
-                    help="with --methods: time each method's calibration (RateQuant's fit) and nothing else")
+    ap.add_argument("--calibrate", default=None,
+                    help="method specs whose calibration (RateQuant's fit) is timed first, on random token ids, "
+                         "uncached (same syntax as --methods)")
     ap.add_argument("--profile-methods", default=None,
                     help="with --methods: profile only these method specs (comma-separated labels)")
     ap.add_argument("--no-compile", action="store_true", help="hf_static_compile without torch.compile")
@@ -741,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "date": dt.date.today().isoformat(), "torch": torch.__version__,
                                 "transformers": transformers.__version__}) + "\n")
         free = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
-        for spec in specs if args.calibrate_only else []:
+        for spec in [MethodSpec(m) for m in (args.calibrate or "").split(",") if m]:
             row = {"kind": "calibration", "label": spec.label, "method": spec.name, "commit": commit}
             try:
                 method, ms = spec.build(model)
@@ -751,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, default=str), flush=True)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
-        for B, S in [] if args.calibrate_only else cells + ([] if args.smoke else parse_cells(TOO_BIG)):
+        for B, S in cells + ([] if args.smoke else parse_cells(TOO_BIG)):
             kv = B * S * kv_tok
             if free is not None and kv + w_read > free:
                 skip = {"kind": "skipped_cell", "batch": B, "context": S,
