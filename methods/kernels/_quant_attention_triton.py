@@ -19,13 +19,13 @@ from ._layers_triton import rnd
 
 @triton.jit
 def _words(C, offs_n, n_ok, s_slot, NW: tl.constexpr, WB: tl.constexpr):
-    """Packed words (N, NW) of slots ``offs_n``: word i is bytes i*WB .. i*WB + WB - 1, little-endian (int32 up
-    to 3 bytes, int64 above)."""
+    """Packed words (N, NW) of slots ``offs_n``: word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept
+    as uint8, so a tile holds 4 codes-bytes per register; int32 up to 3 bytes, int64 above)."""
     i = tl.arange(0, NW)[None, :]
     ptr = C + offs_n[:, None].to(tl.int64) * s_slot + i * WB
     m = n_ok[:, None]
     if WB == 1:
-        w = tl.load(ptr, mask=m, other=0).to(tl.int32)
+        w = tl.load(ptr, mask=m, other=0)
     elif WB <= 3:
         w = tl.load(ptr, mask=m, other=0).to(tl.int32)
         for k in tl.static_range(1, WB):
@@ -39,15 +39,15 @@ def _words(C, offs_n, n_ok, s_slot, NW: tl.constexpr, WB: tl.constexpr):
 
 @triton.jit
 def _code(w, j: tl.constexpr, BITS: tl.constexpr):
-    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.uint8)
 
 
 @triton.jit
 def _unpack(w, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
-    """Words (N, D / CPW) -> codes (N, D) int32 in channel order (code j of word i is channel CPW * i + j): a
+    """Words (N, D / CPW) -> codes (N, D) uint8 in channel order (code j of word i is channel CPW * i + j): a
     tree of joins interleaves the CPW code planes (each join adds an in-register axis; the reshape merges it)."""
     if CPW == 1:
-        c = w.to(tl.int32)
+        c = w
     elif CPW == 2:
         c = tl.join(_code(w, 0, BITS), _code(w, 1, BITS))
     elif CPW == 4:
@@ -61,22 +61,22 @@ def _unpack(w, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CPW: tl.con
 
 @triton.jit
 def _operand(c, FMT: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
-    """Codes (int32) -> dot operand in DT: fp8 bytes reinterpreted; int codes OR-ed into the mantissa of
+    """Codes (uint8) -> dot operand in DT: fp8 bytes reinterpreted; int codes OR-ed into the mantissa of
     MAGIC (value MAGIC + code, exact), added (MAGIC_BITS < 0, the interpreter) or converted (MAGIC_BITS 0)."""
     if FMT == 1:
-        return c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(DT)
+        return c.to(tl.float8e4nv, bitcast=True).to(DT)
     elif MAGIC_BITS == 0:
         return c.to(tl.float32).to(DT)
     elif MAGIC_BITS < 0:
         return (c.to(tl.float32) + MAGIC).to(DT)
     else:
-        return (c | MAGIC_BITS).to(tl.int16).to(DT, bitcast=True)
+        return (c.to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True)
 
 
 @triton.jit
 def _code_f32(c):
     """int codes (< 2^23) -> fp32, exact, without an integer-to-float conversion: 2^23 + c by an OR, minus 2^23."""
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _values(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl
     """Dequantized values (N, D) fp32 of a raw tile (the reference's decode, before rounding to the model dtype)."""
     c = _unpack(w, N, D, BITS, CPW)
     if FMT == 1:
-        return c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
+        return c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
     elif NG == 1:
         x = _code_f32(c) * sc[:, None]
         if ZERO:
