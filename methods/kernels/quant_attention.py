@@ -46,16 +46,30 @@ one scale per vector), optionally after a randomized Hadamard rotation (QuaRot).
 
 Layouts read (per kv head, slot-major, as CodecStore keeps them): codes ``(B, H_kv, S, D * bits / 8)`` uint8,
 scale and zero ``(B, H_kv, S, D / group)`` in the model dtype. A tile of BLOCK_N slots is read as packed words
-(one byte for 1/2/4/8 bits, ``bits`` bytes = 8 codes for 3/5/6/7), split into code planes with shifts and
-interleaved back into channel order with ``tl.join`` (no gather), as ``(groups, BLOCK_N, group)``. The codes
-never get dequantized element by element:
+(one byte for 1/2/4/8 bits, kept as uint8; ``bits`` bytes = 8 codes for 3/5/6/7), split into code planes with
+shifts and interleaved back into channel order with ``tl.join`` (no gather), as a 2-D ``(BLOCK_N, D)`` tile:
 
-- scores: per group, ``scale * (q . codes) + (zero - M * scale) * sum(q)`` with one batched dot per tile;
-- values: ``(p * scale) @ codes`` with one batched dot, the zero point and M carried as a per-group
-  correction ``sum p * zero - M * sum(p * scale)``;
-- a code becomes a dot operand by an OR into the mantissa of a 16-bit float M: bf16 128 + code (up to 7 bits),
-  fp16 1024 + code (8 bits), fp8 bytes reinterpreted as e4m3 and widened to fp16; no integer-to-float
-  conversion. fp32 models (CPU tests) convert the codes and use IEEE dots, no offset.
+- one group per vector (fp8; QuaRot, whose group is the head): the codes themselves are the dot operand and the
+  metadata is applied per slot, never per element: scores ``scale * (q . codes) + (zero - M * scale) * sum(q)``,
+  values ``(p * scale) @ codes`` plus the per-row correction ``sum p * zero - M * sum(p * scale)``. A code
+  becomes a dot operand by an OR into the mantissa of a 16-bit float M: bf16 128 + code (up to 7 bits), fp16
+  1024 + code (8 bits); fp8 bytes are reinterpreted as e4m3 and widened to fp16. No integer-to-float
+  conversion.
+- several groups (uniform_int's 32 channels): the tile is dequantized per channel in registers, viewed as
+  ``(BLOCK_N, groups, group)`` so each group's scale and zero point broadcast (code as fp32 by an OR into
+  2^23's mantissa, one FMA), then rounded to the dot dtype.
+- fp32 models (CPU tests) convert the codes and use IEEE dots, no offset (``TEST_MAGIC`` runs the offset
+  algebra in fp32 too, since Triton's interpreter computes bf16 dots wrongly).
+
+Prefill chunks (``prefill_layer``): the chunk is quantized into its slots (the append kernel), the stored past
+is dequantized into a transient dense buffer (the ``dequant`` kernel: exactly the reference's ``_read``, in the
+model dtype), the chunk's own k, v are copied after it, and the dense prefill kernel of ``full`` attends. The
+buffer is one layer's past in the model dtype, as large as what the reference path materialises.
+
+Speed: the first version (one batched 3-D dot per group) read 0.08-0.25 of the copy bandwidth on an H100
+(results/bench/nvidia-h100-80gb-hbm3-2026-12-07-9f262d5.md); this 2-D version is not measured yet. Tunables:
+``DECODE_CONFIG`` (tile, warps, stages, the kernel's own prefetch of the next tile), overridable with
+``KVBENCH_QUANT_DECODE``; ``scripts/bench_quant_attention.py --tune`` times a grid and picks one.
 
 Rotation (QuaRot): the append kernel rotates the new key and the group's queries with R_K (and the value with
 R_V) in fp32 (R = H diag(s) / sqrt(D), built once per store from the codec's counted signs), so the kernels
