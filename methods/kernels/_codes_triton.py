@@ -1,0 +1,121 @@
+"""Triton helpers shared by the KIVI and TurboQuant kernels (imported on first use, like every ``_*_triton``
+module): packed codes in and out, round-half-to-even, the Walsh-Hadamard matrix. Launchers, references and
+documentation live in kivi_attention.py and turboquant_attention.py.
+
+Packed codes follow :func:`methods.quantizers.pack_codes`: a little-endian bit stream, code i at bits
+[i*BITS, (i+1)*BITS). Read as *words* of 8 codes (BITS bytes: one byte holds 8 // BITS codes for 1, 2, 4, 8
+bits, which the byte path reads directly), the code planes are put back in order by a tree of interleaves
+(no gather)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rne(x):
+    """fp32 round to nearest, ties to even (torch.round); exact for |x| < 2**22."""
+    f = tl.floor(x)
+    d = x - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+
+
+@triton.jit
+def _plane(w, j: tl.constexpr, BITS: tl.constexpr):
+    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def unpack_rows(ptr, row_off, row_ok, BITS: tl.constexpr, COLS: tl.constexpr):
+    """Codes (ROWS, COLS) int32: row r holds COLS codes of BITS bits packed from byte ``ptr + row_off[r]``
+    (loaded where ``row_ok``, else 0)."""
+    m = row_ok[:, None]
+    base = ptr + row_off[:, None]
+    if BITS == 8:
+        out = tl.load(base + tl.arange(0, COLS)[None, :], mask=m, other=0).to(tl.int32)
+    elif BITS == 4:
+        w = tl.load(base + tl.arange(0, COLS // 2)[None, :], mask=m, other=0).to(tl.int32)
+        out = tl.interleave(w & 15, w >> 4)
+    elif BITS == 2:
+        w = tl.load(base + tl.arange(0, COLS // 4)[None, :], mask=m, other=0).to(tl.int32)
+        out = tl.interleave(tl.interleave(w & 3, (w >> 4) & 3), tl.interleave((w >> 2) & 3, w >> 6))
+    else:  # words of BITS bytes holding 8 codes (1, 3, 5, 6, 7 bits)
+        offs = tl.arange(0, COLS // 8)[None, :] * BITS
+        if BITS <= 3:
+            w = tl.load(base + offs, mask=m, other=0).to(tl.int32)
+            for k in tl.static_range(1, BITS):
+                w = w | (tl.load(base + offs + k, mask=m, other=0).to(tl.int32) << (8 * k))
+        else:
+            w = tl.load(base + offs, mask=m, other=0).to(tl.int64)
+            for k in tl.static_range(1, BITS):
+                w = w | (tl.load(base + offs + k, mask=m, other=0).to(tl.int64) << (8 * k))
+        out = tl.interleave(
+            tl.interleave(tl.interleave(_plane(w, 0, BITS), _plane(w, 4, BITS)),
+                          tl.interleave(_plane(w, 2, BITS), _plane(w, 6, BITS))),
+            tl.interleave(tl.interleave(_plane(w, 1, BITS), _plane(w, 5, BITS)),
+                          tl.interleave(_plane(w, 3, BITS), _plane(w, 7, BITS))))
+    return out
+
+
+@triton.jit
+def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
+    """Pack ``codes`` (..., 8) int32 (the last axis: 8 consecutive codes) into words of BITS bytes stored at
+    ``ptr + word_off`` (...,) where ``ok``: the layout of :func:`methods.quantizers.pack_codes`."""
+    j = tl.arange(0, 8)
+    if BITS <= 3:
+        w = tl.sum(codes << (j * BITS), axis=len(codes.shape) - 1)
+    else:
+        w = tl.sum(codes.to(tl.int64) << (j * BITS).to(tl.int64), axis=len(codes.shape) - 1)
+    for k in tl.static_range(BITS):
+        tl.store(ptr + word_off + k, ((w >> (8 * k)) & 255).to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def hadamard(D: tl.constexpr):
+    """(D, D) fp32 orthonormal Walsh-Hadamard matrix, (-1)^popcount(i & j) / sqrt(D) (symmetric; the matrix
+    of :func:`methods.quantizers.hadamard_transform`), generated in registers (D <= 256)."""
+    x = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return (1 - 2 * (x & 1)).to(tl.float32) * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def combine_new(MidO, MidL, Q, KNew, VNew, Out, Lens, Seen, Valid, n_splits, scale_log2, H_kv,
+                sob, soh, sos, slb, slh, sls, sqb, sqh, skb, skh, svb, svh, s_ob, s_oh,
+                G: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, ADVANCE: tl.constexpr):
+    """One query head (program (b, hq)): merge the splits' partial outputs and log2-sum-exps with the new
+    token's exact key and value; program (b, 0) then advances lengths[b] and seen[b] by valid[b]."""
+    pid = tl.program_id(0)
+    H_q = H_kv * G
+    b = pid // H_q
+    hq = pid % H_q
+    hk = hq // G
+    offs_s = tl.arange(0, NS)
+    offs_d = tl.arange(0, D)
+    s_ok = offs_s < n_splits
+    lse = tl.load(MidL + b * slb + hq * slh + offs_s * sls, mask=s_ok, other=float("-inf"))
+    q = tl.load(Q + b * sqb + hq * sqh + offs_d).to(tl.float32)
+    kn = tl.load(KNew + b * skb + hk * skh + offs_d).to(tl.float32)
+    vn = tl.load(VNew + b * svb + hk * svh + offs_d).to(tl.float32)
+    s_new = tl.sum(q * kn, 0) * scale_log2
+    m = tl.maximum(tl.max(lse, 0), s_new)
+    w = tl.exp2(lse - m)  # empty ranges (lse -inf) weigh 0
+    w_new = tl.exp2(s_new - m)
+    o = tl.load(MidO + b * sob + hq * soh + offs_s[:, None] * sos + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = (tl.sum(o * w[:, None], 0) + w_new * vn) / (tl.sum(w, 0) + w_new)
+    tl.store(Out + b * s_ob + hq * s_oh + offs_d, out.to(Out.dtype.element_ty))
+    if ADVANCE:
+        if hq == 0:
+            v = tl.load(Valid + b).to(tl.int64)
+            tl.store(Lens + b, tl.load(Lens + b) + v)
+            tl.store(Seen + b, tl.load(Seen + b) + v)

@@ -1,0 +1,210 @@
+"""Decode attention straight from TurboQuant codes (paper 1's KV / KQV / QKQV schemes, arXiv:2605.08114;
+TurboQuant, arXiv:2504.19874; QJL, arXiv:2406.03482), beside the plain-torch reference it is tested against.
+
+What a :class:`methods.quantizers.TurboQuantizer` stores per token and kv head (CodecStore fields, each
+(B, H_kv, S, n)): ``norm`` ||x||; ``codes``, the ``mse_bits``-bit Lloyd-Max indices of y = R u (u = x / ||x||,
+R = H diag(s) / sqrt(D) the randomized Walsh-Hadamard rotation, packed as :func:`~methods.quantizers.pack_codes`);
+with a QJL stage ``qjl``, the m sign bits of S r (r = y - centroid[codes], S the m x D Gaussian sketch) and
+``gamma`` = ||r||. The reference store decodes x = ||x|| R^T (centroid[codes] + c gamma S^T sign), c =
+sqrt(pi/2) / m, into a dense tensor and attends.
+
+:func:`turboquant_decode_attention` never builds x. Flash-decoding as :func:`methods.kernels.attention.
+decode_attention` (``n_splits`` a function of shapes only, so a CUDA graph replays at every length; each kv
+head's codes read once for its whole query group), and per program:
+
+- q is rotated once, q_r = R_K q (the Hadamard matrix is generated in registers from index bits, nothing is
+  stored for it), so q . x = ||x|| (q_r . y) for every key;
+- the key score is ||k|| (q_r . centroid[codes]) with the codebook looked up per element (a 2^b-entry table,
+  L1-resident), and for a QJL key side (QKQV) plus ||k|| c gamma (S_K q_r) . sign: the projected query S_K q_r
+  is computed once per program and the residual term is a dot product with the stored signs, QJL's unbiased
+  estimator of <q_r, r> (paper 1 §(b)), not a dequantized copy of the key;
+- values accumulate in the rotated space: sum p ||v|| centroid[codes] (D-dim) and, for a QJL value side
+  (KQV, QKQV), sum p ||v|| gamma sign in the m-dim sketch space; at the end the sketch part is projected by
+  S_V^T and the sum un-rotated (R_V^T), once per program, not per key;
+- :func:`~methods.kernels._codes_triton.combine_new` merges the ranges with the new token, which attends
+  exactly (the reference semantics: ``SlotStore.extend`` overlays the new token unquantized).
+
+:func:`turboquant_append` encodes a decode step's new K and V into slot ``lengths[b]`` in one kernel (norm,
+rotation, bucketize against the stored boundaries, codebook, residual sketch, bit packing), as
+:meth:`~methods.quantizers.TurboQuantizer.encode_fields` does: codes equal the reference's except where a
+rotated coordinate lies within float rounding of a codebook boundary (the norm and the rotation sum in another
+order), and a sketch sign likewise at S r = 0.
+
+Numerics: fp32 inputs use IEEE dot products (the CPU tests, ~1e-6 from the reference); bf16 / fp16 models use
+tensor-core dots in the model dtype with fp32 accumulation (q_r, S q_r and the softmax weights are rounded to
+the model dtype; the centroids and signs are exact in it). The rotations and projections run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import interpret_mode, interpreter_compat
+from .attention import HEAD_DIMS, LOG2E, decode_splits, triton_next_pow2
+
+DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "block_n": 32}
+
+
+# --------------------------------------------------------------------------------------------------
+# References
+
+
+def turboquant_decode_attention_reference(q: Tensor, k: dict[str, Tensor], v: dict[str, Tensor], lengths: Tensor,
+                                          k_new: Tensor, v_new: Tensor, *, k_codec: Any, v_codec: Any,
+                                          scaling: float) -> Tensor:
+    """q (B, H_q, D); k, v: the codecs' stored fields {name: (B, H_kv, S, n)}; lengths (B,); k_new, v_new
+    (B, H_kv, D) -> (B, H_q, D): exact softmax over the decoded slots [0, lengths[b]) and the new token."""
+    B, H_q, D = q.shape
+    kk = k_codec.decode_fields(k, dtype=torch.float32)  # (B, H_kv, S, D)
+    vv = v_codec.decode_fields(v, dtype=torch.float32)
+    H_kv, S = kk.shape[1], kk.shape[2]
+    kk = torch.cat([kk, k_new.float()[:, :, None]], 2)  # (B, H_kv, S+1, D)
+    vv = torch.cat([vv, v_new.float()[:, :, None]], 2)
+    qf = q.float().reshape(B, H_kv, H_q // H_kv, D)
+    s = torch.einsum("bhgd,bhsd->bhgs", qf, kk) * scaling  # (B, H_kv, G, S+1)
+    slots = torch.arange(S + 1, device=q.device)
+    seen = (slots[None, :] < lengths[:, None]) | (slots[None, :] == S)  # (B, S+1)
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,bhsd->bhgd", torch.softmax(s, -1), vv)  # (B, H_kv, G, D)
+    return out.reshape(B, H_q, D).to(q.dtype)
+
+
+def turboquant_append_reference(k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
+                                lengths: Tensor, *, k_codec: Any, v_codec: Any) -> None:
+    """k, v (B, H_kv, D) encoded by the codecs into slot lengths[b] of the fields, in place."""
+    b = torch.arange(k.shape[0], device=k.device)
+    for x, fields, codec in ((k, k_fields, k_codec), (v, v_fields, v_codec)):
+        meta = next(t.dtype for t in fields.values() if t.is_floating_point())
+        for name, val in codec.encode_fields(x, meta_dtype=meta).items():  # (B, H_kv, n)
+            fields[name][b, :, lengths] = val.to(fields[name].dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _kernels():
+    if interpret_mode():
+        interpreter_compat()
+    from . import _codes_triton as C
+    from . import _turboquant_triton as K
+
+    return K, C
+
+
+def _launch(**options: int) -> dict[str, int]:
+    return {} if interpret_mode() else options
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def reason(codec: Any, dim: int) -> str | None:
+    """Why the kernels cannot serve a TurboQuantizer at head_dim ``dim`` (None: they can)."""
+    if dim not in HEAD_DIMS:
+        return f"head_dim {dim} is not one of {HEAD_DIMS}"
+    if codec.qjl_dim and (codec.qjl_dim < 16 or codec.qjl_dim & (codec.qjl_dim - 1)):
+        return f"qjl_dim {codec.qjl_dim} is not a power of two >= 16 (a tile of sketch bits)"
+    if codec.qjl_dim > 256:
+        return f"qjl_dim {codec.qjl_dim} > 256 (the sketch is held in registers per program)"
+    return None
+
+
+def _fields(f: dict[str, Tensor], like: Tensor) -> list[Tensor]:
+    return [f.get(n, like) for n in ("norm", "codes", "qjl", "gamma")]
+
+
+def _strides(ts: list[Tensor], present: list[bool]) -> list[int]:
+    out = []
+    for t, p in zip(ts, present):
+        if p and t.stride(-1) != 1:
+            raise ValueError(f"stored fields need unit stride along their last axis, got {t.stride()}")
+        out += [t.stride(0), t.stride(1), t.stride(2)] if p else [0, 0, 0]
+    return out
+
+
+def _present(codec: Any) -> list[bool]:
+    return [True, bool(codec.mse_bits), bool(codec.qjl_dim), bool(codec.qjl_dim)]
+
+
+def _consts(codec: Any, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(centroids, boundaries, sketch, signs), a dummy where the codec has none."""
+    return tuple(t if t is not None else like for t in (codec.centroids, codec.boundaries, codec.sketch, codec.signs))
+
+
+def turboquant_decode_attention(q: Tensor, k: dict[str, Tensor], v: dict[str, Tensor], lengths: Tensor,
+                                k_new: Tensor, v_new: Tensor, *, k_codec: Any, v_codec: Any, scaling: float,
+                                n_splits: int | None = None, block_n: int | None = None,
+                                advance: tuple[Tensor, Tensor, Tensor] | None = None,
+                                num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+    """Fused :func:`turboquant_decode_attention_reference`; no host synchronisation. ``advance`` = (lengths,
+    seen, valid): the combine kernel adds valid to lengths and seen in place after reading what it needs (the
+    store's decode step)."""
+    B, H_q, D = q.shape
+    kn = k["norm"]
+    H_kv, S = kn.shape[1], kn.shape[2]
+    G = H_q // H_kv
+    if k_codec.rotate != v_codec.rotate:
+        raise ValueError("K and V codecs must both rotate or both not")
+    block_n = block_n or DECODE_CONFIG["block_n"]
+    ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, DECODE_CONFIG["per_sm"])
+    split = -(-(-(-S // ns)) // block_n) * block_n
+    ns = -(-S // split)
+    mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
+    mid_l = torch.empty(B, H_q, ns, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
+    K, C = _kernels()
+    ck, _, sk, pk = _consts(k_codec, kn)
+    cv, _, sv, pv = _consts(v_codec, kn)
+    kf, vf = _fields(k, kn), _fields(v, kn)
+    dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    km, vm = k_codec.qjl_dim, v_codec.qjl_dim
+    K.decode_split[(ns, B * H_kv)](
+        q, *kf, *vf, ck, cv, sk, sv, pk, pv, lengths, mid_o, mid_l,
+        float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, km), math.sqrt(math.pi / 2) / max(1, vm), H_kv,
+        q.stride(0), q.stride(1), *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
+        *mid_o.stride()[:3], *mid_l.stride(),
+        G=G, BLOCK_G=max(16, triton_next_pow2(G)), D=D, BLOCK_N=block_n, SPLIT=split,
+        KB=k_codec.mse_bits, KM=km, VB=v_codec.mse_bits, VM=vm, ROT=bool(k_codec.rotate), DT=_tl_dtype(dt),
+        IEEE=dt == torch.float32,
+        **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
+                  num_stages=num_stages or DECODE_CONFIG["num_stages"]),
+    )
+    if q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
+        raise ValueError("q, k_new and v_new need unit stride along D")
+    lens, seen, valid = advance if advance is not None else (lengths, lengths, lengths)
+    C.combine_new[(B * H_q,)](
+        mid_o, mid_l, q, k_new, v_new, out, lens, seen, valid, ns, float(scaling) * LOG2E, H_kv,
+        *mid_o.stride()[:3], *mid_l.stride(), q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
+        G=G, NS=max(2, triton_next_pow2(ns)), D=D, ADVANCE=advance is not None, **_launch(num_warps=4),
+    )
+    return out
+
+
+def turboquant_append(k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
+                      lengths: Tensor, *, k_codec: Any, v_codec: Any) -> None:
+    """Fused :func:`turboquant_append_reference`: k, v (B, H_kv, D) into slot lengths[b] (not advanced), one
+    program per (row, kv head, K|V)."""
+    B, H_kv, D = k.shape
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k and v need unit stride along D")
+    kn = k_fields["norm"]
+    K, _ = _kernels()
+    ck, bk, sk, pk = _consts(k_codec, kn)
+    cv, bv, sv, pv = _consts(v_codec, kn)
+    kf, vf = _fields(k_fields, kn), _fields(v_fields, kn)
+    K.append[(B, H_kv, 2)](
+        k, v, *kf, *vf, ck, bk, cv, bv, sk, sv, pk, pv, lengths, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
+        D=D, KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
+        VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
+        ROT=bool(k_codec.rotate), MDT=_tl_dtype(kn.dtype), **_launch(num_warps=4),
+    )
