@@ -71,14 +71,27 @@ def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
 
 
 @triton.jit
-def hadamard(D: tl.constexpr):
-    """(D, D) fp32 orthonormal Walsh-Hadamard matrix, (-1)^popcount(i & j) / sqrt(D) (symmetric; the matrix
-    of :func:`methods.quantizers.hadamard_transform`), generated in registers (D <= 256)."""
-    x = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+def hadamard(D: tl.constexpr, c0, CH: tl.constexpr):
+    """Columns c0 .. c0+CH-1 (D, CH) fp32 of the orthonormal Walsh-Hadamard matrix, (-1)^popcount(i & j) /
+    sqrt(D) (symmetric; the matrix of :func:`methods.quantizers.hadamard_transform`), generated in registers
+    (D <= 256)."""
+    x = tl.arange(0, D)[:, None] & (c0 + tl.arange(0, CH))[None, :]
     x = x ^ (x >> 4)
     x = x ^ (x >> 2)
     x = x ^ (x >> 1)
     return (1 - 2 * (x & 1)).to(tl.float32) * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def fwht(x, D: tl.constexpr, LOG_D: tl.constexpr):
+    """Orthonormal Walsh-Hadamard transform of one vector x (D,) fp32 by butterflies, in the order and with
+    the arithmetic of :func:`methods.quantizers.hadamard_transform` (a + b, a - b per stage, then 1 / sqrt(D)),
+    so the result is bitwise the reference's."""
+    for i in tl.static_range(LOG_D):  # stage i: pairs (j, j + 2^i) in blocks of 2^(i+1)
+        y = tl.permute(tl.reshape(x, [D >> (i + 1), 2, 1 << i]), (0, 2, 1))  # (D / 2h, h, 2), h = 2^i
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [D])
+    return x * (1.0 / tl.sqrt(D * 1.0))
 
 
 @triton.jit

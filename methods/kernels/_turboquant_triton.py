@@ -3,30 +3,118 @@ import time whether ``@triton.jit`` compiles or interprets, so ``TRITON_INTERPRE
 Launchers, references and documentation live in turboquant_attention.py.
 
 Constexprs of a K or V side: ``*B`` MSE bits (0: no MSE stage), ``*M`` QJL sketch size (0: no QJL stage),
-``*NB`` boundaries padded to a power of two (append only)."""
+``*NB`` boundaries padded to a power of two. Stored fields are (B, H_kv, S, n) with unit stride along n and
+strides ``<field>b``, ``<field>h``, ``<field>s`` (norm ``kn``, codes ``kc``, sketch bits ``kq``, gamma ``kg``;
+``v*`` likewise). The Walsh-Hadamard matrix is generated in column chunks of ``CH`` (no (D, D) tile is held
+in registers while anything else is)."""
 
 import triton
 import triton.language as tl
 
-from ._codes_triton import dot, hadamard, store_words, unpack_rows
+from ._codes_triton import dot, fwht, hadamard, store_words, unpack_rows
 from ._layers_triton import rnd
 
 
 @triton.jit
-def decode_split(Q, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, Lens, MidO, MidL,
-                 scale_log2, coef_k, coef_v, H_kv,
-                 sqb, sqh, knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
+def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr,
+            NB: tl.constexpr, ROT: tl.constexpr, MDT: tl.constexpr, CH: tl.constexpr):
+    """TurboQuantizer.encode_fields of one vector x (D,) fp32 into one slot (the pointers are the slot's
+    norm, codes, sketch bits and gamma)."""
+    offs_d = tl.arange(0, D)
+    norm = tl.sqrt(tl.sum(x * x, 0))
+    u = tl.math.div_rn(x, tl.maximum(norm, 1.1754943508222875e-38))
+    if ROT:
+        y = fwht(u * tl.load(SGN + offs_d).to(tl.float32), D, D.bit_length() - 1)  # (D,) H diag(s) u / sqrt(D)
+    else:
+        y = u
+    tl.store(NRM, rnd(norm, MDT).to(MDT))
+    if BITS > 0:
+        offs_b = tl.arange(0, NB)
+        bnd = tl.load(BND + offs_b, mask=offs_b < (1 << BITS) - 1, other=float("inf")).to(tl.float32)
+        idx = tl.sum((bnd[None, :] < y[:, None]).to(tl.int32), 1)  # (D,) torch.bucketize(y, boundaries)
+        y_mse = tl.load(C + idx).to(tl.float32)
+        store_words(CODES, tl.arange(0, D // 8) * BITS, tl.reshape(idx, [D // 8, 8]), tl.full([D // 8], 1, tl.int1),
+                    BITS)
+    else:
+        y_mse = tl.zeros([D], tl.float32)
+    if M > 0:
+        r = y - y_mse
+        for c in tl.static_range(M // CH):  # sketch rows by chunks: S r >= 0, 8 signs a byte
+            offs_m = c * CH + tl.arange(0, CH)
+            Sm = tl.load(S_ + offs_m[:, None] * D + offs_d[None, :]).to(tl.float32)  # (CH, D)
+            bits = (tl.sum(Sm * r[None, :], 1) >= 0).to(tl.int32)  # (CH,)
+            store_words(QJL, c * (CH // 8) + tl.arange(0, CH // 8), tl.reshape(bits, [CH // 8, 8]),
+                        tl.full([CH // 8], 1, tl.int1), 1)
+        tl.store(GAM, rnd(tl.sqrt(tl.sum(r * r, 0)), MDT).to(MDT))
+
+
+@triton.jit
+def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_, SV_, PK, PV, Lens,
+            sqb, sqh, srb, srh, ssb, ssh, skb, skh, svb, svh,
+            knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
+            vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs,
+            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr,
+            KNB: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr, VNB: tl.constexpr, ROT: tl.constexpr,
+            APPEND: tl.constexpr, MDT: tl.constexpr, CH: tl.constexpr):
+    """Program (row b, kv head h, part): part 0 rotates the query group once, q_r = H diag(s_K) q / sqrt(D)
+    (fp32, to QR (B, H_q, D)), and for a QJL key side projects it, S_K q_r (to SQ (B, H_q, KM)); with APPEND,
+    part 0 also encodes the new key and part 1 the new value into slot lengths[b] (the counters are not
+    advanced here)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    part = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    if part == 0:
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        q = q.to(tl.float32)
+        if ROT:
+            q = q * tl.load(PK + offs_d).to(tl.float32)[None, :]
+        if KM > 0:
+            sq = tl.zeros([BLOCK_G, KM], tl.float32)
+        for c in tl.static_range(D // CH):
+            offs_c = c * CH + tl.arange(0, CH)
+            if ROT:
+                qc = tl.dot(q, hadamard(D, c * CH, CH), input_precision="tf32x3")  # (BLOCK_G, CH) columns of q_r
+            else:
+                qc = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_c[None, :], mask=g_ok[:, None], other=0.0)
+                qc = qc.to(tl.float32)
+            tl.store(QR + b64 * srb + heads[:, None] * srh + offs_c[None, :], qc, mask=g_ok[:, None])
+            if KM > 0:
+                skc = tl.load(SK_ + tl.arange(0, KM)[None, :] * D + offs_c[:, None]).to(tl.float32)  # (CH, KM)
+                sq += tl.dot(qc, skc, input_precision="tf32x3")
+        if KM > 0:
+            tl.store(SQ + b64 * ssb + heads[:, None] * ssh + tl.arange(0, KM)[None, :], sq, mask=g_ok[:, None])
+        if APPEND:
+            slot = tl.load(Lens + b)
+            x = tl.load(K + b64 * skb + h * skh + offs_d).to(tl.float32)
+            _encode(x, KN + b64 * knb + h * knh + slot * kns, KC + b64 * kcb + h * kch + slot * kcs,
+                    KQ + b64 * kqb + h * kqh + slot * kqs, KG + b64 * kgb + h * kgh + slot * kgs,
+                    CK, BK, PK, SK_, D, KB, KM, KNB, ROT, MDT, CH)
+    else:
+        slot = tl.load(Lens + b)
+        x = tl.load(V + b64 * svb + h * svh + offs_d).to(tl.float32)
+        _encode(x, VN + b64 * vnb + h * vnh + slot * vns, VC + b64 * vcb + h * vch + slot * vcs,
+                VQ + b64 * vqb + h * vqh + slot * vqs, VG + b64 * vgb + h * vgh + slot * vgs,
+                CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT, CH)
+
+
+@triton.jit
+def decode_split(QR, SQ, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, Lens, MidO, MidQ, MidL,
+                 scale_log2, coef_k, H_kv, srb, srh, ssb, ssh,
+                 knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
                  vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs,
-                 sob, soh, sos, slb, slh, sls,
+                 sob, soh, sos, sqqb, sqqh, sqqs, slb, slh, sls,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr,
-                 ROT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+                 DT: tl.constexpr, IEEE: tl.constexpr):
     """Program (range, row * H_kv + kv head): the range's stored slots below lengths[b], for the kv head's
-    query group. Stored fields are (B, H_kv, S, n) with unit stride along n (strides ``<field>b/h/s``).
-    q is rotated once (q_r = H diag(s_K) q / sqrt(D)), and for a QJL key side projected once (S_K q_r); per
-    key: norm * (q_r . centroid[codes] + coef gamma (S_K q_r) . signs). Values accumulate in the rotated space
-    (p norm centroid[codes], and p norm gamma signs in the m-dim sketch space); at the end the sketch part is
-    projected by S_V^T and the sum un-rotated, once."""
+    query group, from the rotated queries QR (and SQ = S_K q_r). Per key: score = norm * (q_r . centroid[codes]
+    + coef_k gamma (S_K q_r) . signs). Writes the range's normalised partial output in the rotated space
+    (MidO, D-dim: sum p norm centroid[codes]; MidQ, VM-dim: sum p norm gamma signs) and its log2-sum-exp."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -38,22 +126,17 @@ def decode_split(Q, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, Le
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
     heads = h * G + offs_g
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-    if ROT:
-        Hm = hadamard(D)
-        sk = tl.load(PK + offs_d).to(tl.float32)
-        q = dot(q * sk[None, :], Hm, True)  # (BLOCK_G, D) rotated queries
-    q_d = q.to(DT)
+    b64 = b.to(tl.int64)
+    q_d = tl.load(QR + b64 * srb + heads[:, None] * srh + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DT)
     if KM > 0:
         offs_mk = tl.arange(0, KM)
-        Sk = tl.load(SK_ + offs_mk[:, None] * D + offs_d[None, :]).to(tl.float32)  # (KM, D)
-        sq_d = dot(q, tl.trans(Sk), True).to(DT)  # (BLOCK_G, KM) S_K q_r
+        sq_d = tl.load(SQ + b64 * ssb + heads[:, None] * ssh + offs_mk[None, :], mask=g_ok[:, None], other=0.0)
+        sq_d = sq_d.to(DT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     if VM > 0:
         acc_q = tl.zeros([BLOCK_G, VM], tl.float32)
-    b64 = b.to(tl.int64)
     KN += b64 * knb + h * knh
     KC += b64 * kcb + h * kch
     KQ += b64 * kqb + h * kqh
@@ -69,12 +152,11 @@ def decode_split(Q, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, Le
         kn = tl.load(KN + sn * kns, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,) norms
         if KB > 0:
             kc = unpack_rows(KC, sn * kcs, n_ok, KB, D)  # (BLOCK_N, D)
-            ky = tl.load(CK + kc)  # centroids, model dtype
-            s = dot(q_d, tl.trans(ky.to(DT)), IEEE)  # (BLOCK_G, BLOCK_N)
+            s = dot(q_d, tl.trans(tl.load(CK + kc).to(DT)), IEEE)  # (BLOCK_G, BLOCK_N)
         else:
             s = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
         if KM > 0:
-            ks = unpack_rows(KQ, sn * kqs, n_ok, 1, KM)  # (BLOCK_N, KM) bits
+            ks = unpack_rows(KQ, sn * kqs, n_ok, 1, KM)  # (BLOCK_N, KM) sign bits
             kg = tl.load(KG + sn * kgs, mask=n_ok, other=0.0).to(tl.float32)
             s += dot(sq_d, tl.trans((2 * ks - 1).to(DT)), IEEE) * (coef_k * kg)[None, :]
         s = tl.where(n_ok[None, :], s * (kn * scale_log2)[None, :], float("-inf"))
@@ -88,80 +170,70 @@ def decode_split(Q, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, Le
         acc = acc * alpha[:, None]
         if VB > 0:
             vc = unpack_rows(VC, sn * vcs, n_ok, VB, D)
-            vy = tl.load(CV + vc)
-            acc += dot(pv.to(DT), vy.to(DT), IEEE)
+            acc += dot(pv.to(DT), tl.load(CV + vc).to(DT), IEEE)
         if VM > 0:
             vs = unpack_rows(VQ, sn * vqs, n_ok, 1, VM)  # (BLOCK_N, VM)
             vg = tl.load(VG + sn * vgs, mask=n_ok, other=0.0).to(tl.float32)
             acc_q = acc_q * alpha[:, None] + dot((pv * vg[None, :]).to(DT), (2 * vs - 1).to(DT), IEEE)
+    has = l_i > 0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :], acc * inv[:, None],
+             mask=g_ok[:, None])
     if VM > 0:
         offs_mv = tl.arange(0, VM)
-        Sv = tl.load(SV_ + offs_mv[:, None] * D + offs_d[None, :]).to(tl.float32)  # (VM, D)
-        acc += coef_v * dot(acc_q, Sv, True)
-    if ROT:
-        sv = tl.load(PV + offs_d).to(tl.float32)
-        acc = dot(acc, hadamard(D), True) * sv[None, :]  # un-rotate: diag(s_V) H y / sqrt(D)
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :], out, mask=g_ok[:, None])
+        tl.store(MidQ + b * sqqb + heads[:, None] * sqqh + pid_s * sqqs + offs_mv[None, :], acc_q * inv[:, None],
+                 mask=g_ok[:, None])
     tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
 
 
 @triton.jit
-def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr,
-            NB: tl.constexpr, ROT: tl.constexpr, MDT: tl.constexpr):
-    """TurboQuantizer.encode_fields of one vector x (D,) fp32 into one slot (the pointers are the slot's
-    norm, codes, sketch bits and gamma)."""
+def combine(MidO, MidQ, MidL, Q, KNew, VNew, Out, SV_, PV, Lens, Seen, Valid, n_splits, scale_log2, coef_v, H_kv,
+            sob, soh, sos, sqqb, sqqh, sqqs, slb, slh, sls, sqb, sqh, skb, skh, svb, svh, s_ob, s_oh,
+            G: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, VM: tl.constexpr, ROT: tl.constexpr,
+            ADVANCE: tl.constexpr, CH: tl.constexpr):
+    """Program (row b, query head hq): merge the ranges (weights 2^(lse - max)) in the rotated space, add the
+    sketch part coef_v * z @ S_V (by chunks of sketch rows), un-rotate once (diag(s_V) H / sqrt(D), by chunks
+    of output columns), and merge the new token's exact key and value; program (b, 0) then advances
+    lengths[b] and seen[b] by valid[b]."""
+    pid = tl.program_id(0)
+    H_q = H_kv * G
+    b = pid // H_q
+    hq = pid % H_q
+    hk = hq // G
+    offs_s = tl.arange(0, NS)
     offs_d = tl.arange(0, D)
-    norm = tl.sqrt(tl.sum(x * x, 0))
-    u = tl.math.div_rn(x, tl.maximum(norm, 1.1754943508222875e-38))
+    s_ok = offs_s < n_splits
+    lse = tl.load(MidL + b * slb + hq * slh + offs_s * sls, mask=s_ok, other=float("-inf"))
+    q = tl.load(Q + b * sqb + hq * sqh + offs_d).to(tl.float32)
+    kn = tl.load(KNew + b * skb + hk * skh + offs_d).to(tl.float32)
+    s_new = tl.sum(q * kn, 0) * scale_log2
+    m = tl.maximum(tl.max(lse, 0), s_new)
+    w = tl.exp2(lse - m)  # empty ranges (lse -inf) weigh 0
+    w_new = tl.exp2(s_new - m)
+    inv = 1.0 / (tl.sum(w, 0) + w_new)
+    o = tl.load(MidO + b * sob + hq * soh + offs_s[:, None] * sos + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    y = tl.sum(o * w[:, None], 0) * inv  # (D,) rotated-space output of the stored slots
+    if VM > 0:
+        for c in tl.static_range(VM // CH):
+            offs_m = c * CH + tl.arange(0, CH)
+            zq = tl.load(MidQ + b * sqqb + hq * sqqh + offs_s[:, None] * sqqs + offs_m[None, :], mask=s_ok[:, None],
+                         other=0.0)
+            z = tl.sum(zq * w[:, None], 0) * inv  # (CH,) sketch-space output
+            sv = tl.load(SV_ + offs_m[:, None] * D + offs_d[None, :]).to(tl.float32)  # (CH, D) rows of S_V
+            y += coef_v * tl.sum(z[:, None] * sv, 0)
     if ROT:
-        sg = tl.load(SGN + offs_d).to(tl.float32)
-        y = tl.sum((u * sg)[:, None] * hadamard(D), 0)  # (D,) H diag(s) u / sqrt(D)
+        for c in tl.static_range(D // CH):
+            offs_c = c * CH + tl.arange(0, CH)
+            sg = tl.load(PV + offs_c).to(tl.float32)
+            vn = tl.load(VNew + b * svb + hk * svh + offs_c).to(tl.float32)
+            oc = tl.sum(y[:, None] * hadamard(D, c * CH, CH), 0) * sg + (w_new * inv) * vn
+            tl.store(Out + b * s_ob + hq * s_oh + offs_c, oc.to(Out.dtype.element_ty))
     else:
-        y = u
-    tl.store(NRM, rnd(norm, MDT).to(MDT))
-    if BITS > 0:
-        offs_b = tl.arange(0, NB)
-        bnd = tl.load(BND + offs_b, mask=offs_b < (1 << BITS) - 1, other=float("inf")).to(tl.float32)
-        idx = tl.sum((bnd[None, :] < y[:, None]).to(tl.int32), 1)  # (D,) torch.bucketize(y, boundaries)
-        y_mse = tl.load(C + idx).to(tl.float32)
-        store_words(CODES, tl.arange(0, D // 8) * BITS, tl.reshape(idx, [D // 8, 8]), tl.full([D // 8], 1, tl.int1),
-                    BITS)
-    else:
-        y_mse = tl.zeros([D], tl.float32)
-    if M > 0:
-        r = y - y_mse
-        offs_m = tl.arange(0, M)
-        Sm = tl.load(S_ + offs_m[:, None] * D + offs_d[None, :]).to(tl.float32)  # (M, D)
-        proj = tl.sum(Sm * r[None, :], 1)  # (M,) S r
-        bits = (proj >= 0).to(tl.int32)
-        store_words(QJL, tl.arange(0, M // 8), tl.reshape(bits, [M // 8, 8]), tl.full([M // 8], 1, tl.int1), 1)
-        tl.store(GAM, rnd(tl.sqrt(tl.sum(r * r, 0)), MDT).to(MDT))
-
-
-@triton.jit
-def append(K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_, SV_, PK, PV, Lens, skb, skh, svb, svh,
-           knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
-           vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs,
-           D: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, KNB: tl.constexpr,
-           VB: tl.constexpr, VM: tl.constexpr, VNB: tl.constexpr, ROT: tl.constexpr, MDT: tl.constexpr):
-    """Program (row, kv head, K|V): encode the new vector into slot lengths[b] (the counters are not
-    advanced here)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    kind = tl.program_id(2)
-    slot = tl.load(Lens + b)
-    b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, D)
-    if kind == 0:
-        x = tl.load(K + b64 * skb + h * skh + offs_d).to(tl.float32)
-        _encode(x, KN + b64 * knb + h * knh + slot * kns, KC + b64 * kcb + h * kch + slot * kcs,
-                KQ + b64 * kqb + h * kqh + slot * kqs, KG + b64 * kgb + h * kgh + slot * kgs,
-                CK, BK, PK, SK_, D, KB, KM, KNB, ROT, MDT)
-    else:
-        x = tl.load(V + b64 * svb + h * svh + offs_d).to(tl.float32)
-        _encode(x, VN + b64 * vnb + h * vnh + slot * vns, VC + b64 * vcb + h * vch + slot * vcs,
-                VQ + b64 * vqb + h * vqh + slot * vqs, VG + b64 * vgb + h * vgh + slot * vgs,
-                CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT)
+        vn = tl.load(VNew + b * svb + hk * svh + offs_d).to(tl.float32)
+        tl.store(Out + b * s_ob + hq * s_oh + offs_d, (y + (w_new * inv) * vn).to(Out.dtype.element_ty))
+    if ADVANCE:
+        if hq == 0:
+            v = tl.load(Valid + b).to(tl.int64)
+            tl.store(Lens + b, tl.load(Lens + b) + v)
+            tl.store(Seen + b, tl.load(Seen + b) + v)

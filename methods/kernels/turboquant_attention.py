@@ -139,72 +139,117 @@ def _consts(codec: Any, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(t if t is not None else like for t in (codec.centroids, codec.boundaries, codec.sketch, codec.signs))
 
 
-def turboquant_decode_attention(q: Tensor, k: dict[str, Tensor], v: dict[str, Tensor], lengths: Tensor,
-                                k_new: Tensor, v_new: Tensor, *, k_codec: Any, v_codec: Any, scaling: float,
-                                n_splits: int | None = None, block_n: int | None = None,
-                                advance: tuple[Tensor, Tensor, Tensor] | None = None,
-                                num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
-    """Fused :func:`turboquant_decode_attention_reference`; no host synchronisation. ``advance`` = (lengths,
-    seen, valid): the combine kernel adds valid to lengths and seen in place after reading what it needs (the
-    store's decode step)."""
+def _prepare(q: Tensor, k: Tensor | None, v: Tensor | None, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
+             lengths: Tensor, *, k_codec: Any, v_codec: Any) -> tuple[Tensor, Tensor]:
+    """Rotated (and for a QJL key side projected) queries (B, H_q, D), (B, H_q, m_K) fp32; with k, v (B, H_kv, D)
+    also their encoding into slot lengths[b] (the same launch)."""
+    B, H_q, D = q.shape
+    kn = k_fields["norm"]
+    H_kv = kn.shape[1]
+    G = H_q // H_kv
+    append = k is not None
+    if k_codec.rotate != v_codec.rotate:
+        raise ValueError("K and V codecs must both rotate or both not")
+    for t in (q, k, v):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError("q, k and v need unit stride along D")
+    qr = torch.empty(B, H_q, D, dtype=torch.float32, device=q.device)
+    sq = torch.empty(B, H_q, max(1, k_codec.qjl_dim), dtype=torch.float32, device=q.device)
+    kk = k if append else q
+    vv = v if append else q
+    ck, bk, sk, pk = _consts(k_codec, kn)
+    cv, bv, sv, pv = _consts(v_codec, kn)
+    kf, vf = _fields(k_fields, kn), _fields(v_fields, kn)
+    K, _ = _kernels()
+    K.prepare[(B, H_kv, 2 if append else 1)](
+        q, qr, sq, kk, vv, *kf, *vf, ck, bk, cv, bv, sk, sv, pk, pv, lengths,
+        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), sq.stride(0), sq.stride(1),
+        kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1),
+        *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
+        G=G, BLOCK_G=max(16, triton_next_pow2(G)), D=D,
+        KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
+        VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
+        ROT=bool(k_codec.rotate), APPEND=append, MDT=_tl_dtype(kn.dtype), CH=min(32, D), **_launch(num_warps=4),
+    )
+    return qr, sq
+
+
+def _attend(q: Tensor, qr: Tensor, sq: Tensor, k: dict[str, Tensor], v: dict[str, Tensor], lengths: Tensor,
+            k_new: Tensor, v_new: Tensor, *, k_codec: Any, v_codec: Any, scaling: float, n_splits: int | None,
+            block_n: int | None, advance: tuple[Tensor, Tensor, Tensor] | None, num_warps: int | None,
+            num_stages: int | None) -> Tensor:
+    """Split kernel over the stored slots, then the combine (un-rotation, new token, counters)."""
     B, H_q, D = q.shape
     kn = k["norm"]
     H_kv, S = kn.shape[1], kn.shape[2]
     G = H_q // H_kv
-    if k_codec.rotate != v_codec.rotate:
-        raise ValueError("K and V codecs must both rotate or both not")
     block_n = block_n or DECODE_CONFIG["block_n"]
     ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, DECODE_CONFIG["per_sm"])
     split = -(-(-(-S // ns)) // block_n) * block_n
     ns = -(-S // split)
+    vm = v_codec.qjl_dim
     mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
+    mid_q = torch.empty(B, H_q, ns, max(1, vm), dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H_q, ns, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
-    K, C = _kernels()
-    ck, _, sk, pk = _consts(k_codec, kn)
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("k_new and v_new need unit stride along D")
+    ck, _, _, _ = _consts(k_codec, kn)
     cv, _, sv, pv = _consts(v_codec, kn)
     kf, vf = _fields(k, kn), _fields(v, kn)
     dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    km, vm = k_codec.qjl_dim, v_codec.qjl_dim
+    BLOCK_G = max(16, triton_next_pow2(G))
+    K, _ = _kernels()
     K.decode_split[(ns, B * H_kv)](
-        q, *kf, *vf, ck, cv, sk, sv, pk, pv, lengths, mid_o, mid_l,
-        float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, km), math.sqrt(math.pi / 2) / max(1, vm), H_kv,
-        q.stride(0), q.stride(1), *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
-        *mid_o.stride()[:3], *mid_l.stride(),
-        G=G, BLOCK_G=max(16, triton_next_pow2(G)), D=D, BLOCK_N=block_n, SPLIT=split,
-        KB=k_codec.mse_bits, KM=km, VB=v_codec.mse_bits, VM=vm, ROT=bool(k_codec.rotate), DT=_tl_dtype(dt),
+        qr, sq, *kf, *vf, ck, cv, lengths, mid_o, mid_q, mid_l,
+        float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, k_codec.qjl_dim), H_kv,
+        qr.stride(0), qr.stride(1), sq.stride(0), sq.stride(1),
+        *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
+        *mid_o.stride()[:3], *mid_q.stride()[:3], *mid_l.stride(),
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, SPLIT=split,
+        KB=k_codec.mse_bits, KM=k_codec.qjl_dim, VB=v_codec.mse_bits, VM=vm, DT=_tl_dtype(dt),
         IEEE=dt == torch.float32,
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )
-    if q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
-        raise ValueError("q, k_new and v_new need unit stride along D")
     lens, seen, valid = advance if advance is not None else (lengths, lengths, lengths)
-    C.combine_new[(B * H_q,)](
-        mid_o, mid_l, q, k_new, v_new, out, lens, seen, valid, ns, float(scaling) * LOG2E, H_kv,
-        *mid_o.stride()[:3], *mid_l.stride(), q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-        v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
-        G=G, NS=max(2, triton_next_pow2(ns)), D=D, ADVANCE=advance is not None, **_launch(num_warps=4),
+    K.combine[(B * H_q,)](
+        mid_o, mid_q, mid_l, q, k_new, v_new, out, sv, pv, lens, seen, valid, ns, float(scaling) * LOG2E,
+        math.sqrt(math.pi / 2) / max(1, vm), H_kv,
+        *mid_o.stride()[:3], *mid_q.stride()[:3], *mid_l.stride(), q.stride(0), q.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
+        G=G, NS=max(2, triton_next_pow2(ns)), D=D, VM=vm, ROT=bool(v_codec.rotate), ADVANCE=advance is not None,
+        CH=min(32, D),
+        **_launch(num_warps=4),
     )
     return out
 
 
+def turboquant_decode_attention(q: Tensor, k: dict[str, Tensor], v: dict[str, Tensor], lengths: Tensor,
+                                k_new: Tensor, v_new: Tensor, *, k_codec: Any, v_codec: Any, scaling: float,
+                                n_splits: int | None = None, block_n: int | None = None,
+                                num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+    """Fused :func:`turboquant_decode_attention_reference` (three launches: query rotation, split, combine);
+    no host synchronisation. The keyword tunables default to ``DECODE_CONFIG``."""
+    qr, sq = _prepare(q, None, None, k, v, lengths, k_codec=k_codec, v_codec=v_codec)
+    return _attend(q, qr, sq, k, v, lengths, k_new, v_new, k_codec=k_codec, v_codec=v_codec, scaling=scaling,
+                   n_splits=n_splits, block_n=block_n, advance=None, num_warps=num_warps, num_stages=num_stages)
+
+
+def turboquant_decode_step(q: Tensor, k_new: Tensor, v_new: Tensor, k: dict[str, Tensor], v: dict[str, Tensor],
+                           lengths: Tensor, seen: Tensor, valid: Tensor, *, k_codec: Any, v_codec: Any,
+                           scaling: float) -> Tensor:
+    """A store's whole decode step in three launches: encode the new token into slot lengths[b] (with the query
+    rotation), attend over the stored slots [0, lengths[b]) and the new token exactly, then lengths and seen +=
+    valid (in place; a finished row's token is written past its valid slots and not counted)."""
+    qr, sq = _prepare(q, k_new, v_new, k, v, lengths, k_codec=k_codec, v_codec=v_codec)
+    return _attend(q, qr, sq, k, v, lengths, k_new, v_new, k_codec=k_codec, v_codec=v_codec, scaling=scaling,
+                   n_splits=None, block_n=None, advance=(lengths, seen, valid), num_warps=None, num_stages=None)
+
+
 def turboquant_append(k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
                       lengths: Tensor, *, k_codec: Any, v_codec: Any) -> None:
-    """Fused :func:`turboquant_append_reference`: k, v (B, H_kv, D) into slot lengths[b] (not advanced), one
-    program per (row, kv head, K|V)."""
+    """Fused :func:`turboquant_append_reference`: k, v (B, H_kv, D) into slot lengths[b] (not advanced)."""
     B, H_kv, D = k.shape
-    if k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError("k and v need unit stride along D")
-    kn = k_fields["norm"]
-    K, _ = _kernels()
-    ck, bk, sk, pk = _consts(k_codec, kn)
-    cv, bv, sv, pv = _consts(v_codec, kn)
-    kf, vf = _fields(k_fields, kn), _fields(v_fields, kn)
-    K.append[(B, H_kv, 2)](
-        k, v, *kf, *vf, ck, bk, cv, bv, sk, sv, pk, pv, lengths, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
-        D=D, KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
-        VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
-        ROT=bool(k_codec.rotate), MDT=_tl_dtype(kn.dtype), **_launch(num_warps=4),
-    )
+    q = torch.zeros(B, H_kv, D, dtype=k.dtype, device=k.device)  # the launch rotates queries too: one per kv head
+    _prepare(q, k, v, k_fields, v_fields, lengths, k_codec=k_codec, v_codec=v_codec)
