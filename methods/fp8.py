@@ -10,6 +10,9 @@ is element / scale, saturating at +-448. Choices serving engines differ on, expo
   that exceed it saturate. Engines calibrate this static scale offline or from the first batch
   (vLLM's dynamic k_scale uses a headroom constant); ``head_margin`` (default 2.0, [I]) is ours.
 Ratio: FP8 is 8 bits, so it honours ratio 0.5 only; any other ratio gives a skipped row.
+Kernels (``fused``: auto = on CUDA, on, off): with ``scale="token"`` the store reads the e4m3 bytes in
+Triton kernels (methods/kernels/quant_attention.py: bytes widened to fp16 in registers, the scale applied
+per key to the score and per value to the softmax weight); ``scale="head"`` has the reference path only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.kernels import FUSED_CHOICES, use_fused
 from methods.quantizers import FP8_MAX, Fp8TokenQuantizer, fp8_decode, fp8_encode
 from methods.stores import CodecStore, SlotStore, scatter_slots
 
@@ -34,13 +38,18 @@ class Fp8(MethodBase):
     ratio: float = 0.5
     scale: str = "token"
     head_margin: float = 2.0
+    fused: str = "auto"
 
     family = "quantization"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # scale=token has fused kernels; rows record the path that ran
     name = "fp8"
 
     def __post_init__(self) -> None:
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
+        if self.fused == "on" and self.scale != "token":
+            raise ValueError("fp8 has fused kernels for scale=token only; use fused=auto or off with scale=head")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if float(self.head_margin) < 1.0:
@@ -56,7 +65,8 @@ class Fp8(MethodBase):
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> SlotStore:
         if self.scale == "token":
             q = Fp8TokenQuantizer()
-            return CodecStore(layer, q, q, batch=batch, capacity=capacity, device=device, dtype=dtype)
+            fused = use_fused(self.fused, device, CodecStore.fused_reason(layer, q, q))
+            return CodecStore(layer, q, q, batch=batch, capacity=capacity, device=device, dtype=dtype, fused=fused)
         return Fp8HeadStore(layer, margin=float(self.head_margin), batch=batch, capacity=capacity, device=device,
                             dtype=dtype)
 

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase, ModelSpec
-from methods.stores import DenseStore
+from methods.kernels import FUSED_CHOICES, use_fused
+from methods.stores import CodecStore, DenseStore
 
 INT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -42,18 +43,31 @@ class QuantMethod(MethodBase):
 
     Subclasses set ``widths`` (the code widths they store physically), implement
     :meth:`store` (a store at given K and V widths) and :meth:`roundtrip` (encode + decode of
-    one head's K or V, for calibration), and may add reasons in :meth:`extra_reasons`."""
+    one head's K or V, for calibration), and may add reasons in :meth:`extra_reasons`.
+
+    ``fused`` (auto | on | off) picks the kernels of stores built on :class:`~methods.stores.CodecStore`
+    (:meth:`use_fused`): auto = the fused decode (and prefill) kernels on CUDA where the codecs declare one,
+    the reference path elsewhere (CPU: ``on`` runs them under ``TRITON_INTERPRET=1``, the tests)."""
 
     ratio: float = 0.75
+    fused: str = "auto"
 
     family = "quantization"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # stores whose codecs declare a fused kernel have one; rows record the path that ran
     widths: ClassVar[tuple[int, ...]] = INT_BITS
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.ratio) < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
+
+    def use_fused(self, layer: LayerSpec, k_codec: Any, v_codec: Any, device: Any) -> bool:
+        """``fused`` -> whether a CodecStore of these codecs takes the fused kernels (auto: on CUDA where the
+        codecs declare a kernel that serves this layer; on: wherever the kernels run, else an error saying
+        why; off: never)."""
+        return use_fused(self.fused, device, CodecStore.fused_reason(layer, k_codec, v_codec))
 
     @property
     def bits(self) -> int | None:
@@ -81,6 +95,12 @@ class QuantMethod(MethodBase):
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         """x (B, 1, T, D) of one kv head -> what the store would give back at ``bits``."""
         raise NotImplementedError
+
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any] | None:
+        """(K codec, V codec) of a per-token :class:`~methods.stores.CodecStore` at these widths, or None when
+        the method's store is another layout. RateQuant groups a layer's heads by width into CodecStores with
+        them (one kernel launch per width pair, not per head)."""
+        return None
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> Any:
         if self.bits is None:

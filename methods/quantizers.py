@@ -130,6 +130,11 @@ class UniformQuantizer:
     def decode_fields(self, parts: dict[str, Tensor], *, dtype: torch.dtype) -> Tensor:
         return self.decode(parts["codes"], parts["scale"], parts["zero"], dtype=dtype)
 
+    def kernel_layout(self, dim: int) -> dict:
+        """What the fused kernels read (methods.kernels.quant_attention, family ``scalar``)."""
+        return {"kernel": "scalar", "fmt": "int", "bits": self.bits, "group": self.group_size,
+                "clip": float(self.clip_ratio)}
+
 
 # -- FP8 ----------------------------------------------------------------------------------------
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -160,6 +165,10 @@ class Fp8TokenQuantizer:
 
     def decode_fields(self, parts: dict[str, Tensor], *, dtype: torch.dtype) -> Tensor:
         return fp8_decode(parts["codes"], parts["scale"], dtype=dtype)
+
+    def kernel_layout(self, dim: int) -> dict:
+        """What the fused kernels read (methods.kernels.quant_attention, family ``scalar``)."""
+        return {"kernel": "scalar", "fmt": "fp8", "bits": 8, "group": dim}
 
 
 # -- randomized Walsh-Hadamard rotation -----------------------------------------------------------
@@ -212,6 +221,12 @@ class RotatedQuantizer:
 
     def decode_fields(self, parts: dict[str, Tensor], *, dtype: torch.dtype) -> Tensor:
         return unrotate(self.inner.decode_fields(parts, dtype=torch.float32), self.signs).to(dtype)
+
+    def kernel_layout(self, dim: int) -> dict | None:
+        """The inner codec's layout, read in the rotated space (the kernels rotate q and un-rotate the output)."""
+        inner = getattr(self.inner, "kernel_layout", None)
+        decl = inner(dim) if callable(inner) else None
+        return None if decl is None else {**decl, "signs": self.signs}
 
 
 # -- Lloyd-Max codebooks and TurboQuant-style quantizers ---------------------------------------------

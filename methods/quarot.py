@@ -17,6 +17,9 @@ Choices QuaRot leaves to the deployment, and ours:
 - Zero point: kept in floating point (QuaRot rounds it to an integer); scale and zero point are
   computed from the rotated vector.
 - Widths: any integer 1-8 bits (16 = unquantized); ratio -> bits = 16 * (1 - ratio).
+- Kernels (``fused``, auto = on CUDA): the decode kernels read the rotated codes and attend in the rotated
+  space: q is rotated once per step (with the new key, in the append kernel) and the output un-rotated
+  once (in the combine kernel), never per key (methods/kernels/quant_attention.py).
 """
 
 from __future__ import annotations
@@ -69,7 +72,13 @@ class QuaRot(QuantMethod):
         D = layer.head_dim
         kc = self.codec(D, k_bits, layer_idx=layer.layer_idx, kind="k", device=device)
         vc = self.codec(D, v_bits, layer_idx=layer.layer_idx, kind="v", device=device)
-        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype,
+                          fused=self.use_fused(layer, kc, vc, device))
+
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any]:
+        D = layer.head_dim
+        return (self.codec(D, k_bits, layer_idx=layer.layer_idx, kind="k", device=device),
+                self.codec(D, v_bits, layer_idx=layer.layer_idx, kind="v", device=device))
 
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         return codec_roundtrip(self.codec(x.shape[-1], bits, layer_idx=layer_idx, kind=kind, device=x.device), x)

@@ -210,10 +210,11 @@ class RateQuant(MethodBase):
     calib_queries: int = 128
     cache: bool = True
     seed: int = 0
+    fused: str = "auto"
 
     family = "quantization"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # over bases whose codecs declare a fused kernel; rows record the path that ran
     name = "ratequant"
 
     def __post_init__(self) -> None:
@@ -228,7 +229,7 @@ class RateQuant(MethodBase):
         self.widths = sorted(int(w) for w in self.widths)
         if not self.widths or self.widths[0] < 1 or self.widths[-1] > 8:
             raise ValueError(f"widths must be bit widths in 1..8, got {self.widths}")
-        self.base_method = make_base(self.base, self.base_params)
+        self.base_method = make_base(self.base, {"fused": self.fused, **dict(self.base_params)})
         self.bit_table: Tensor | None = None  # (L, H_kv, 2) int8 after calibrate()
         self.fit: dict[str, Any] = {}
 
@@ -346,7 +347,12 @@ class RateQuant(MethodBase):
             return DenseStore(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
         if self.bit_table is None:
             raise ValueError("ratequant has no bit allocation yet; call calibrate() first")
-        return PerHeadStore(layer, self.base_method, self.bit_table[layer.layer_idx].to(device), batch=batch,
+        bits = self.bit_table[layer.layer_idx].to(device)
+        grouped = GroupedCodecStore.build(layer, self.base_method, bits, batch=batch, capacity=capacity, device=device,
+                                          dtype=dtype)
+        if grouped is not None:
+            return grouped
+        return PerHeadStore(layer, self.base_method, bits, batch=batch,
                             capacity=capacity, device=device, dtype=dtype)
 
 
@@ -399,5 +405,163 @@ class PerHeadStore:
         )
 
 
-__all__ = ["RateQuant", "Capture", "water_fill", "round_to_widths", "fit_distortion", "measure_distortion",
+class GroupedCodecStore:
+    """A layer's kv heads grouped by (K width, V width), one fused :class:`~methods.stores.CodecStore` per group
+    (holding those heads in order), for bases whose store is a CodecStore with a fused kernel
+    (``base.codecs``) when the base's ``fused`` picks the kernels. A decode step runs each group's append and
+    split kernels (the split partials of every group land in one buffer, indexed by the layer's query heads)
+    and one combine for the layer: launches per layer = 2 x groups + 1, not 3 x heads. The groups share the
+    layer's ``lengths`` / ``seen`` (advanced once, by the combine) and, for a rotated base (QuaRot: one sign
+    vector per layer and K|V, whatever the width), the rotated q/k/v workspace. Prefill chunks of unpadded
+    batches: each group quantizes its heads and attends for their query heads into one output. Otherwise
+    (padded chunks) every group takes the reference path of its CodecStore. Bytes: the groups' plus the bit
+    table, as :class:`PerHeadStore`."""
+
+    kernel = "fused"
+    graph_safe = True
+
+    @classmethod
+    def build(cls, layer: LayerSpec, base: Any, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype: Any
+              ) -> GroupedCodecStore | None:
+        """The grouped store, or None where the base has no CodecStore codecs or its fused kernels are off or
+        cannot serve (then :class:`PerHeadStore`, the reference)."""
+        from methods.kernels import use_fused
+        from methods.stores import CodecStore
+
+        pairs = sorted({(int(kb), int(vb)) for kb, vb in bits.tolist()})
+        codecs = {}
+        for kb, vb in pairs:
+            c = base.codecs(layer, k_bits=kb, v_bits=vb, device=device)
+            if c is None or not use_fused(getattr(base, "fused", "off"), device, CodecStore.fused_reason(layer, *c)):
+                return None
+            codecs[(kb, vb)] = c
+        return cls(layer, codecs, bits, batch=batch, capacity=capacity, device=device, dtype=dtype)
+
+    def __init__(self, layer: LayerSpec, codecs: dict, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype):
+        from methods.kernels.quant_attention import codec_kernel, rotation_workspace
+        from methods.stores import CodecStore
+
+        self.layer, self.bits = layer, bits  # bits (H_kv, 2) int8
+        g, D = layer.n_groups, layer.head_dim
+        rows = [(int(kb), int(vb)) for kb, vb in bits.tolist()]
+        workspace = rotation_workspace(batch, layer.n_q_heads, layer.n_kv_heads, D, device)
+        self.groups, self.drivers, self.head_idx, self.qhead_idx = [], [], [], []
+        for pair, (kc, vc) in codecs.items():
+            heads = [h for h, r in enumerate(rows) if r == pair]
+            sub = LayerSpec(layer_idx=layer.layer_idx, n_layers=layer.n_layers, n_q_heads=len(heads) * g,
+                            n_kv_heads=len(heads), head_dim=D, nominal_dtype=layer.nominal_dtype)
+            st = CodecStore(sub, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype)
+            idx = torch.tensor(heads, dtype=torch.long, device=device)
+            drv = codec_kernel(layer, kc, vc, batch=batch, device=device, dtype=dtype, heads=idx,
+                               workspace=workspace)
+            self.groups.append(st)
+            self.drivers.append(drv)
+            self.head_idx.append(idx)  # (n,) the layer's kv heads this group holds
+            self.qhead_idx.append((idx[:, None] * g + torch.arange(g, device=device)).reshape(-1))  # (n g,)
+        for st in self.groups[1:]:
+            self._share(st)
+        self.uniform = True
+
+    def _share(self, st: Any) -> None:
+        st.lengths, st.seen = self.groups[0].lengths, self.groups[0].seen
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.groups[0].lengths
+
+    @property
+    def hi(self) -> int:
+        return self.groups[0].hi
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        B, H_q, T, D = q.shape
+        g0 = self.groups[0]
+        g0._check_capacity(T)
+        if T == 1:
+            qq, kk, vv = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+            rq = rk = rv = None
+            for st, drv in zip(self.groups, self.drivers):
+                rq, rk, rv = drv.append_decode(st, qq, kk, vv)  # the workspace is shared: the last call returns it
+            ns = self.drivers[0].n_splits(B, max(1, self.layer.n_kv_heads // len(self.groups)), g0.capacity, q.device)
+            mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
+            mid_l = torch.empty(B, H_q, ns, dtype=torch.float32, device=q.device)
+            for st, drv in zip(self.groups, self.drivers):
+                drv.split(st, rq, mid_o, mid_l, scaling=scaling)
+            from methods.kernels.quant_attention import combine_new
+
+            out = torch.empty(B, H_q, D, dtype=q.dtype, device=q.device)
+            combine_new(mid_o, mid_l, rq, rk, rv, out, scaling=scaling, rot_v_t=self.drivers[0].rot_v_t,
+                        advance=(g0.lengths, g0.seen, valid[:, 0]))
+            self.uniform = False
+            for st in self.groups:
+                st.hi += 1
+            return out[:, None]
+        if self.uniform and bool(valid.all()):
+            drv0 = self.drivers[0]
+            qq, kk, vv = drv0.rotate_chunk(q, k, v)
+            out = torch.empty(B, T, H_q, D, dtype=qq.dtype, device=q.device)
+            start = g0.hi
+            for st, drv in zip(self.groups, self.drivers):
+                drv.prefill_into(st, qq, kk, vv, out, start=start, scaling=scaling)
+            g0.lengths.add_(T)
+            g0.seen.add_(T)
+            for st in self.groups:
+                st.hi += T
+            return drv0.unrotate(out).to(q.dtype)
+        self.uniform = False
+        out = torch.empty(B, T, H_q, D, dtype=q.dtype, device=q.device)
+        lengths, seen = g0.lengths, g0.seen  # the reference path rebinds them: every group starts from these
+        for st, h, qh in zip(self.groups, self.head_idx, self.qhead_idx):
+            st.lengths, st.seen = lengths, seen
+            o = st.extend(q.index_select(1, qh), k.index_select(1, h), v.index_select(1, h), positions=positions,
+                          valid=valid, scaling=scaling)  # (B, T, n g, D)
+            out.index_copy_(2, qh, o)
+        for st in self.groups[1:]:
+            self._share(st)
+        return out
+
+    def end_of_context(self) -> None:
+        for st in self.groups:
+            st.end_of_context()
+
+    def fork(self) -> GroupedCodecStore:
+        new = object.__new__(GroupedCodecStore)
+        new.__dict__.update(self.__dict__)
+        new.groups = [st.fork() for st in self.groups]
+        for st in new.groups[1:]:
+            st.lengths, st.seen = new.groups[0].lengths, new.groups[0].seen
+        return new
+
+    # -- CUDA-graph protocol -----------------------------------------------------------------------
+    def graph_snapshot(self) -> tuple:
+        return self.groups[0].graph_snapshot(), [st.hi for st in self.groups], self.uniform
+
+    def graph_restore(self, snap: tuple) -> None:
+        first, his, self.uniform = snap
+        self.groups[0].graph_restore(first)
+        for st, hi in zip(self.groups, his):
+            st.hi = hi
+
+    def graph_advance(self, steps: int) -> None:
+        for st in self.groups:
+            st.graph_advance(steps)
+        self.uniform = False
+
+    def stats(self) -> KVStats:
+        parts = [st.stats() for st in self.groups]
+        kept = torch.zeros(parts[0].tokens_kept.shape[0], self.layer.n_kv_heads, dtype=torch.long)
+        for p, h in zip(parts, self.head_idx):
+            kept[:, h.cpu()] = p.tokens_kept
+        seen = self.groups[0].seen.detach().to("cpu", torch.long)
+        return KVStats(
+            tokens_kept=kept,  # (B, H_kv)
+            tokens_seen=seen,
+            bytes_stored=sum(p.bytes_stored for p in parts) + self.bits.numel(),
+            bytes_allocated=sum(p.bytes_allocated for p in parts) + self.bits.numel(),
+            bytes_read_per_step=sum(p.bytes_read_per_step for p in parts) + self.bits.numel(),
+            bytes_full=sum(p.bytes_full for p in parts),
+        )
+
+
+__all__ = ["RateQuant", "Capture", "GroupedCodecStore", "water_fill", "round_to_widths", "fit_distortion", "measure_distortion",
            "uniform_widths", "make_base"]

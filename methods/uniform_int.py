@@ -10,8 +10,9 @@ Ratio mapping (DESIGN §6): nominal code bits = 16 * (1 - ratio), which must be 
 skipped row, never a silent rounding. The achieved ratio
 includes the scale/zero-point overhead: 2 * 16 / group_size extra bits per element in bf16.
 
-Attention is the reference path (``kernel=reference``): stored tokens are dequantized, the new
-chunk attends to itself exactly, then it is quantized and stored.
+Attention: the reference path dequantizes the stored tokens, the new chunk attends to itself
+exactly, then it is quantized and stored. With ``fused`` (auto: on CUDA) the store reads the packed
+codes in Triton kernels instead (methods/kernels/quant_attention.py), same semantics.
 """
 
 from __future__ import annotations
@@ -53,21 +54,26 @@ class UniformInt(QuantMethod):
     def store(self, layer: LayerSpec, *, k_bits: int, v_bits: int, batch: int, capacity: int, device: Any,
               dtype: Any) -> CodecStore:
         kq, vq = UniformQuantizer(k_bits, self.group_size), UniformQuantizer(v_bits, self.group_size)
+        fused = self.use_fused(layer, kq, vq, device)
         if k_bits == v_bits:
-            return QuantizedStore(layer, kq, batch=batch, capacity=capacity, device=device, dtype=dtype)
-        return CodecStore(layer, kq, vq, batch=batch, capacity=capacity, device=device, dtype=dtype)
+            return QuantizedStore(layer, kq, batch=batch, capacity=capacity, device=device, dtype=dtype, fused=fused)
+        return CodecStore(layer, kq, vq, batch=batch, capacity=capacity, device=device, dtype=dtype, fused=fused)
 
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         return codec_roundtrip(UniformQuantizer(bits, self.group_size), x)
+
+    def codecs(self, layer: LayerSpec, *, k_bits: int, v_bits: int, device: Any) -> tuple[Any, Any]:
+        return UniformQuantizer(k_bits, self.group_size), UniformQuantizer(v_bits, self.group_size)
 
 
 class QuantizedStore(CodecStore):
     """Packed per-token codes + per-group scale and zero point for K and V, in slot order
     (fields ``k_codes``, ``k_scale``, ``k_zero``, ``v_codes``, ``v_scale``, ``v_zero``)."""
 
-    def __init__(self, layer: LayerSpec, quant: UniformQuantizer, *, batch: int, capacity: int, device: Any, dtype):
+    def __init__(self, layer: LayerSpec, quant: UniformQuantizer, *, batch: int, capacity: int, device: Any, dtype,
+                 fused: bool = False):
         reasons = quant.check_dim(layer.head_dim)
         if reasons:
             raise ValueError("; ".join(reasons))
         self.quant = quant
-        super().__init__(layer, quant, quant, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        super().__init__(layer, quant, quant, batch=batch, capacity=capacity, device=device, dtype=dtype, fused=fused)

@@ -1,0 +1,463 @@
+"""Triton kernels of :mod:`methods.kernels.quant_attention` (imported on first use: Triton decides at import
+time whether ``@triton.jit`` compiles or interprets, so ``TRITON_INTERPRET`` must be set before). Launchers,
+references, the layouts and the kernel contract live in quant_attention.py.
+
+Names: a K or V *layout* is described by constexprs ``FMT`` (0 int: code * scale + zero, 1 fp8: e4m3(code) *
+scale), ``BITS``, ``GS`` (channels per scale group), ``CPW`` (codes per packed word), ``WB`` (bytes per word),
+``ZERO`` (a zero point is stored), ``MAGIC`` / ``MAGIC_BITS`` (the float the dot operand carries on top of the
+code: codes become 16-bit floats by an OR into the mantissa, no integer-to-float conversion; 0 = convert)."""
+
+import triton
+import triton.language as tl
+
+from ._layers_triton import rnd
+
+
+# --------------------------------------------------------------------------------------------------
+# Codes: packed words -> (NG, N, GS) codes in channel order -> dot operands
+
+
+@triton.jit
+def _words(C, offs_n, n_ok, s_slot, NG: tl.constexpr, WPG: tl.constexpr, WB: tl.constexpr, GBY: tl.constexpr):
+    """Packed words (NG, N, WPG) of slots ``offs_n``: word i of group grp is bytes grp*GBY + i*WB .. + WB - 1,
+    little-endian (int32 up to 3 bytes, int64 above)."""
+    grp = tl.arange(0, NG)[:, None, None]
+    i = tl.arange(0, WPG)[None, None, :]
+    ptr = C + offs_n[None, :, None].to(tl.int64) * s_slot + grp * GBY + i * WB
+    m = n_ok[None, :, None]
+    if WB == 1:
+        w = tl.load(ptr, mask=m, other=0).to(tl.int32)
+    elif WB <= 3:
+        w = tl.load(ptr, mask=m, other=0).to(tl.int32)
+        for k in tl.static_range(1, WB):
+            w = w | (tl.load(ptr + k, mask=m, other=0).to(tl.int32) << (8 * k))
+    else:
+        w = tl.load(ptr, mask=m, other=0).to(tl.int64)
+        for k in tl.static_range(1, WB):
+            w = w | (tl.load(ptr + k, mask=m, other=0).to(tl.int64) << (8 * k))
+    return w
+
+
+@triton.jit
+def _code(w, j: tl.constexpr, BITS: tl.constexpr):
+    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _unpack(w, NG: tl.constexpr, N: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
+    """Words (NG, N, GS / CPW) -> codes (NG, N, GS) int32 in channel order (code j of word i is channel
+    CPW * i + j): a tree of joins interleaves the CPW code planes, no gather."""
+    if CPW == 1:
+        c = w.to(tl.int32)
+    elif CPW == 2:
+        c = tl.join(_code(w, 0, BITS), _code(w, 1, BITS))
+    elif CPW == 4:
+        c = tl.join(tl.join(_code(w, 0, BITS), _code(w, 2, BITS)), tl.join(_code(w, 1, BITS), _code(w, 3, BITS)))
+    else:
+        c = tl.join(
+            tl.join(tl.join(_code(w, 0, BITS), _code(w, 4, BITS)), tl.join(_code(w, 2, BITS), _code(w, 6, BITS))),
+            tl.join(tl.join(_code(w, 1, BITS), _code(w, 5, BITS)), tl.join(_code(w, 3, BITS), _code(w, 7, BITS))))
+    return tl.reshape(c, [NG, N, GS])
+
+
+@triton.jit
+def _operand(c, FMT: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
+    """Codes (int32) -> dot operand in DT: fp8 bytes reinterpreted; int codes OR-ed into the mantissa of
+    MAGIC (value MAGIC + code, exact) or converted when MAGIC_BITS is 0."""
+    if FMT == 1:
+        return c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(DT)
+    elif MAGIC_BITS == 0:
+        return c.to(tl.float32).to(DT)
+    elif MAGIC_BITS < 0:  # the interpreter (its bf16 bitcasts feed tl.dot wrong values): the same value, added
+        return (c.to(tl.float32) + MAGIC).to(DT)
+    else:
+        return (c | MAGIC_BITS).to(tl.int16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _codes(C, offs_n, n_ok, s_slot, NG: tl.constexpr, N: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
+           BITS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+           DT: tl.constexpr):
+    w = _words(C, offs_n, n_ok, s_slot, NG, GS // CPW, WB, GS * BITS // 8)
+    return _operand(_unpack(w, NG, N, GS, BITS, CPW), FMT, MAGIC, MAGIC_BITS, DT)
+
+
+@triton.jit
+def _meta(S, offs_n, n_ok, s_slot, NG: tl.constexpr):
+    """Per-slot per-group metadata (scale or zero point) as (NG, N) fp32."""
+    grp = tl.arange(0, NG)
+    return tl.load(S + offs_n[None, :].to(tl.int64) * s_slot + grp[:, None], mask=n_ok[None, :], other=0.0).to(
+        tl.float32)
+
+
+@triton.jit
+def _dot3(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _qk_tile(q3, qsum3, KC, KS, KZ, offs_n, n_ok, kcs, kss, kzs, N: tl.constexpr,
+             NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+             WB: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+             DT: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (R, N) of the query rows q3 (NG, R, GS) against stored keys: per group, scale * (q . codes) +
+    (zero - MAGIC * scale) * sum(q) -- the key is never dequantized element by element."""
+    kc = _codes(KC, offs_n, n_ok, kcs, NG, N, GS, FMT, BITS, CPW, WB, MAGIC, MAGIC_BITS, DT)  # (NG, N, GS)
+    d3 = _dot3(q3, tl.permute(kc, (0, 2, 1)), IEEE)  # (NG, R, N)
+    sc = _meta(KS, offs_n, n_ok, kss, NG)  # (NG, N)
+    s3 = sc[:, None, :] * d3
+    if ZERO:
+        zeff = _meta(KZ, offs_n, n_ok, kzs, NG) - MAGIC * sc
+        s3 += zeff[:, None, :] * qsum3[:, :, None]
+    elif MAGIC != 0:
+        s3 -= (MAGIC * sc)[:, None, :] * qsum3[:, :, None]
+    return tl.sum(s3, 0)
+
+
+@triton.jit
+def _pv_tile(p, VC, VS, VZ, offs_n, n_ok, vcs, vss, vzs, N: tl.constexpr,
+             NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+             WB: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+             DT: tl.constexpr, IEEE: tl.constexpr):
+    """Weights p (R, N) times stored values: (sum_n p s codes (NG, R, GS), the per-group correction
+    sum_n p zero - MAGIC sum_n p s (NG, R)). The scale goes into p, the zero point into the correction."""
+    vc = _codes(VC, offs_n, n_ok, vcs, NG, N, GS, FMT, BITS, CPW, WB, MAGIC, MAGIC_BITS, DT)  # (NG, N, GS)
+    sc = _meta(VS, offs_n, n_ok, vss, NG)  # (NG, N)
+    pv = (p[None, :, :] * sc[:, None, :]).to(DT)  # (NG, R, N)
+    acc = _dot3(pv, vc, IEEE)  # (NG, R, GS)
+    corr = tl.zeros([NG, p.shape[0]], tl.float32)
+    if ZERO:
+        corr += tl.sum(p[None, :, :] * _meta(VZ, offs_n, n_ok, vzs, NG)[:, None, :], 2)
+    if MAGIC != 0:
+        corr -= MAGIC * tl.sum(pv.to(tl.float32), 2)
+    return acc, corr
+
+
+@triton.jit
+def _load_q3(Q, rows_off, r_ok, sqd, NG: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """Query rows at pointers Q + rows_off (R,) -> (NG, R, GS) in the dot dtype and their per-group sums (NG, R)."""
+    grp = tl.arange(0, NG)[:, None, None]
+    i = tl.arange(0, GS)[None, None, :]
+    q3 = tl.load(Q + rows_off[None, :, None] + (grp * GS + i) * sqd, mask=r_ok[None, :, None], other=0.0).to(DT)
+    return q3, tl.sum(q3.to(tl.float32), 2)
+
+
+@triton.jit
+def _online(s, m_i, l_i):
+    """Online-softmax step on scores s (R, N) (log2 units, -inf where masked): new max, rescale, weights."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode: split kernel over the stored slots, combine kernel that merges the splits and the new token
+
+
+@triton.jit
+def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2, H_loc,
+                 sqb, sqh, sqd,
+                 kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
+                 vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
+                 sob, soh, sos, sod, slb, slh, sls,
+                 G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
+                 K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
+                 K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
+                 V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
+                 V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
+                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
+    """Program (split, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
+    [split * SPLIT, min((split + 1) * SPLIT, lengths[b])), for the G query heads of its group at once; writes
+    the partial output (normalised) and its log2-sum-exp per query head."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_loc
+    j = pid_bh % H_loc
+    h = tl.load(Heads + j)
+    n_len = tl.load(Lens + b).to(tl.int32)
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, n_len)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    q3, qsum3 = _load_q3(Q + b * sqb, heads * sqh, g_ok, sqd, K_NG, K_GS, KDT)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([V_NG, BLOCK_G, V_GS], tl.float32)
+    corr = tl.zeros([V_NG, BLOCK_G], tl.float32)
+    kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
+    vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        s = _qk_tile(q3, qsum3, kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, BLOCK_N, K_NG, K_GS, K_FMT, K_BITS,
+                     K_CPW, K_WB, K_ZERO, K_MAGIC, K_MAGIC_BITS, KDT, IEEE)
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+        m_i, alpha, p, l_i = _online(s, m_i, l_i)
+        a, c = _pv_tile(p, vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, BLOCK_N, V_NG, V_GS, V_FMT, V_BITS,
+                        V_CPW, V_WB, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
+        acc = acc * alpha[None, :, None] + a
+        corr = corr * alpha[None, :] + c
+    has = l_i > 0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    out = (acc + corr[:, :, None]) * inv[None, :, None]  # (V_NG, BLOCK_G, V_GS)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    grp = tl.arange(0, V_NG)[:, None, None]
+    i = tl.arange(0, V_GS)[None, None, :]
+    ptr = MidO + b * sob + heads[None, :, None] * soh + pid_s * sos + (grp * V_GS + i) * sod
+    tl.store(ptr, out, mask=g_ok[None, :, None])
+    tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
+
+
+@triton.jit
+def decode_combine(MidO, MidL, Q, Knew, Vnew, Out, RotV, Lens, Seen, Valid, n_splits, scale_log2, H_kv,
+                   sob, soh, sos, sod, slb, slh, sls, sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
+                   s_ob, s_oh, s_od, s_valid,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                   ADVANCE: tl.constexpr, IEEE: tl.constexpr):
+    """Program (b * H_kv + h): merges the splits of the G query heads of kv head h and the new token's exact
+    key and value (one more term of the log-sum-exp), un-rotates the output (``ROT``: out @ RotV) and, in
+    program h == 0, advances lengths[b] and seen[b] by valid[b] (``ADVANCE``)."""
+    pid = tl.program_id(0)
+    b = pid // H_kv
+    h = pid % H_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0).to(
+        tl.float32)
+    kn = tl.load(Knew + b * skb + h * skh + offs_d * skd).to(tl.float32)
+    vn = tl.load(Vnew + b * svb + h * svh + offs_d * svd).to(tl.float32)
+    m = tl.sum(q * kn[None, :], 1) * scale_log2  # (BLOCK_G,) the new token's score: its weight starts at 1
+    l = tl.full([BLOCK_G], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32) + vn[None, :]
+    for s in range(0, n_splits):
+        lse = tl.load(MidL + b * slb + heads * slh + s * sls, mask=g_ok, other=float("-inf"))
+        o = tl.load(MidO + b * sob + heads[:, None] * soh + s * sos + offs_d[None, :] * sod, mask=g_ok[:, None],
+                    other=0.0)
+        m_new = tl.maximum(m, lse)
+        a = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # an empty split (lse -inf) weighs 0
+        l = l * a + w
+        acc = acc * a[:, None] + o * w[:, None]
+        m = m_new
+    out = acc / l[:, None]
+    if ROT:
+        r = tl.load(RotV + offs_d[:, None] * D + offs_d[None, :])
+        out = _dot3(out, r, True)
+    tl.store(Out + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * s_od, out.to(Out.dtype.element_ty),
+             mask=g_ok[:, None])
+    if ADVANCE:
+        if h == 0:
+            add = tl.load(Valid + b * s_valid).to(tl.int64)
+            tl.store(Lens + b, tl.load(Lens + b) + add)
+            tl.store(Seen + b, tl.load(Seen + b) + add)
+
+
+# --------------------------------------------------------------------------------------------------
+# Append: quantize new tokens in registers and store them
+
+
+@triton.jit
+def _round_meta(x, META: tl.constexpr):
+    """Round fp32 to the metadata dtype (0 fp32, 1 bf16, 2 fp16) and back, as the reference's .to(meta)."""
+    if META == 1:
+        return rnd(x, tl.bfloat16)
+    elif META == 2:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _e4m3(y):
+    """fp32 in [-448, 448] -> float8_e4m3fn bits (int32), round to nearest even as torch converts: normals by
+    rounding the fp32 mantissa to 3 bits on the bit pattern (a carry moves the exponent), subnormals
+    (|y| < 2^-6) as round_half_even(|y| * 2^9). Written out because Triton's interpreter drops the carry."""
+    a = tl.abs(y)
+    u = a.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000
+    normal = ((((u >> 23) & 0xFF).to(tl.int32) - 120) << 3) | ((u >> 20) & 7).to(tl.int32)
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    return tl.where(y < 0, code | 128, code)
+
+
+@triton.jit
+def _quantize_store(x, C, S, Z, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
+                    BITS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, WBP: tl.constexpr, ZERO: tl.constexpr,
+                    CLIP: tl.constexpr, META: tl.constexpr):
+    """One vector x (D,) fp32 -> codes at C (bytes), scale(s) at S, zero point(s) at Z, as the codec encodes:
+    int: per group lo = min * clip, scale = rnd((max * clip - lo) / (2^bits - 1)), zero = rnd(lo),
+    code = round_half_even((x - zero) / max(scale, tiny)) clamped; fp8: scale = rnd(absmax / 448),
+    code = e4m3(clamp(x / max(scale, tiny), +-448))."""
+    x3 = tl.reshape(x, [NG, GS])
+    grp = tl.arange(0, NG)
+    if FMT == 1:
+        amax = tl.max(tl.abs(x3), 1)  # (NG,)
+        scale = _round_meta(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), META)
+        s = tl.maximum(scale, 1.1754943508222875e-38)
+        y = tl.math.div_rn(x3, tl.broadcast_to(s[:, None], x3.shape))
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        codes = _e4m3(y)
+    else:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        lo = tl.min(x3, 1) * CLIP
+        hi = tl.max(x3, 1) * CLIP
+        scale = _round_meta(tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32)), META)
+        zero = _round_meta(lo, META)
+        s = tl.maximum(scale, 1.1754943508222875e-38)
+        y = tl.math.div_rn(x3 - zero[:, None], tl.broadcast_to(s[:, None], x3.shape))
+        y = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
+        y = (y + 12582912.0) - 12582912.0  # round half to even (|y| < 2^22), as torch.round
+        codes = y.to(tl.int32)
+        if ZERO:
+            tl.store(Z + grp, zero.to(Z.dtype.element_ty))
+    tl.store(S + grp, scale.to(S.dtype.element_ty))
+    c2 = tl.reshape(codes, [D // CPW, CPW])  # word i holds channels CPW*i .. CPW*i + CPW - 1
+    sh = tl.arange(0, CPW) * BITS
+    if WB <= 3:
+        word = tl.sum(c2 << sh[None, :], 1)  # disjoint bit fields: sum == or
+    else:
+        word = tl.sum(c2.to(tl.int64) << sh[None, :].to(tl.int64), 1)
+    k = tl.arange(0, WBP)
+    byte = (word[:, None] >> (8 * k[None, :])) & 255
+    i = tl.arange(0, D // CPW)
+    tl.store(C + i[:, None] * WB + k[None, :], byte.to(tl.uint8), mask=(k < WB)[None, :])
+
+
+@triton.jit
+def append(Knew, Vnew, Q, Lens, Heads, KC, KS, KZ, VC, VS, VZ, QR, KR, VR, RotK, RotV, start, H_loc,
+           snb, snh, snt, snd, svnb, svnh, svnt, svnd, sqb, sqh, sqd,
+           kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
+           vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
+           sqrb, sqrh, skrb, skrh, svrb, svrh,
+           G: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, DECODE: tl.constexpr, ROT: tl.constexpr,
+           K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
+           K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr, K_ZERO: tl.constexpr,
+           K_CLIP: tl.constexpr,
+           V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
+           V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr, V_ZERO: tl.constexpr,
+           V_CLIP: tl.constexpr, META: tl.constexpr):
+    """Program (b * H_loc + j, t): the new token t of row b, local kv head j (global Heads[j]), goes to slot
+    lengths[b] (``DECODE``; the caller's T is 1) or start + t. ``ROT`` (decode only): the key and the G query
+    heads of the group are rotated by RotK, the value by RotV, in fp32 (rows padded to BLOCK_R for one dot),
+    and written to QR / KR / VR for the split and combine kernels; the rotated key and value are quantized.
+    Counters are not touched (the combine kernel advances them)."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    b = pid // H_loc
+    j = pid % H_loc
+    h = tl.load(Heads + j)
+    offs_d = tl.arange(0, D)
+    if DECODE:
+        slot = tl.load(Lens + b)
+    else:
+        slot = start + t
+    if ROT:
+        offs_r = tl.arange(0, BLOCK_R)
+        is_q = offs_r < G
+        qrows = tl.load(Q + b * sqb + (h * G + offs_r[:, None]) * sqh + offs_d[None, :] * sqd, mask=is_q[:, None],
+                        other=0.0).to(tl.float32)
+        kn = tl.load(Knew + b * snb + h * snh + t * snt + offs_d * snd).to(tl.float32)
+        rows = tl.where((offs_r == G)[:, None], kn[None, :], qrows)  # (BLOCK_R, D): G query heads, then k
+        rk = tl.load(RotK + offs_d[:, None] * D + offs_d[None, :])
+        rows = _dot3(rows, rk, True)
+        tl.store(QR + b * sqrb + (h * G + offs_r[:, None]) * sqrh + offs_d[None, :], rows, mask=is_q[:, None])
+        kx = tl.sum(tl.where((offs_r == G)[:, None], rows, 0.0), 0)
+        vn = tl.load(Vnew + b * svnb + h * svnh + t * svnt + offs_d * svnd).to(tl.float32)
+        vrows = tl.where((offs_r == 0)[:, None], vn[None, :], 0.0)
+        rv = tl.load(RotV + offs_d[:, None] * D + offs_d[None, :])
+        vx = tl.sum(tl.where((offs_r == 0)[:, None], _dot3(vrows, rv, True), 0.0), 0)
+        tl.store(KR + b * skrb + h * skrh + offs_d, kx)
+        tl.store(VR + b * svrb + h * svrh + offs_d, vx)
+    else:
+        kx = tl.load(Knew + b * snb + h * snh + t * snt + offs_d * snd).to(tl.float32)
+        vx = tl.load(Vnew + b * svnb + h * svnh + t * svnt + offs_d * svnd).to(tl.float32)
+    slot64 = slot.to(tl.int64)
+    _quantize_store(kx, KC + b * kcb + j * kch + slot64 * kcs, KS + b * ksb + j * ksh + slot64 * kss,
+                    KZ + b * kzb + j * kzh + slot64 * kzs, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_WB, K_WBP,
+                    K_ZERO, K_CLIP, META)
+    _quantize_store(vx, VC + b * vcb + j * vch + slot64 * vcs, VS + b * vsb + j * vsh + slot64 * vss,
+                    VZ + b * vzb + j * vzh + slot64 * vzs, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_WB, V_WBP,
+                    V_ZERO, V_CLIP, META)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill chunk: T queries per row over the stored past [0, start) and the chunk itself exactly (causal)
+
+
+@triton.jit
+def prefill(Q, KC, KS, KZ, VC, VS, VZ, Knew, Vnew, Heads, Out, scale_log2, start, T, H_loc,
+            sqb, sqh, sqt, sqd,
+            kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
+            vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
+            snb, snh, snt, snd, svnb, svnh, svnt, svnd, sob, sot, soh, sod,
+            G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+            K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
+            K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
+            K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
+            V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
+            V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
+            V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
+    """Program (m, b * H_loc + j): rows r = (query head g of the group, chunk token m * BLOCK_T + r % BLOCK_T),
+    BLOCK_R = next_pow2(G) * BLOCK_T rows, so a stored tile is read and unpacked once for the whole group.
+    Keys: the stored slots [0, start) as stored, then the chunk's own k, v (B, H_kv, T, D) exactly, causal."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_loc
+    j = pid_bh % H_loc
+    h = tl.load(Heads + j)
+    offs_r = tl.arange(0, BLOCK_R)
+    g = offs_r // BLOCK_T
+    t = pid_m * BLOCK_T + offs_r % BLOCK_T
+    r_ok = (g < G) & (t < T)
+    heads = h * G + g
+    q3, qsum3 = _load_q3(Q + b * sqb, heads * sqh + t * sqt, r_ok, sqd, K_NG, K_GS, KDT)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([V_NG, BLOCK_R, V_GS], tl.float32)
+    corr = tl.zeros([V_NG, BLOCK_R], tl.float32)
+    kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
+    vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
+    for n0 in range(0, start, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < start
+        s = _qk_tile(q3, qsum3, kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, BLOCK_N, K_NG, K_GS, K_FMT, K_BITS,
+                     K_CPW, K_WB, K_ZERO, K_MAGIC, K_MAGIC_BITS, KDT, IEEE)
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+        m_i, alpha, p, l_i = _online(s, m_i, l_i)
+        a, c = _pv_tile(p, vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, BLOCK_N, V_NG, V_GS, V_FMT, V_BITS,
+                        V_CPW, V_WB, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
+        acc = acc * alpha[None, :, None] + a
+        corr = corr * alpha[None, :] + c
+    # the chunk itself, exactly: its keys and values converted to the dot dtypes (no magic offset here)
+    end = tl.minimum((pid_m + 1) * BLOCK_T, T)
+    kgrp = tl.arange(0, K_NG)[:, None, None]
+    ki = tl.arange(0, K_GS)[None, None, :]
+    vgrp = tl.arange(0, V_NG)[:, None, None]
+    vi = tl.arange(0, V_GS)[None, None, :]
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kk = tl.load(Knew + b * snb + h * snh + offs_n[None, :, None] * snt + (kgrp * K_GS + ki) * snd,
+                     mask=n_ok[None, :, None], other=0.0).to(KDT)  # (K_NG, N, K_GS)
+        s = tl.sum(_dot3(q3, tl.permute(kk, (0, 2, 1)), IEEE), 0)  # (R, N)
+        causal = n_ok[None, :] & (offs_n[None, :] <= t[:, None])
+        s = tl.where(causal, s * scale_log2, float("-inf"))
+        m_i, alpha, p, l_i = _online(s, m_i, l_i)
+        vv = tl.load(Vnew + b * svnb + h * svnh + offs_n[None, :, None] * svnt + (vgrp * V_GS + vi) * svnd,
+                     mask=n_ok[None, :, None], other=0.0).to(VDT)  # (V_NG, N, V_GS)
+        pb = tl.broadcast_to(p[None, :, :], [V_NG, BLOCK_R, BLOCK_N]).to(VDT)
+        acc = acc * alpha[None, :, None] + _dot3(pb, vv, IEEE)
+        corr = corr * alpha[None, :]
+    out = (acc + corr[:, :, None]) / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
+    ptr = Out + b * sob + t[None, :, None] * sot + heads[None, :, None] * soh + (vgrp * V_GS + vi) * sod
+    tl.store(ptr, out.to(Out.dtype.element_ty), mask=r_ok[None, :, None])
