@@ -101,7 +101,8 @@ class _TurboQuant(QuantMethod):
         D = layer.head_dim
         kc = self.codec(D, k_bits, layer_idx=layer.layer_idx, kind="k", device=device, dtype=dtype)
         vc = self.codec(D, v_bits, layer_idx=layer.layer_idx, kind="v", device=device, dtype=dtype)
-        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype,
+                          fused=self.use_fused(layer, kc, vc, device))
 
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         codec = self.codec(x.shape[-1], bits, layer_idx=layer_idx, kind=kind, device=x.device, dtype=x.dtype)

@@ -3,12 +3,13 @@ module): packed codes in and out, round-half-to-even, the Walsh-Hadamard matrix.
 documentation live in kivi_attention.py and turboquant_attention.py.
 
 Packed codes follow :func:`methods.quantizers.pack_codes`: a little-endian bit stream, code i at bits
-[i*BITS, (i+1)*BITS). Read as *words* of 8 codes (BITS bytes: one byte holds 8 // BITS codes for 1, 2, 4, 8
-bits, which the byte path reads directly), the code planes are put back in order by a tree of interleaves
-(no gather)."""
+[i*BITS, (i+1)*BITS), read as words (one byte of 8 // BITS codes for 1, 2, 4, 8 bits; BITS bytes of 8 codes
+otherwise) whose code planes a tree of joins puts back in order (no gather)."""
 
 import triton
 import triton.language as tl
+
+from ._quant_attention_triton import _unpack, _words
 
 
 @triton.jit
@@ -21,40 +22,14 @@ def rne(x):
 
 
 @triton.jit
-def _plane(w, j: tl.constexpr, BITS: tl.constexpr):
-    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def unpack_rows(ptr, row_off, row_ok, BITS: tl.constexpr, COLS: tl.constexpr):
-    """Codes (ROWS, COLS) int32: row r holds COLS codes of BITS bits packed from byte ``ptr + row_off[r]``
-    (loaded where ``row_ok``, else 0)."""
-    m = row_ok[:, None]
-    base = ptr + row_off[:, None]
-    if BITS == 8:
-        out = tl.load(base + tl.arange(0, COLS)[None, :], mask=m, other=0).to(tl.int32)
-    elif BITS == 4:
-        w = tl.load(base + tl.arange(0, COLS // 2)[None, :], mask=m, other=0).to(tl.int32)
-        out = tl.interleave(w & 15, w >> 4)
-    elif BITS == 2:
-        w = tl.load(base + tl.arange(0, COLS // 4)[None, :], mask=m, other=0).to(tl.int32)
-        out = tl.interleave(tl.interleave(w & 3, (w >> 4) & 3), tl.interleave((w >> 2) & 3, w >> 6))
-    else:  # words of BITS bytes holding 8 codes (1, 3, 5, 6, 7 bits)
-        offs = tl.arange(0, COLS // 8)[None, :] * BITS
-        if BITS <= 3:
-            w = tl.load(base + offs, mask=m, other=0).to(tl.int32)
-            for k in tl.static_range(1, BITS):
-                w = w | (tl.load(base + offs + k, mask=m, other=0).to(tl.int32) << (8 * k))
-        else:
-            w = tl.load(base + offs, mask=m, other=0).to(tl.int64)
-            for k in tl.static_range(1, BITS):
-                w = w | (tl.load(base + offs + k, mask=m, other=0).to(tl.int64) << (8 * k))
-        out = tl.interleave(
-            tl.interleave(tl.interleave(_plane(w, 0, BITS), _plane(w, 4, BITS)),
-                          tl.interleave(_plane(w, 2, BITS), _plane(w, 6, BITS))),
-            tl.interleave(tl.interleave(_plane(w, 1, BITS), _plane(w, 5, BITS)),
-                          tl.interleave(_plane(w, 3, BITS), _plane(w, 7, BITS))))
-    return out
+def unpack_rows(ptr, offs, ok, stride, BITS: tl.constexpr, COLS: tl.constexpr):
+    """Codes (ROWS, COLS) int32: row r holds COLS codes of BITS bits packed (as pack_codes does) from byte
+    ``ptr + offs[r] * stride`` (loaded where ``ok``, else 0); the word reader and join tree of the scalar
+    kernels (:mod:`methods.kernels._quant_attention_triton`)."""
+    CPW: tl.constexpr = 8 // BITS if 8 % BITS == 0 else 8  # codes per packed word
+    WB: tl.constexpr = 1 if 8 % BITS == 0 else BITS  # bytes per word
+    w = _words(ptr, offs, ok, stride, 1, COLS // CPW, WB, COLS * BITS // 8)  # (1, ROWS, COLS / CPW)
+    return tl.reshape(_unpack(w, 1, offs.shape[0], COLS, BITS, CPW), [offs.shape[0], COLS])
 
 
 @triton.jit

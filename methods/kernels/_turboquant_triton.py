@@ -49,57 +49,113 @@ def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.
 
 
 @triton.jit
-def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_, SV_, PK, PV, Lens,
-            sqb, sqh, srb, srh, ssb, ssh, skb, skh, svb, svh,
+def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_, SV_, PK, PV, Lens, start,
+            sqb, sqh, srb, srh, ssb, ssh, skb, skh, skt, svb, svh, svt,
             knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
             vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs,
             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr,
             KNB: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr, VNB: tl.constexpr, ROT: tl.constexpr,
-            APPEND: tl.constexpr, MDT: tl.constexpr, CH: tl.constexpr):
-    """Program (row b, kv head h, part): part 0 rotates the query group once, q_r = H diag(s_K) q / sqrt(D)
-    (fp32, to QR (B, H_q, D)), and for a QJL key side projects it, S_K q_r (to SQ (B, H_q, KM)); with APPEND,
-    part 0 also encodes the new key and part 1 the new value into slot lengths[b] (the counters are not
-    advanced here)."""
+            QUERIES: tl.constexpr, APPEND: tl.constexpr, DECODE: tl.constexpr, MDT: tl.constexpr,
+            CH: tl.constexpr):
+    """Program (row b, kv head h, 2 t + kind). With QUERIES, program (b, h, 0) rotates the query group once,
+    q_r = H diag(s_K) q / sqrt(D) (fp32, to QR (B, H_q, D)), and for a QJL key side projects it, S_K q_r (to
+    SQ (B, H_q, KM)). With APPEND, program (b, h, 2 t + kind) encodes token t's key (kind 0) or value (kind 1)
+    into slot lengths[b] (DECODE: one token; the counters are not advanced here) or start + t (a chunk)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    part = tl.program_id(2)
+    t = tl.program_id(2) // 2
+    kind = tl.program_id(2) % 2
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D)
-    if part == 0:
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
-        heads = h * G + offs_g
-        q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-        q = q.to(tl.float32)
-        if ROT:
-            q = q * tl.load(PK + offs_d).to(tl.float32)[None, :]
-        if KM > 0:
-            sq = tl.zeros([BLOCK_G, KM], tl.float32)
-        for c in tl.static_range(D // CH):
-            offs_c = c * CH + tl.arange(0, CH)
+    if QUERIES:
+        if tl.program_id(2) == 0:
+            offs_g = tl.arange(0, BLOCK_G)
+            g_ok = offs_g < G
+            heads = h * G + offs_g
+            q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+            q = q.to(tl.float32)
             if ROT:
-                qc = tl.dot(q, hadamard(D, c * CH, CH), input_precision="tf32x3")  # (BLOCK_G, CH) columns of q_r
-            else:
-                qc = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_c[None, :], mask=g_ok[:, None], other=0.0)
-                qc = qc.to(tl.float32)
-            tl.store(QR + b64 * srb + heads[:, None] * srh + offs_c[None, :], qc, mask=g_ok[:, None])
+                q = q * tl.load(PK + offs_d).to(tl.float32)[None, :]
             if KM > 0:
-                skc = tl.load(SK_ + tl.arange(0, KM)[None, :] * D + offs_c[:, None]).to(tl.float32)  # (CH, KM)
-                sq += tl.dot(qc, skc, input_precision="tf32x3")
-        if KM > 0:
-            tl.store(SQ + b64 * ssb + heads[:, None] * ssh + tl.arange(0, KM)[None, :], sq, mask=g_ok[:, None])
-        if APPEND:
+                sq = tl.zeros([BLOCK_G, KM], tl.float32)
+            for c in tl.static_range(D // CH):
+                offs_c = c * CH + tl.arange(0, CH)
+                if ROT:
+                    qc = tl.dot(q, hadamard(D, c * CH, CH), input_precision="tf32x3")  # (BLOCK_G, CH) of q_r
+                else:
+                    qc = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_c[None, :], mask=g_ok[:, None],
+                                 other=0.0).to(tl.float32)
+                tl.store(QR + b64 * srb + heads[:, None] * srh + offs_c[None, :], qc, mask=g_ok[:, None])
+                if KM > 0:
+                    skc = tl.load(SK_ + tl.arange(0, KM)[None, :] * D + offs_c[:, None]).to(tl.float32)  # (CH, KM)
+                    sq += tl.dot(qc, skc, input_precision="tf32x3")
+            if KM > 0:
+                tl.store(SQ + b64 * ssb + heads[:, None] * ssh + tl.arange(0, KM)[None, :], sq, mask=g_ok[:, None])
+    if APPEND:
+        if DECODE:
             slot = tl.load(Lens + b)
-            x = tl.load(K + b64 * skb + h * skh + offs_d).to(tl.float32)
+        else:
+            slot = start + t
+        if kind == 0:
+            x = tl.load(K + b64 * skb + h * skh + t * skt + offs_d).to(tl.float32)
             _encode(x, KN + b64 * knb + h * knh + slot * kns, KC + b64 * kcb + h * kch + slot * kcs,
                     KQ + b64 * kqb + h * kqh + slot * kqs, KG + b64 * kgb + h * kgh + slot * kgs,
                     CK, BK, PK, SK_, D, KB, KM, KNB, ROT, MDT, CH)
+        else:
+            x = tl.load(V + b64 * svb + h * svh + t * svt + offs_d).to(tl.float32)
+            _encode(x, VN + b64 * vnb + h * vnh + slot * vns, VC + b64 * vcb + h * vch + slot * vcs,
+                    VQ + b64 * vqb + h * vqh + slot * vqs, VG + b64 * vgb + h * vgh + slot * vgs,
+                    CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT, CH)
+
+
+@triton.jit
+def _dequant_tile(NRM, CODES, QJL, GAM, C, S_, SGN, Out, sn, sc, sq, sg, so, offs_n, n_ok, coef,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr, ROT: tl.constexpr,
+                  CH: tl.constexpr, PREC: tl.constexpr):
+    """TurboQuantizer.decode_fields of slots offs_n into Out (rows at offs_n * so, model dtype)."""
+    offs_d = tl.arange(0, D)
+    sl = offs_n.to(tl.int64)
+    if BITS > 0:
+        y = tl.load(C + unpack_rows(CODES, sl, n_ok, sc, BITS, D)).to(tl.float32)  # (BLOCK_N, D)
     else:
-        slot = tl.load(Lens + b)
-        x = tl.load(V + b64 * svb + h * svh + offs_d).to(tl.float32)
-        _encode(x, VN + b64 * vnb + h * vnh + slot * vns, VC + b64 * vcb + h * vch + slot * vcs,
-                VQ + b64 * vqb + h * vqh + slot * vqs, VG + b64 * vgb + h * vgh + slot * vgs,
-                CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT, CH)
+        y = tl.zeros([BLOCK_N, D], tl.float32)
+    if M > 0:
+        sign = (2 * unpack_rows(QJL, sl, n_ok, sq, 1, M) - 1).to(tl.float32)  # (BLOCK_N, M)
+        gam = tl.load(GAM + sl * sg, mask=n_ok, other=0.0).to(tl.float32)
+        Sm = tl.load(S_ + tl.arange(0, M)[:, None] * D + offs_d[None, :]).to(tl.float32)  # (M, D)
+        y += (coef * gam)[:, None] * tl.dot(sign, Sm, input_precision=PREC)
+    norm = tl.load(NRM + sl * sn, mask=n_ok, other=0.0).to(tl.float32)
+    if ROT:
+        for c in tl.static_range(D // CH):
+            offs_c = c * CH + tl.arange(0, CH)
+            xc = tl.dot(y, hadamard(D, c * CH, CH), input_precision=PREC) * tl.load(SGN + offs_c).to(tl.float32)[None, :]
+            tl.store(Out + sl[:, None] * so + offs_c[None, :], (xc * norm[:, None]).to(Out.dtype.element_ty),
+                     mask=n_ok[:, None])
+    else:
+        tl.store(Out + sl[:, None] * so + offs_d[None, :], (y * norm[:, None]).to(Out.dtype.element_ty),
+                 mask=n_ok[:, None])
+
+
+@triton.jit
+def dequant(KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, OutK, OutV, n_slots, H_kv, coef_k, coef_v,
+            knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
+            vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs, okb, okh, oks, ovb, ovh, ovs,
+            D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, VB: tl.constexpr,
+            VM: tl.constexpr, ROT: tl.constexpr, CH: tl.constexpr, PREC: tl.constexpr):
+    """Program (slot tile, row * H_kv + kv head, K|V): the stored slots [0, n_slots) decoded into dense
+    OutK / OutV (B, H_kv, >= n_slots, D) (a prefill chunk's past, as the reference path reads it)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_slots
+    b = (tl.program_id(1) // H_kv).to(tl.int64)
+    h = tl.program_id(1) % H_kv
+    if tl.program_id(2) == 0:
+        _dequant_tile(KN + b * knb + h * knh, KC + b * kcb + h * kch, KQ + b * kqb + h * kqh, KG + b * kgb + h * kgh,
+                      CK, SK_, PK, OutK + b * okb + h * okh, kns, kcs, kqs, kgs, oks, offs_n, n_ok, coef_k,
+                      D, BLOCK_N, KB, KM, ROT, CH, PREC)
+    else:
+        _dequant_tile(VN + b * vnb + h * vnh, VC + b * vcb + h * vch, VQ + b * vqb + h * vqh, VG + b * vgb + h * vgh,
+                      CV, SV_, PV, OutV + b * ovb + h * ovh, vns, vcs, vqs, vgs, ovs, offs_n, n_ok, coef_v,
+                      D, BLOCK_N, VB, VM, ROT, CH, PREC)
 
 
 @triton.jit
@@ -151,12 +207,12 @@ def decode_split(QR, SQ, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, Lens, MidO, Mid
         sn = offs_n.to(tl.int64)
         kn = tl.load(KN + sn * kns, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,) norms
         if KB > 0:
-            kc = unpack_rows(KC, sn * kcs, n_ok, KB, D)  # (BLOCK_N, D)
+            kc = unpack_rows(KC, sn, n_ok, kcs, KB, D)  # (BLOCK_N, D)
             s = dot(q_d, tl.trans(tl.load(CK + kc).to(DT)), IEEE)  # (BLOCK_G, BLOCK_N)
         else:
             s = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
         if KM > 0:
-            ks = unpack_rows(KQ, sn * kqs, n_ok, 1, KM)  # (BLOCK_N, KM) sign bits
+            ks = unpack_rows(KQ, sn, n_ok, kqs, 1, KM)  # (BLOCK_N, KM) sign bits
             kg = tl.load(KG + sn * kgs, mask=n_ok, other=0.0).to(tl.float32)
             s += dot(sq_d, tl.trans((2 * ks - 1).to(DT)), IEEE) * (coef_k * kg)[None, :]
         s = tl.where(n_ok[None, :], s * (kn * scale_log2)[None, :], float("-inf"))
@@ -169,10 +225,10 @@ def decode_split(QR, SQ, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, Lens, MidO, Mid
         pv = p * vn[None, :]  # (BLOCK_G, BLOCK_N)
         acc = acc * alpha[:, None]
         if VB > 0:
-            vc = unpack_rows(VC, sn * vcs, n_ok, VB, D)
+            vc = unpack_rows(VC, sn, n_ok, vcs, VB, D)
             acc += dot(pv.to(DT), tl.load(CV + vc).to(DT), IEEE)
         if VM > 0:
-            vs = unpack_rows(VQ, sn * vqs, n_ok, 1, VM)  # (BLOCK_N, VM)
+            vs = unpack_rows(VQ, sn, n_ok, vqs, 1, VM)  # (BLOCK_N, VM)
             vg = tl.load(VG + sn * vgs, mask=n_ok, other=0.0).to(tl.float32)
             acc_q = acc_q * alpha[:, None] + dot((pv * vg[None, :]).to(DT), (2 * vs - 1).to(DT), IEEE)
     has = l_i > 0

@@ -90,10 +90,9 @@ def turboquant_append_reference(k: Tensor, v: Tensor, k_fields: dict[str, Tensor
 def _kernels():
     if interpret_mode():
         interpreter_compat()
-    from . import _codes_triton as C
     from . import _turboquant_triton as K
 
-    return K, C
+    return K
 
 
 def _launch(**options: int) -> dict[str, int]:
@@ -108,10 +107,10 @@ def _tl_dtype(dtype: torch.dtype):
 
 def reason(codec: Any, dim: int) -> str | None:
     """Why the kernels cannot serve a TurboQuantizer at head_dim ``dim`` (None: they can)."""
-    if dim not in HEAD_DIMS:
-        return f"head_dim {dim} is not one of {HEAD_DIMS}"
-    if codec.qjl_dim and (codec.qjl_dim < 16 or codec.qjl_dim & (codec.qjl_dim - 1)):
-        return f"qjl_dim {codec.qjl_dim} is not a power of two >= 16 (a tile of sketch bits)"
+    if dim not in HEAD_DIMS or dim < 32:
+        return f"head_dim {dim} is not one of {tuple(d for d in HEAD_DIMS if d >= 32)}"
+    if codec.qjl_dim and (codec.qjl_dim < 32 or codec.qjl_dim & (codec.qjl_dim - 1)):
+        return f"qjl_dim {codec.qjl_dim} is not a power of two >= 32 (the kernels read sketch bits in tiles of 32)"
     if codec.qjl_dim > 256:
         return f"qjl_dim {codec.qjl_dim} > 256 (the sketch is held in registers per program)"
     return None
@@ -139,37 +138,47 @@ def _consts(codec: Any, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(t if t is not None else like for t in (codec.centroids, codec.boundaries, codec.sketch, codec.signs))
 
 
-def _prepare(q: Tensor, k: Tensor | None, v: Tensor | None, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
-             lengths: Tensor, *, k_codec: Any, v_codec: Any) -> tuple[Tensor, Tensor]:
-    """Rotated (and for a QJL key side projected) queries (B, H_q, D), (B, H_q, m_K) fp32; with k, v (B, H_kv, D)
-    also their encoding into slot lengths[b] (the same launch)."""
-    B, H_q, D = q.shape
+def _prepare(q: Tensor | None, k: Tensor | None, v: Tensor | None, k_fields: dict[str, Tensor],
+             v_fields: dict[str, Tensor], lengths: Tensor, *, k_codec: Any, v_codec: Any, start: int | None = None
+             ) -> tuple[Tensor | None, Tensor | None]:
+    """One launch: with q (B, H_q, D), the rotated (and for a QJL key side projected) queries (B, H_q, D),
+    (B, H_q, m_K) fp32; with k, v, their encoding: (B, H_kv, D) into slot lengths[b] (decode), or a chunk
+    (B, H_kv, T, D) into slots start .. start+T-1."""
     kn = k_fields["norm"]
-    H_kv = kn.shape[1]
-    G = H_q // H_kv
+    B, H_kv = kn.shape[0], kn.shape[1]
+    D = k_codec.dim
     append = k is not None
+    decode = append and k.dim() == 3
     if k_codec.rotate != v_codec.rotate:
         raise ValueError("K and V codecs must both rotate or both not")
     for t in (q, k, v):
         if t is not None and t.stride(-1) != 1:
             raise ValueError("q, k and v need unit stride along D")
-    qr = torch.empty(B, H_q, D, dtype=torch.float32, device=q.device)
-    sq = torch.empty(B, H_q, max(1, k_codec.qjl_dim), dtype=torch.float32, device=q.device)
-    kk = k if append else q
-    vv = v if append else q
+    qr = sq = None
+    H_q = q.shape[1] if q is not None else H_kv
+    if q is not None:
+        qr = torch.empty(B, H_q, D, dtype=torch.float32, device=kn.device)
+        sq = torch.empty(B, H_q, max(1, k_codec.qjl_dim), dtype=torch.float32, device=kn.device)
+    T = 1 if decode or not append else k.shape[2]
+    qq, qrr, sqq = (q, qr, sq) if q is not None else (kn, kn, kn)
+    kk = k if append else kn
+    vv = v if append else kn
+    kt = (kk.stride(0), kk.stride(1), 0 if decode or not append else kk.stride(2))
+    vt = (vv.stride(0), vv.stride(1), 0 if decode or not append else vv.stride(2))
     ck, bk, sk, pk = _consts(k_codec, kn)
     cv, bv, sv, pv = _consts(v_codec, kn)
     kf, vf = _fields(k_fields, kn), _fields(v_fields, kn)
-    K, _ = _kernels()
-    K.prepare[(B, H_kv, 2 if append else 1)](
-        q, qr, sq, kk, vv, *kf, *vf, ck, bk, cv, bv, sk, sv, pk, pv, lengths,
-        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), sq.stride(0), sq.stride(1),
-        kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1),
+    K = _kernels()
+    G = H_q // H_kv
+    K.prepare[(B, H_kv, 2 * T if append else 1)](
+        qq, qrr, sqq, kk, vv, *kf, *vf, ck, bk, cv, bv, sk, sv, pk, pv, lengths, int(start or 0),
+        qq.stride(0), qq.stride(1), qrr.stride(0), qrr.stride(1), sqq.stride(0), sqq.stride(1), *kt, *vt,
         *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
         G=G, BLOCK_G=max(16, triton_next_pow2(G)), D=D,
         KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
         VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
-        ROT=bool(k_codec.rotate), APPEND=append, MDT=_tl_dtype(kn.dtype), CH=min(32, D), **_launch(num_warps=4),
+        ROT=bool(k_codec.rotate), QUERIES=q is not None, APPEND=append, DECODE=decode, MDT=_tl_dtype(kn.dtype),
+        CH=min(32, D), **_launch(num_warps=4),
     )
     return qr, sq
 
@@ -199,7 +208,7 @@ def _attend(q: Tensor, qr: Tensor, sq: Tensor, k: dict[str, Tensor], v: dict[str
     kf, vf = _fields(k, kn), _fields(v, kn)
     dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
     BLOCK_G = max(16, triton_next_pow2(G))
-    K, _ = _kernels()
+    K = _kernels()
     K.decode_split[(ns, B * H_kv)](
         qr, sq, *kf, *vf, ck, cv, lengths, mid_o, mid_q, mid_l,
         float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, k_codec.qjl_dim), H_kv,
@@ -248,8 +257,95 @@ def turboquant_decode_step(q: Tensor, k_new: Tensor, v_new: Tensor, k: dict[str,
 
 
 def turboquant_append(k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
-                      lengths: Tensor, *, k_codec: Any, v_codec: Any) -> None:
-    """Fused :func:`turboquant_append_reference`: k, v (B, H_kv, D) into slot lengths[b] (not advanced)."""
-    B, H_kv, D = k.shape
-    q = torch.zeros(B, H_kv, D, dtype=k.dtype, device=k.device)  # the launch rotates queries too: one per kv head
-    _prepare(q, k, v, k_fields, v_fields, lengths, k_codec=k_codec, v_codec=v_codec)
+                      lengths: Tensor, *, k_codec: Any, v_codec: Any, start: int | None = None) -> None:
+    """Fused :func:`turboquant_append_reference`: k, v (B, H_kv, D) into slot lengths[b] (not advanced), or a
+    chunk (B, H_kv, T, D) into slots start .. start+T-1 (``start`` given)."""
+    if (start is None) != (k.dim() == 3):
+        raise ValueError("pass k, v (B, H_kv, D) without start (decode) or (B, H_kv, T, D) with start (a chunk)")
+    _prepare(None, k, v, k_fields, v_fields, lengths, k_codec=k_codec, v_codec=v_codec, start=start)
+
+
+def turboquant_dequantize(k: dict[str, Tensor], v: dict[str, Tensor], n_slots: int, out_k: Tensor, out_v: Tensor,
+                          *, k_codec: Any, v_codec: Any, block_n: int = 32) -> None:
+    """Decode the stored slots [0, n_slots) into out_k, out_v (B, H_kv, >= n_slots, D), as
+    ``decode_fields`` does (a prefill chunk's past): one launch, fp32 arithmetic, rounded to out's dtype."""
+    kn = k["norm"]
+    B, H_kv = kn.shape[0], kn.shape[1]
+    D = k_codec.dim
+    if n_slots <= 0:
+        return
+    for t in (out_k, out_v):
+        if t.stride(-1) != 1:
+            raise ValueError("the dense outputs need unit stride along D")
+    ck, _, sk, pk = _consts(k_codec, kn)
+    cv, _, sv, pv = _consts(v_codec, kn)
+    kf, vf = _fields(k, kn), _fields(v, kn)
+    K = _kernels()
+    K.dequant[(-(-n_slots // block_n), B * H_kv, 2)](
+        *kf, *vf, ck, cv, sk, sv, pk, pv, out_k, out_v, int(n_slots), H_kv,
+        math.sqrt(math.pi / 2) / max(1, k_codec.qjl_dim), math.sqrt(math.pi / 2) / max(1, v_codec.qjl_dim),
+        *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
+        *out_k.stride()[:3], *out_v.stride()[:3],
+        D=D, BLOCK_N=block_n, KB=k_codec.mse_bits, KM=k_codec.qjl_dim, VB=v_codec.mse_bits, VM=v_codec.qjl_dim,
+        ROT=bool(k_codec.rotate), CH=min(32, D), PREC="ieee" if interpret_mode() else "tf32x3",
+        **_launch(num_warps=4),
+    )
+
+
+def turboquant_prefill(q: Tensor, k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_fields: dict[str, Tensor],
+                       lengths: Tensor, *, start: int, k_codec: Any, v_codec: Any, scaling: float) -> Tensor:
+    """A prefill chunk of rows that all hold ``start`` stored slots: q (B, H_q, T, D), k, v (B, H_kv, T, D) ->
+    (B, T, H_q, D). The chunk is encoded into slots start .. start+T-1 (one launch); the chunk attends causally
+    to itself exactly and to the stored past as the reference path decodes it: the past is decoded into a
+    transient dense buffer (one launch; what the reference path materialises too, so the peak does not grow)
+    and :func:`methods.kernels.attention.prefill_attention` attends over it. The counters are not advanced."""
+    from .attention import prefill_attention
+
+    B, H_kv, T, D = k.shape
+    turboquant_append(k, v, k_fields, v_fields, lengths, k_codec=k_codec, v_codec=v_codec, start=start)
+    dk = torch.empty(B, H_kv, start + T, D, dtype=k.dtype, device=k.device)  # (B, H_kv, start+T, D)
+    dv = torch.empty_like(dk)
+    turboquant_dequantize(k_fields, v_fields, start, dk, dv, k_codec=k_codec, v_codec=v_codec)
+    dk[:, :, start:].copy_(k)
+    dv[:, :, start:].copy_(v)
+    return prefill_attention(q, dk, dv, start=start, scaling=scaling)
+
+
+class TurboQuantCodecKernel:
+    """The fused driver of a :class:`~methods.stores.CodecStore` of two TurboQuantizers (codecs declaring
+    ``{"kernel": "turboquant", "codec": ...}``; the dispatch of :mod:`methods.kernels.quant_attention`):
+    :meth:`decode` = :func:`turboquant_decode_step` (three launches), :meth:`prefill` =
+    :func:`turboquant_prefill`. Its workspace (a step's rotated queries, split partials) is not KV."""
+
+    name = "turboquant"
+
+    def __init__(self, layer: Any, k_decl: dict, v_decl: dict, *, batch: int, device: Any, dtype: torch.dtype,
+                 heads: Tensor | None = None, workspace: Any = None):
+        if heads is not None and not torch.equal(heads.cpu(), torch.arange(layer.n_kv_heads, dtype=heads.dtype)):
+            raise ValueError("the turboquant kernels serve every kv head of a layer (no head subsets)")
+        self.k_codec, self.v_codec = k_decl["codec"], v_decl["codec"]
+
+    @staticmethod
+    def reason(layer: Any, k_decl: dict, v_decl: dict) -> str | None:
+        if layer.n_q_heads % layer.n_kv_heads:
+            return f"{layer.n_q_heads} query heads are not a multiple of {layer.n_kv_heads} kv heads"
+        kc, vc = k_decl["codec"], v_decl["codec"]
+        if kc.rotate != vc.rotate:
+            return "K and V must both be rotated or both not"
+        for name, c in (("K", kc), ("V", vc)):
+            why = reason(c, layer.head_dim)
+            if why:
+                return f"{name}: {why}"
+        return None
+
+    def _fields(self, store: Any, name: str) -> dict[str, Tensor]:
+        return {f: getattr(store, f"{name}_{f}") for f in ("norm", "codes", "qjl", "gamma")
+                if hasattr(store, f"{name}_{f}")}
+
+    def decode(self, store: Any, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, *, scaling: float) -> Tensor:
+        return turboquant_decode_step(q, k, v, self._fields(store, "k"), self._fields(store, "v"), store.lengths,
+                                      store.seen, valid, k_codec=self.k_codec, v_codec=self.v_codec, scaling=scaling)
+
+    def prefill(self, store: Any, q: Tensor, k: Tensor, v: Tensor, *, start: int, scaling: float) -> Tensor:
+        return turboquant_prefill(q, k, v, self._fields(store, "k"), self._fields(store, "v"), store.lengths,
+                                  start=start, k_codec=self.k_codec, v_codec=self.v_codec, scaling=scaling)
