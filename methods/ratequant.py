@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,19 +114,20 @@ def measure_distortion(base: Any, qkv: list[list[tuple[Tensor, Tensor, Tensor]]]
     out = torch.zeros(L, H, 2, len(widths), dtype=torch.float64)
     for layer in range(L):
         q, k, v = (torch.cat([s[layer][i][:, :, :T].float() for s in qkv]) for i in range(3))  # (S, H*, T, D)
+        S, _, _, Dh = k.shape
         g = q.shape[1] // H
         scaling = q.shape[-1] ** -0.5
         kq = torch.stack([base.roundtrip(k, bits=b, kind="k", layer_idx=layer) for b in widths])  # (W, S, H, T, D)
         vq = torch.stack([base.roundtrip(v, bits=b, kind="v", layer_idx=layer) for b in widths])
-        for h in range(H):
-            qh = q[:, h * g:(h + 1) * g, -n_queries:]  # (S, g, Nq, D)
-            kh, vh = k[:, h:h + 1], v[:, h:h + 1]  # (S, 1, T, D)
-            p = causal_probs(qh, kh, scaling=scaling)  # (S, g, Nq, T)
-            ref = p @ vh  # (S, g, Nq, D)
-            ok = causal_probs(qh[None], kq[:, :, h:h + 1], scaling=scaling) @ vh  # (W, S, g, Nq, D)
-            ov = p[None] @ vq[:, :, h:h + 1]  # (W, S, g, Nq, D)
-            out[layer, h, 0] = ((ok - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
-            out[layer, h, 1] = ((ov - ref) ** 2).sum(-1).mean((1, 2, 3)).double()
+        # every kv head at once (query heads h*g .. h*g+g-1 read kv head h): one batched op per step, not per head
+        qh = q[:, :, -n_queries:].reshape(S, H, g, -1, Dh)  # (S, H, g, Nq, D)
+        kh, vh = k[:, :, None], v[:, :, None]  # (S, H, 1, T, D)
+        p = causal_probs(qh, kh, scaling=scaling)  # (S, H, g, Nq, T)
+        ref = p @ vh  # (S, H, g, Nq, D)
+        ok = causal_probs(qh[None], kq[:, :, :, None], scaling=scaling) @ vh  # (W, S, H, g, Nq, D)
+        ov = p[None] @ vq[:, :, :, None]  # (W, S, H, g, Nq, D)
+        out[layer, :, 0] = ((ok - ref) ** 2).sum(-1).mean((1, 3, 4)).t().double()  # (H, W)
+        out[layer, :, 1] = ((ov - ref) ** 2).sum(-1).mean((1, 3, 4)).t().double()
     return out
 
 
@@ -312,9 +314,18 @@ class RateQuant(MethodBase):
             self.fit = {"allocation": "uniform"}
             return
         captured: list = []
+        timing: dict[str, float] = {}
+
+        def clock() -> float:
+            if torch.device(ctx.device).type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            return time.perf_counter()
+
+        t0 = clock()
 
         def qkv():
             if not captured:
+                t = clock()
                 if ctx.run is None:
                     raise ValueError("ratequant needs CalibrationContext.run to capture q, k, v")
                 samples = list(ctx.samples) or (ctx.make_samples(self.calib_samples, self.calib_length)
@@ -325,17 +336,23 @@ class RateQuant(MethodBase):
                     cap = Capture()
                     ctx.run(cap, [s])
                     captured.append([(q.float(), k.float(), v.float()) for q, k, v in cap.captured])
+                timing["capture_ms"] = 1000 * (clock() - t)
             return captured
 
         own = self.fit_base(ctx, self.base, qkv)
         src = own if self.allocation == "calibrated" else self.fit_base(ctx, self.mismatched_with, qkv)
+        t1 = clock()
         # units ordered (kind, layer, head): K units first, as in uniform_widths
         log_c = (src["log_a"] + src["importance"].log()[:, :, None]).permute(2, 0, 1).reshape(-1)  # (U,)
         real = water_fill(log_c, src["beta"], self.mean_bits, self.widths[0], self.widths[-1])
         bits = round_to_widths(real, log_c, src["beta"], total, self.widths)
         self.set_bits(bits, L, H)
+        t2 = clock()
+        timing.update(fit_ms=1000 * (t1 - t0) - timing.get("capture_ms", 0.0), allocate_ms=1000 * (t2 - t1),
+                      total_ms=1000 * (t2 - t0))
         self.fit = {"allocation": self.allocation, "beta": own["beta"], "r2": own["r2"], "source": src["base"],
-                    "source_beta": src["beta"], "real_bits": real.reshape(2, L, H).permute(1, 2, 0)}
+                    "source_beta": src["beta"], "real_bits": real.reshape(2, L, H).permute(1, 2, 0),
+                    "timing_ms": timing}
 
     def set_bits(self, bits: Tensor, L: int, H: int) -> None:
         """bits (U,) in (kind, layer, head) order -> bit_table (L, H, 2) int8."""

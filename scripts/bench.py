@@ -4,6 +4,7 @@
     python scripts/bench.py --engines kvbench,hf_eager --cells 1x32768,8x32768
     python scripts/bench.py --report                          # merge the rows of this commit into the report only
     python scripts/bench.py --smoke                           # seconds, on CPU: a tiny random Llama (tests)
+    python scripts/bench.py --methods full,fp8:0.5,uniform_int:0.75 --cells 8x32768,1x32768   # methods side by side
 
 Model ``llama3_8b_shape`` (Llama-3.1-8B's config, random bf16 weights), cells batch x context. Engines, in
 one process with the model loaded once:
@@ -27,6 +28,13 @@ skipped with the figure. ``--capacity`` adds the largest batch of kvbench ``full
 ``torch.cuda.set_per_process_memory_fraction``. ``--profile N`` adds, per cell, where a kvbench decode step's
 time goes: torch.profiler over N steps, kernel time per step by category (attention, GEMM, norm, KV write,
 elementwise, other) and the top kernels; the place to start when ``roofline_frac`` is low.
+
+``--methods name[:ratio[:key=value...]],...`` (any conf/method name, built from its YAML without Hydra, validated,
+calibrated on random tokens when it fits something, the fit timed as ``calibrate_ms``): one kvbench row per method
+and ratio per cell, carrying ``method``, ``ratio`` and ``label``, with ``kv_bytes_read_per_step`` (what the store
+says one decode step reads), the method's own roofline ((weights read + KV read) / bandwidth) and, in the report,
+decode ms as a multiple of ``full``'s in the same call (put ``full`` first in the list) and issue 20's targets.
+``--calibrate specs`` times those methods' calibration first (RateQuant's fit; rows of kind ``calibration``).
 
 Rows go to ``results/bench/rows/<device>-<commit>.jsonl`` (appended: several calls at one commit merge)
 and the report to ``results/bench/<device>-<date>-<commit>.md`` (commit, command, the three engines side by
@@ -156,19 +164,94 @@ def random_ids(B: int, S: int, vocab: int, seed: int, device: torch.device) -> t
 
 
 # --------------------------------------------------------------------------------------------------
+# Methods (--methods): any conf/method name, without Hydra
+
+
+class MethodSpec:
+    """``name[:ratio[:key=value...]]`` (e.g. ``fp8:0.5``, ``ratequant:0.75:base=quarot``): the conf/method YAML's
+    ``_target_`` class with its defaults, the ratio and the overrides (values parsed as YAML)."""
+
+    def __init__(self, text: str):
+        import yaml
+
+        parts = text.split(":")
+        self.label, self.name = text, parts[0]
+        self.ratio = float(parts[1]) if len(parts) > 1 and parts[1] else None
+        self.overrides = {}
+        for kv in parts[2:]:
+            if "=" not in kv:
+                raise SystemExit(f"bad method spec {text!r}: write name:ratio:key=value")
+            k, v = kv.split("=", 1)
+            self.overrides[k] = yaml.safe_load(v)
+        path = REPO / "conf" / "method" / f"{self.name}.yaml"
+        if not path.exists():
+            have = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+            raise SystemExit(f"unknown method {self.name!r}; available: {', '.join(have)}")
+        self.cfg = yaml.safe_load(path.read_text()) or {}
+
+    def build(self, model: Any) -> tuple[Any, float | None]:
+        """(the method, calibrate ms or None): validated for ``model`` (ValueError with the reasons), calibrated
+        when it fits something (RateQuant) on random token ids, uncached, timed."""
+        import importlib
+        import tempfile
+
+        from methods.api import CalibrationContext, MethodBase, ModelSpec
+
+        cfg = {k: v for k, v in self.cfg.items() if k != "_target_"}
+        cfg.update(self.overrides)
+        if self.ratio is not None:
+            cfg["ratio"] = self.ratio
+        if "cache" in cfg:
+            cfg["cache"] = False  # time the fit, not a cached file
+        mod, _, cls = self.cfg["_target_"].rpartition(".")
+        method = getattr(importlib.import_module(mod), cls)(**cfg)
+        spec = ModelSpec.from_config(model.config)
+        reasons = method.validate(spec)
+        if reasons:
+            raise ValueError("; ".join(reasons))
+        if type(method).calibrate is MethodBase.calibrate:  # fits nothing
+            return method, None
+        from harness.calibration import engine_runner
+
+        dev = next(model.parameters()).device
+        g = torch.Generator().manual_seed(1234)
+        high = max(2, min(model.config.vocab_size, 32000))
+
+        def make_samples(n: int, length: int) -> list[torch.Tensor]:
+            return [torch.randint(1, high, (length,), generator=g) for _ in range(n)]
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = CalibrationContext(model=model, spec=spec, samples=[], device=dev, dtype=next(model.parameters()).dtype,
+                                     artifacts_dir=tmp, run=engine_runner(model), make_samples=make_samples)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            method.calibrate(ctx)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            ms = 1000 * (time.perf_counter() - t0)
+        return method, ms
+
+
+# --------------------------------------------------------------------------------------------------
 # Engines: each returns the measured columns of one cell
 
 
-def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace, fused_layers: str = "auto") -> dict[str, Any]:
+def run_kvbench(model: Any, B: int, S: int, args: argparse.Namespace, fused_layers: str = "auto",
+                method: Any = None) -> dict[str, Any]:
     from harness.engine import Engine
     from harness.measure import throughput_probe
     from methods.full import Full
 
-    engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args), fused_layers=fused_layers)
+    engine = Engine(model, method if method is not None else Full(), prefill_chunk=chunk_for(B, args),
+                    fused_layers=fused_layers)
     probe = throughput_probe(engine, batch_size=B, context_length=S, decode_steps=args.steps + args.warmup,
                              vocab_size=model.config.vocab_size, seed=args.seed)
+    graph_safe = engine.new_state(1, 8).graph_safe  # whether the decode step was captured (stores declare it)
     return {
-        "kernel": engine.kernel, "cuda_graph": engine.graph_error is None and engine.device.type == "cuda",
+        "kernel": engine.kernel,
+        "cuda_graph": graph_safe and engine.graph_error is None and engine.device.type == "cuda",
+        "kv_bytes_read_per_step": probe["probe_kv_bytes_read_per_step"],
         "graph_error": engine.graph_error, "layers": "fused" if engine.fused is not None else "modules",
         "layers_reason": engine.fused_layers_reason,
         "decode_ms_p50": probe["decode_ms_p50"], "decode_ms_p90": probe["decode_ms_p90"],
@@ -182,7 +265,7 @@ PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention", r"decode_split|decode_combine|prefill|flash|fmha|attn|sdpa"),
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitk|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("norm", r"norm|rsqrt"),
-    ("kv write / copy", r"copy|index_put|index_copy|scatter|append_decode|aten::cat"),
+    ("kv write / copy", r"copy|index_put|index_copy|scatter|append|aten::cat"),
     ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|rope|aten::(mul|add|neg|pow|mean|silu|argmax)"),
 )
 
@@ -251,9 +334,11 @@ def kernel_breakdown(prof: Any, steps: int, on_gpu: bool) -> tuple[dict[str, flo
     return cats, top
 
 
-def profile_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Where a kvbench ``full`` decode step's time goes: torch.profiler over ``args.profile`` steps (after 3),
-    with the CUDA graph when it captures (kernels inside a graph replay are traced by CUPTI), else eagerly."""
+def profile_kvbench(model: Any, B: int, S: int, args: argparse.Namespace, spec: MethodSpec | None = None
+                    ) -> dict[str, Any]:
+    """Where a kvbench decode step's time goes (``full``, or the method of ``spec``): torch.profiler over
+    ``args.profile`` steps (after 3), with the CUDA graph when it captures (kernels inside a graph replay are
+    traced by CUPTI), else eagerly."""
     from harness.engine import Engine, Prompt
     from methods.full import Full
 
@@ -261,7 +346,8 @@ def profile_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dic
     ids = random_ids(B, S, model.config.vocab_size, args.seed, torch.device("cpu"))
     for want_graph in (True, False):  # eagerly when the graph replay's kernels were not traced
         mon = _ProfileMonitor(skip=3, steps=args.profile, device=dev)
-        engine = Engine(model, Full(), prefill_chunk=chunk_for(B, args), monitor=mon, cuda_graph=want_graph)
+        method = Full() if spec is None else spec.build(model)[0]
+        engine = Engine(model, method, prefill_chunk=chunk_for(B, args), monitor=mon, cuda_graph=want_graph)
         # the first new token comes from the prefill's logits: 3 + N decode steps need 4 + N new tokens
         engine.generate([Prompt(context=row.tolist()) for row in ids], max_new_tokens=4 + args.profile)
         mon.finish()
@@ -271,7 +357,8 @@ def profile_kvbench(model: Any, B: int, S: int, args: argparse.Namespace) -> dic
         graph = want_graph and engine.graph_error is None and dev.type == "cuda"
         if cats or not graph:
             break
-    return {"kind": "profile", "batch": B, "context": S, "cuda_graph": graph, "steps": len(mon.step_ms),
+    return {"kind": "profile", "batch": B, "context": S, "label": spec.label if spec else "full",
+            "cuda_graph": graph, "steps": len(mon.step_ms),
             "step_ms_p50": pcts(mon.step_ms)[0], "busy_ms": sum(cats.values()), "categories": cats, "top": top}
 
 
@@ -406,7 +493,8 @@ MEMORY_SLACK = 2e9  # peak <= weights + KV capacity + 2 GB
 def targets(rows: list[dict], meta: dict) -> list[str]:
     """The report's check of the targets: roofline fraction of kvbench at the target cells, its speed-up over
     HF StaticCache + compile, and its peak memory against weights + KV capacity + 2 GB at every cell."""
-    ok = {(r["engine"], r["batch"], r["context"]): r for r in rows if r.get("kind") == "cell" and r.get("status") == "ok"}
+    ok = {(r["engine"], r["batch"], r["context"]): r for r in rows if r.get("kind") == "cell" and r.get("status") == "ok"
+          and r.get("label", "full") == "full"}
     out = ["", "Targets (kvbench `full`):", ""]
     for (B, S), bar in ROOFLINE_TARGET.items():
         r = ok.get(("kvbench", B, S))
@@ -431,7 +519,70 @@ def targets(rows: list[dict], meta: dict) -> list[str]:
     return out
 
 
+# issue 20's bars for the quantizers (8 x 32768, same call as full): decode ms <= x * full's, and >= 0.80 of the
+# method's own roofline for the INT4 ones; at 1 x 32768 no quantizer slower than 1.10 x full
+METHOD_TARGETS = {("uniform_int", 0.75): 0.62, ("kivi", 0.75): 0.62, ("quarot", 0.75): 0.62, ("ratequant", 0.75): 0.62,
+                  ("fp8", 0.5): 0.76, ("turboquant_kqv", 0.75): 0.70}
+INT4 = ("uniform_int", "kivi", "quarot", "ratequant")
+METHOD_CELL, WEIGHTS_CELL, WEIGHTS_BAR, METHOD_ROOFLINE = (8, 32768), (1, 32768), 1.10, 0.80
+
+
+def method_rows(rows: list[dict]) -> list[dict]:
+    """kvbench rows of --methods calls (they carry a call id), each with ``x_full``: its decode ms over the ms of
+    ``full`` in the same call and cell (None where that call measured no full)."""
+    cells = [r for r in rows if r.get("kind") == "cell" and r.get("engine") == "kvbench" and r.get("call")]
+    if not any(r.get("label", "full") != "full" for r in cells):
+        return []
+    full = {(r["call"], r["batch"], r["context"]): r for r in cells if r.get("method") == "full" and r.get("status") == "ok"}
+    out = []
+    for r in cells:
+        f = full.get((r["call"], r["batch"], r["context"]))
+        x = r["decode_ms_p50"] / f["decode_ms_p50"] if f and r.get("status") == "ok" else None
+        out.append({**r, "x_full": x})
+    return sorted(out, key=lambda r: (r["batch"], r["context"], r.get("method") != "full", r.get("label", "")))
+
+
+def method_targets(mrows: list[dict]) -> list[str]:
+    out = ["", f"Targets (quantizers, same call as full; {METHOD_CELL[0]} x {METHOD_CELL[1]} unless named):", ""]
+    ok = [r for r in mrows if r.get("status") == "ok" and r.get("x_full") is not None]
+    for (name, ratio), bar in METHOD_TARGETS.items():
+        for r in (r for r in ok if (r["batch"], r["context"]) == METHOD_CELL and r.get("method") == name
+                  and abs(float(r.get("ratio", -1)) - ratio) < 1e-9):
+            line = f"- {r['label']}: {r['x_full']:.2f} x full (bar {bar:.2f}) {'met' if r['x_full'] <= bar else 'missed'}"
+            if name in INT4:
+                f = r["roofline_frac"]
+                line += f"; {f:.2f} of its roofline (bar {METHOD_ROOFLINE:.2f}) {'met' if f >= METHOD_ROOFLINE else 'missed'}"
+            out.append(line)
+    for r in (r for r in ok if (r["batch"], r["context"]) == WEIGHTS_CELL and r.get("family") == "quantization"):
+        out.append(f"- {r['label']} at {WEIGHTS_CELL[0]} x {WEIGHTS_CELL[1]}: {r['x_full']:.2f} x full (bar "
+                   f"{WEIGHTS_BAR:.2f}) {'met' if r['x_full'] <= WEIGHTS_BAR else 'missed'}")
+    return out if len(out) > 3 else []
+
+
+def methods_table(mrows: list[dict]) -> list[str]:
+    lines = ["", "Methods (`--methods`; kvbench rows; KV read = bytes one decode step reads, measured by the store; "
+             "roofline = (weights read + KV read) / copy bandwidth; x full = decode ms over full's in the same call):",
+             "", "| batch | context | method | ratio | kernel | graph | decode ms p50 | x full | KV read GB | roofline ms "
+             "| roofline frac | prefill tok/s | peak prefill GB | peak decode GB | calibrate ms | note |",
+             "|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in mrows:
+        head = f"| {r['batch']} | {r['context']} | {r.get('label', 'full')} | {float(r.get('ratio') or 0):g} "
+        if r.get("status") != "ok":
+            lines.append(head + "| | | | | | | | | | | | " + f"{r['status']}: {r.get('reason', '')} |")
+            continue
+        x = "-" if r.get("x_full") is None else f"{r['x_full']:.2f}"
+        cal = "" if r.get("calibrate_ms") is None else f"{r['calibrate_ms']:,.0f}"
+        read = r.get("kv_bytes_read_per_step")
+        lines.append(head + f"| {kernel_label(r)} | {'yes' if r.get('cuda_graph') else 'no'} | {r['decode_ms_p50']:.2f} "
+                     f"| {x} | {fmt_gb(read)} | {r['roofline_ms']:.2f} | {r['roofline_frac']:.2f} "
+                     f"| {r['prefill_tok_s']:,.0f} | {fmt_gb(r.get('peak_mem_prefill_bytes'))} "
+                     f"| {fmt_gb(r.get('peak_mem_decode_bytes'))} | {cal} | {r.get('note', '')} |")
+    return lines
+
+
 def write_report(rows: list[dict], path: Path, meta: dict) -> str:
+    mrows = method_rows(rows)
+    rows = [r for r in rows if r.get("kind") != "cell" or r.get("label", "full") == "full"]  # the engines table
     cells = sorted({(r["batch"], r["context"]) for r in rows if r.get("kind") == "cell"}, key=lambda c: (c[0], c[1]))
     lines = [
         f"# Decode benchmark: kvbench `full` vs Hugging Face, {meta['model']}, {meta['device']}",
@@ -465,25 +616,39 @@ def write_report(rows: list[dict], path: Path, meta: dict) -> str:
         if r.get("kind") == "skipped_cell":
             lines.append(f"| {r['batch']} | {r['context']} | all | | | | | | | | | | | skipped: {r['reason']} |")
     lines += targets(rows, meta)
+    if mrows:
+        lines += methods_table(mrows) + method_targets(mrows)
+    cals = [r for r in rows if r.get("kind") == "calibration"]
+    if cals:
+        lines += ["", "Calibration (`--calibrate`: the method's fit on random token ids, uncached):", ""]
+        for c in cals:
+            t = c.get("timing_ms") or {}
+            parts = ", ".join(f"{k} {v:,.0f}" for k, v in t.items())
+            lines.append(f"- {c['label']}: " + (f"failed: {c['error']}" if "error" in c else
+                                               f"{c['calibrate_ms']:,.0f} ms" + (f" ({parts})" if parts else "")))
     caps = [r for r in rows if r.get("kind") == "capacity"]
     if caps:
         lines += ["", "Capacity (kvbench `full`, random K/V, 80 GB budget):", ""]
         for c in caps:
             lines.append(f"- context {c['context']}: largest batch {c['max_batch']} "
                          f"(KV {c['kv_bytes_at_max'] / 1e9:.1f} GB + weights in {c['budget_bytes'] / 1e9:.0f} GB)")
-    profs = sorted((r for r in rows if r.get("kind") == "profile"), key=lambda r: (r["batch"], r["context"]))
+    profs = sorted((r for r in rows if r.get("kind") == "profile"),
+                   key=lambda r: (r["batch"], r["context"], r.get("label", "full")))
     if profs:
         cats = [c for c, _ in PROFILE_CATEGORIES] + ["other"]
         lines += ["", "Where a kvbench `full` decode step goes (`--profile`: torch.profiler over the steps, kernel time "
                   "per step in ms; busy = the kernels' sum, the rest of the step is launch gaps and idle):", "",
-                  "| batch | context | graph | step ms | busy ms | " + " | ".join(cats) + " | top kernels (ms, calls) |",
-                  "|---:|---:|---|---:|---:|" + "---:|" * len(cats) + "---|"]
+                  "| batch | context | method | graph | step ms | busy ms | " + " | ".join(cats)
+                  + " | top kernels (ms, calls) |",
+                  "|---:|---:|---|---|---:|---:|" + "---:|" * len(cats) + "---|"]
         for r in profs:
+            label = r.get("label", "full")
             if "error" in r:
-                lines.append(f"| {r['batch']} | {r['context']} | | | | " + "| " * len(cats) + f"failed: {r['error']} |")
+                lines.append(f"| {r['batch']} | {r['context']} | {label} | | | | " + "| " * len(cats)
+                             + f"failed: {r['error']} |")
                 continue
             top = "; ".join(f"`{n[:48]}` {ms:.2f} ({calls:g})" for n, ms, calls in r["top"][:4])
-            lines.append(f"| {r['batch']} | {r['context']} | {'yes' if r['cuda_graph'] else 'no'} | "
+            lines.append(f"| {r['batch']} | {r['context']} | {label} | {'yes' if r['cuda_graph'] else 'no'} | "
                          f"{r['step_ms_p50']:.2f} | {r['busy_ms']:.2f} | "
                          + " | ".join(f"{r['categories'].get(c, 0.0):.2f}" for c in cats) + f" | {top} |")
     text = "\n".join(lines) + "\n"
@@ -499,7 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama3_8b_shape", help="a conf/model name")
     ap.add_argument("--cells", default=CELLS, help="batch x context, comma-separated")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=None, help=f"comma-separated, from {', '.join(ENGINES + EXTRA_ENGINES)} "
+                    "(default: all of ENGINES; only kvbench with --methods)")
+    ap.add_argument("--methods", default=None,
+                    help="kvbench rows for these methods instead of full alone: name[:ratio[:key=value...]], "
+                         "comma-separated, any conf/method name (e.g. full,fp8:0.5,uniform_int:0.75)")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (compilation)")
     ap.add_argument("--prefill-tokens", type=int, default=8192,
@@ -508,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity", action="store_true", help="also find the largest batch at 32K in 80 GB")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N kvbench decode steps per cell (torch.profiler): time by kernel category")
+    ap.add_argument("--calibrate", default=None,
+                    help="method specs whose calibration (RateQuant's fit) is timed first, on random token ids, "
+                         "uncached (same syntax as --methods)")
+    ap.add_argument("--profile-methods", default=None,
+                    help="with --methods: profile only these method specs (comma-separated labels)")
     ap.add_argument("--no-compile", action="store_true", help="hf_static_compile without torch.compile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(REPO / "results" / "bench"))
@@ -521,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     from harness.loading import load
     from harness.measure import copy_bandwidth, weights_bytes
 
-    engines = [e for e in args.engines.split(",") if e]
+    specs = [MethodSpec(m) for m in (args.methods or "").split(",") if m]
+    engines = [e for e in (args.engines or ("kvbench" if specs else ",".join(ENGINES))).split(",") if e]
     bad = [e for e in engines if e not in ENGINES + EXTRA_ENGINES]
     if bad:
         raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES + EXTRA_ENGINES)}")
@@ -557,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     w_read = weight_bytes_read(model)
     kv_tok = kv_bytes_per_token(model.config)
+    call_id = dt.datetime.now().isoformat(timespec="seconds")  # rows of one call compare with each other
 
     if not args.report:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,6 +743,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "date": dt.date.today().isoformat(), "torch": torch.__version__,
                                 "transformers": transformers.__version__}) + "\n")
         free = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+        for spec in [MethodSpec(m) for m in (args.calibrate or "").split(",") if m]:
+            row = {"kind": "calibration", "label": spec.label, "method": spec.name, "commit": commit}
+            try:
+                method, ms = spec.build(model)
+                row.update(calibrate_ms=ms, timing_ms=getattr(method, "fit", {}).get("timing_ms"))
+            except Exception as e:  # noqa: BLE001
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(json.dumps(row, default=str), flush=True)
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
         for B, S in cells + ([] if args.smoke else parse_cells(TOO_BIG)):
             kv = B * S * kv_tok
             if free is not None and kv + w_read > free:
@@ -577,23 +763,34 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if (B, S) not in cells:
                 continue
-            for engine in engines:
-                row: dict[str, Any] = {"kind": "cell", "engine": engine, "batch": B, "context": S, "commit": commit}
+            jobs = [(e, sp) for e in engines for sp in (specs if e == "kvbench" and specs else [None])]
+            for engine, spec in jobs:
+                row: dict[str, Any] = {"kind": "cell", "engine": engine, "batch": B, "context": S, "commit": commit,
+                                       "call": call_id, "method": spec.name if spec else "full",
+                                       "ratio": (spec.ratio if spec and spec.ratio is not None else 0.0),
+                                       "label": spec.label if spec else "full"}
                 t0 = time.perf_counter()
                 try:
                     if engine in ("kvbench", "kvbench_modules"):
-                        row.update(run_kvbench(model, B, S, args, "off" if engine == "kvbench_modules" else "auto"))
+                        method, calib_ms = spec.build(model) if spec else (None, None)
+                        if method is not None:
+                            row.update(family=method.family, ratio=float(method.ratio), calibrate_ms=calib_ms)
+                        row.update(run_kvbench(model, B, S, args, "off" if engine == "kvbench_modules" else "auto",
+                                               method=method))
                     else:
                         row.update(run_hf(model, B, S, args, static=engine == "hf_static_compile"))
                     row["status"] = "ok"
                     row["tokens_s"] = B / (row["decode_ms_p50"] / 1000)
+                    read = row.get("kv_bytes_read_per_step") if spec else None
                     if bw:
-                        row["roofline_ms"] = 1000 * (w_read + kv) / bw
+                        row["roofline_ms"] = 1000 * (w_read + (kv if read is None else read)) / bw
                     else:  # CPU smoke: no bandwidth, no roofline
                         row["roofline_ms"] = float("nan")
                     row["roofline_frac"] = row["roofline_ms"] / row["decode_ms_p50"]
                 except torch.OutOfMemoryError as e:
                     row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0][:160]}")
+                except ValueError as e:  # a method that cannot run here (validate's reasons) still writes its row
+                    row.update(status="skipped", reason=str(e).splitlines()[0][:300])
                 except Exception as e:  # noqa: BLE001 - a failed engine still writes its row
                     row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -602,11 +799,12 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 with rows_path.open("a") as f:  # after every cell: a call cut short keeps what it measured
                     f.write(json.dumps(row, default=str) + "\n")
-            if args.profile and "kvbench" in engines:
+            for spec in ([s for s in specs if s.label in args.profile_methods.split(",")] if args.profile_methods
+                         else specs or [None]) if args.profile and "kvbench" in engines else []:
                 try:
-                    prof = profile_kvbench(model, B, S, args)
+                    prof = profile_kvbench(model, B, S, args, spec)
                 except Exception as e:  # noqa: BLE001 - a failed profile still writes its row
-                    prof = {"kind": "profile", "batch": B, "context": S,
+                    prof = {"kind": "profile", "batch": B, "context": S, "label": spec.label if spec else "full",
                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 print(json.dumps(prof, default=str), flush=True)
                 with rows_path.open("a") as f:
@@ -619,15 +817,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
     cmds = [r for r in rows if r.get("kind") == "command"]
     latest: dict[tuple, dict] = {}
-    for r in rows:  # the latest row per (engine, cell) wins
+    for r in rows:  # the latest row per (engine, method spec, cell) wins
         if r.get("kind") == "cell":
-            latest[(r["engine"], r["batch"], r["context"])] = r
+            latest[(r["engine"], r.get("label", "full"), r["batch"], r["context"])] = r
         elif r.get("kind") == "skipped_cell":
             latest[("skipped", r["batch"], r["context"])] = r
         elif r.get("kind") == "capacity":
             latest[("capacity", r["context"])] = r
+        elif r.get("kind") == "calibration":
+            latest[("calibration", r["label"])] = r
         elif r.get("kind") == "profile":
-            latest[("profile", r["batch"], r["context"])] = r
+            latest[("profile", r.get("label", "full"), r["batch"], r["context"])] = r
     import transformers
 
     bandwidths = [c["bandwidth"] for c in cmds if c.get("bandwidth")]

@@ -160,12 +160,12 @@ def _online(s, m_i, l_i):
 
 
 @triton.jit
-def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2, H_loc,
+def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2, H_loc, split,
                  sqb, sqh, sqd,
                  kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
                  vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
                  sob, soh, sos, sod, slb, slh, sls,
-                 G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                  K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
                  K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
                  K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
@@ -173,7 +173,8 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
                  V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
                  V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
     """Program (split, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
-    [split * SPLIT, min((split + 1) * SPLIT, lengths[b])), for the G query heads of its group at once; writes
+    [s * split, min((s + 1) * split, lengths[b])) (split: a runtime multiple of BLOCK_N, so one compiled kernel
+    serves every capacity), for the G query heads of its group at once; writes
     the partial output (normalised) and its log2-sum-exp per query head."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -181,8 +182,8 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     j = pid_bh % H_loc
     h = tl.load(Heads + j)
     n_len = tl.load(Lens + b).to(tl.int32)
-    lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, n_len)
+    lo = pid_s * split
+    hi = tl.minimum(lo + split, n_len)
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
     heads = h * G + offs_g

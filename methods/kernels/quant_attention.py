@@ -219,10 +219,12 @@ def scalar_prefill_attention_reference(q: Tensor, k_codes: Tensor, k_scale: Tens
     (B, T, H_q, D): causal within the chunk, every stored slot visible."""
     B, H_q, T, D = q.shape
     H_kv = k.shape[1]
-    past_k = k_layout.dequantize(k_codes[:, :, :start], k_scale[:, :, :start],
-                                 None if k_zero is None else k_zero[:, :, :start])
-    past_v = v_layout.dequantize(v_codes[:, :, :start], v_scale[:, :, :start],
-                                 None if v_zero is None else v_zero[:, :, :start])
+    past_k = past_v = k.new_zeros(B, H_kv, 0, D, dtype=torch.float32)
+    if start:
+        past_k = k_layout.dequantize(k_codes[:, :, :start], k_scale[:, :, :start],
+                                     None if k_zero is None else k_zero[:, :, :start])
+        past_v = v_layout.dequantize(v_codes[:, :, :start], v_scale[:, :, :start],
+                                     None if v_zero is None else v_zero[:, :, :start])
     kk = torch.cat([past_k, k.float()], 2).repeat_interleave(H_q // H_kv, 1)  # (B, H_q, start+T, D)
     vv = torch.cat([past_v, v.float()], 2).repeat_interleave(H_q // H_kv, 1)
     s = torch.einsum("bhtd,bhsd->bhts", q.float(), kk) * scaling
@@ -279,11 +281,11 @@ def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Te
     vdt, vmag, vbits, _ = _dot_type(v_layout, vs.dtype)
     _kernels().decode_split[(n_splits, B * H_loc)](
         q, kc, ks, kz if kz is not None else ks, vc, vs, vz if vz is not None else vs, lengths, heads, mid_o, mid_l,
-        float(scaling) * LOG2E, H_loc, *q.stride(),
+        float(scaling) * LOG2E, H_loc, split, *q.stride(),
         *_strides3(kc, kc), *_strides3(ks, ks), *_strides3(kz, ks),
         *_strides3(vc, vc), *_strides3(vs, vs), *_strides3(vz, vs),
         *mid_o.stride(), *mid_l.stride(),
-        G=group, SPLIT=split, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n,
+        G=group, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n,
         **k_layout.consts("K", D, kdt, kmag, kbits), **v_layout.consts("V", D, vdt, vmag, vbits), IEEE=ieee,
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),

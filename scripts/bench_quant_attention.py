@@ -1,0 +1,121 @@
+"""Micro-benchmark of the quantized decode-attention kernels (methods/kernels/quant_attention.py) at a real
+model's shape, beside the dense kernel ``full`` runs (GPU machine).
+
+    python scripts/bench_quant_attention.py                          # Llama-3.1-8B heads, 8 x 32768, bf16
+    python scripts/bench_quant_attention.py --cells 1x32768,8x32768 --configs 64:4,128:4,64:8
+
+For each cell (batch x context) one layer's cache is filled from random K/V (encoded by the codec) and one
+decode step's attention (split + combine with the new token, what a CodecStore decode step runs minus the
+append) is timed in a CUDA graph (median of ``--iters``) for every layout, next to the dense
+``decode_attention`` over bf16 K/V. Bandwidth = the bytes the kernel must read (codes + metadata of the valid
+slots, each kv head once) / time, as a fraction of the copy bandwidth measured in the same process. Before
+timing, each layout's output is checked against the plain-torch reference at a smaller length (max abs
+error printed). ``--configs block_n:num_warps,...`` times other tile configurations of the int4 layout.
+Imports neither lm-eval, wandb nor Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
+from methods.kernels import quant_attention as QA  # noqa: E402
+from methods.kernels.attention import decode_attention  # noqa: E402
+from methods.kernels.quant_attention import ScalarLayout, scalar_encode_reference  # noqa: E402
+
+LAYOUTS = {
+    "uniform_int4 g32": ScalarLayout("int", 4, 32),
+    "quarot4 (g128)": ScalarLayout("int", 4, 128, 0.95),
+    "fp8": ScalarLayout("fp8", 8, 128),
+    "uniform_int2 g32": ScalarLayout("int", 2, 32),
+    "int3 g128": ScalarLayout("int", 3, 128),
+    "uniform_int8 g32": ScalarLayout("int", 8, 32),
+}
+
+
+def fields(layout: ScalarLayout, x: torch.Tensor) -> tuple:
+    f = scalar_encode_reference(x, layout, meta_dtype=x.dtype)
+    return f["codes"], f["scale"], f.get("zero")
+
+
+def nbytes(fs: tuple, S: int) -> int:
+    return sum(t[:, :, :S].numel() * t.element_size() for t in fs if t is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", default="8x32768")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--configs", default="", help="block_n:num_warps pairs to time for the first layout")
+    ap.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    H_q, H_kv, D = (int(x) for x in args.heads.split(","))
+    G = H_q // H_kv
+    bw = copy_bandwidth(dev, nbytes=2 << 30)
+    names = [n for n in args.layouts.split(",") if n]
+    lines = [f"# Quantized decode attention, {torch.cuda.get_device_name(0)}, heads {H_q}/{H_kv}/{D}, bf16; "
+             f"copy bandwidth {bw / 1e12:.2f} TB/s", "",
+             "| cell | kernel | config | ms | GB read | GB/s | frac of copy bw | max abs err vs reference |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for cell in args.cells.split(","):
+        B, S = (int(x) for x in cell.split("x"))
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, H_q, D, device=dev, dtype=torch.bfloat16, generator=g)
+        kn, vn = torch.randn(2, B, H_kv, D, device=dev, dtype=torch.bfloat16, generator=g)
+        lengths = torch.full((B,), S, dtype=torch.long, device=dev)
+        k = torch.randn(B, H_kv, S + 64, D, device=dev, dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        t = graph_ms_per_call([functools.partial(decode_attention, q, k, v, lengths, scaling=D**-0.5)] * 10, args.iters)
+        read = 2 * B * H_kv * S * D * 2
+        lines.append(f"| {cell} | dense bf16 (full) | default | {t:.3f} | {read / 1e9:.2f} | {read / t / 1e6:,.0f} "
+                     f"| {read / t / 1e-3 / bw:.2f} | |")
+        print(lines[-1], flush=True)
+        for name in names:
+            lay = LAYOUTS[name]
+            kf, vf = fields(lay, k), fields(lay, v)
+            small = torch.full((B,), min(S, 2000), dtype=torch.long, device=dev)
+            small[0] = min(S, 1999)
+            args_small = (q, *kf, *vf, small, kn, vn)
+            want = QA.scalar_decode_attention_reference(*(a[:, :, :2048] if a is not None and a.dim() == 4 else a
+                                                          for a in args_small), k_layout=lay, v_layout=lay,
+                                                        scaling=D**-0.5)
+            got = QA.scalar_decode_attention(*args_small, k_layout=lay, v_layout=lay, scaling=D**-0.5)
+            err = float((got.float() - want.float()).abs().max())
+            read = nbytes(kf, S) + nbytes(vf, S)
+            configs = [(None, None)] + ([tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c]
+                                        if name == names[0] else [])
+            for bn, nw in configs:
+                if bn is not None:
+                    QA.DECODE_CONFIG.update(block_n=bn, num_warps=nw)
+                fn = functools.partial(QA.scalar_decode_attention, q, *kf, *vf, lengths, kn, vn, k_layout=lay,
+                                       v_layout=lay, scaling=D**-0.5, block_n=bn)
+                try:
+                    t = graph_ms_per_call([fn] * 10, args.iters)
+                    lines.append(f"| {cell} | {name} | {'default' if bn is None else f'{bn}:{nw}'} | {t:.3f} "
+                                 f"| {read / 1e9:.2f} | {read / t / 1e6:,.0f} | {read / t / 1e-3 / bw:.2f} | {err:.2e} |")
+                except Exception as e:  # noqa: BLE001 - a configuration that does not launch is listed
+                    lines.append(f"| {cell} | {name} | {bn}:{nw} | failed: {type(e).__name__}: {str(e)[:80]} | | | | |")
+                finally:
+                    QA.DECODE_CONFIG.update(block_n=QA.BLOCK_N, num_warps=4)
+                print(lines[-1], flush=True)
+            del kf, vf
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
