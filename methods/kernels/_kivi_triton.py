@@ -14,12 +14,11 @@ from ._quant_attention_triton import _dot3, _online, _operand, _pv_tile, _quanti
 
 
 @triton.jit
-def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2, H_kv,
+def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2, H_kv, NS, SPLIT,
                  sqb, sqh, kcb, kch, kcg, ksb, ksh, ksg, kzb, kzh, kzg, krb, krh, krs,
                  vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs, vrb, vrh, vrs,
                  sob, soh, sos, slb, slh, sls,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
-                 NS: tl.constexpr, SPLIT: tl.constexpr,
                  K_BITS: tl.constexpr, K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                  V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_MAGIC: tl.constexpr,
                  V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, MDT: tl.constexpr, IEEE: tl.constexpr):

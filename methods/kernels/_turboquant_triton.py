@@ -160,12 +160,11 @@ def dequant(KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, OutK, OutV
 
 @triton.jit
 def decode_split(QR, SQ, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, Lens, MidO, MidQ, MidL,
-                 scale_log2, coef_k, H_kv, srb, srh, ssb, ssh,
+                 scale_log2, coef_k, H_kv, SPLIT, srb, srh, ssb, ssh,
                  knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
                  vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs,
                  sob, soh, sos, sqqb, sqqh, sqqs, slb, slh, sls,
-                 G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLIT: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr,
                  DT: tl.constexpr, IEEE: tl.constexpr):
     """Program (range, row * H_kv + kv head): the range's stored slots below lengths[b], for the kv head's
     query group, from the rotated queries QR (and SQ = S_K q_r). Per key: score = norm * (q_r . centroid[codes]

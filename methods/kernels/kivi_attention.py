@@ -71,6 +71,7 @@ def kivi_decode_attention_reference(q: Tensor, k_codes: Tensor, k_scale: Tensor,
     slots = torch.arange(S + 1, device=q.device)
     seen = (slots[None, :] < lengths[:, None]) | (slots[None, :] == S)  # (B, S+1)
     s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    vv = vv.masked_fill(~seen[:, None, :, None], 0.0)  # slots past a row's length are never read
     out = torch.einsum("bhgs,bhsd->bhgd", torch.softmax(s, -1), vv)
     return out.reshape(B, H_q, D).to(q.dtype)
 
@@ -189,9 +190,9 @@ def _attend(q: Tensor, fields: dict[str, Tensor], lengths: Tensor, k_new: Tensor
     Gq = H_q // H_kv
     dtype = fields["k_res"].dtype
     K.decode_split[(ns + 1, B * H_kv)](
-        q, *(fields[n] for n in FIELDS), lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv, q.stride(0),
+        q, *(fields[n] for n in FIELDS), lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv, ns, split, q.stride(0),
         q.stride(1), *_strides(fields), *mid_o.stride()[:3], *mid_l.stride(),
-        G=Gq, BLOCK_G=max(16, triton_next_pow2(Gq)), D=D, GS=G, R=R, NS=ns, SPLIT=split, MDT=_tl_dtype(dtype),
+        G=Gq, BLOCK_G=max(16, triton_next_pow2(Gq)), D=D, GS=G, R=R, MDT=_tl_dtype(dtype),
         **_layouts(k_bits, v_bits, G, dtype),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),

@@ -211,11 +211,11 @@ def _attend(q: Tensor, qr: Tensor, sq: Tensor, k: dict[str, Tensor], v: dict[str
     K = _kernels()
     K.decode_split[(ns, B * H_kv)](
         qr, sq, *kf, *vf, ck, cv, lengths, mid_o, mid_q, mid_l,
-        float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, k_codec.qjl_dim), H_kv,
+        float(scaling) * LOG2E, math.sqrt(math.pi / 2) / max(1, k_codec.qjl_dim), H_kv, split,
         qr.stride(0), qr.stride(1), sq.stride(0), sq.stride(1),
         *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
         *mid_o.stride()[:3], *mid_q.stride()[:3], *mid_l.stride(),
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, SPLIT=split,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n,
         KB=k_codec.mse_bits, KM=k_codec.qjl_dim, VB=v_codec.mse_bits, VM=vm, DT=_tl_dtype(dt),
         IEEE=dt == torch.float32,
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
