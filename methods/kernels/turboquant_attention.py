@@ -69,6 +69,7 @@ def turboquant_decode_attention_reference(q: Tensor, k: dict[str, Tensor], v: di
     slots = torch.arange(S + 1, device=q.device)
     seen = (slots[None, :] < lengths[:, None]) | (slots[None, :] == S)  # (B, S+1)
     s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    vv = vv.masked_fill(~seen[:, None, :, None], 0.0)  # slots past a row's length are never read
     out = torch.einsum("bhgs,bhsd->bhgd", torch.softmax(s, -1), vv)  # (B, H_kv, G, D)
     return out.reshape(B, H_q, D).to(q.dtype)
 
