@@ -31,6 +31,13 @@ Choices the paper leaves open, and ours (each a knob):
   counted in ``bytes_stored``, as are the norms and gamma (16 bits each per vector).
 - Ratio: n = 16 * (1 - ratio) must be a whole number of bits in 1..8 (16 = unquantized);
   2.5 bits is skipped (TurboQuant's outlier-channel split for fractional rates is not implemented).
+
+Kernels (``fused``: auto = on CUDA, on, off; :mod:`methods.kernels.turboquant_attention`): a decode step encodes
+the new token on the device and attends from the stored codes (q rotated once per step; the codebook looked up
+per element; a QJL key side scored by the estimator above as a sign dot product with S q_r, never a decoded key;
+values accumulated in the rotated and sketch spaces, projected by S^T and un-rotated once), graph-safe, in three
+launches. Prefill chunks are encoded by a kernel and attend to the past decoded by a kernel. Codes equal the
+reference store's except where a rotated coordinate sits within float rounding of a codebook boundary.
 """
 
 from __future__ import annotations

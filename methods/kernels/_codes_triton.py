@@ -47,14 +47,14 @@ def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
 
 @triton.jit
 def hadamard(D: tl.constexpr, c0, CH: tl.constexpr):
-    """Columns c0 .. c0+CH-1 (D, CH) fp32 of the orthonormal Walsh-Hadamard matrix, (-1)^popcount(i & j) /
-    sqrt(D) (symmetric; the matrix of :func:`methods.quantizers.hadamard_transform`), generated in registers
-    (D <= 256)."""
+    """Columns c0 .. c0+CH-1 (D, CH) fp32 of the Walsh-Hadamard matrix, (-1)^popcount(i & j), unnormalised (+-1,
+    exact in any float type; the orthonormal matrix of :func:`methods.quantizers.hadamard_transform` is this over
+    sqrt(D)), generated in registers (D <= 256)."""
     x = tl.arange(0, D)[:, None] & (c0 + tl.arange(0, CH))[None, :]
     x = x ^ (x >> 4)
     x = x ^ (x >> 2)
     x = x ^ (x >> 1)
-    return (1 - 2 * (x & 1)).to(tl.float32) * (1.0 / tl.sqrt(D * 1.0))
+    return (1 - 2 * (x & 1)).to(tl.float32)
 
 
 @triton.jit
@@ -67,6 +67,20 @@ def fwht(x, D: tl.constexpr, LOG_D: tl.constexpr):
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [D])
     return x * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def dot_f32(a, b, DT: tl.constexpr):
+    """a (M, K) fp32 @ b (K, N), b's entries exact in DT (the Hadamard matrix's +-1, a sketch held in DT), to
+    ~fp32 accuracy: IEEE for DT fp32 (CPU tests, fp32 models), else two DT tensor-core dots, a's DT head and its
+    rounded rest (error ~2^-16 of |a| for bf16; no fp32 tile is held for an FMA dot)."""
+    if DT == tl.float32:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+    else:
+        hi = a.to(DT)
+        lo = (a - hi.to(tl.float32)).to(DT)
+        bb = b.to(DT)
+        return tl.dot(hi, bb) + tl.dot(lo, bb)
 
 
 @triton.jit

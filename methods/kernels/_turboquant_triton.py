@@ -11,20 +11,20 @@ in registers while anything else is)."""
 import triton
 import triton.language as tl
 
-from ._codes_triton import dot, fwht, hadamard, store_words, unpack_rows
+from ._codes_triton import dot, dot_f32, fwht, hadamard, store_words, unpack_rows
 from ._layers_triton import rnd
 
 
 @triton.jit
 def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr,
-            NB: tl.constexpr, ROT: tl.constexpr, MDT: tl.constexpr, CH: tl.constexpr):
+            NB: tl.constexpr, ROT: tl.constexpr, MDT: tl.constexpr, CH: tl.constexpr, LOG_D: tl.constexpr):
     """TurboQuantizer.encode_fields of one vector x (D,) fp32 into one slot (the pointers are the slot's
     norm, codes, sketch bits and gamma)."""
     offs_d = tl.arange(0, D)
     norm = tl.sqrt(tl.sum(x * x, 0))
-    u = tl.math.div_rn(x, tl.maximum(norm, 1.1754943508222875e-38))
+    u = tl.math.div_rn(x, tl.broadcast_to(tl.maximum(norm, 1.1754943508222875e-38), x.shape))
     if ROT:
-        y = fwht(u * tl.load(SGN + offs_d).to(tl.float32), D, D.bit_length() - 1)  # (D,) H diag(s) u / sqrt(D)
+        y = fwht(u * tl.load(SGN + offs_d).to(tl.float32), D, LOG_D)  # (D,) H diag(s) u / sqrt(D)
     else:
         y = u
     tl.store(NRM, rnd(norm, MDT).to(MDT))
@@ -56,7 +56,7 @@ def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_
             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr,
             KNB: tl.constexpr, VB: tl.constexpr, VM: tl.constexpr, VNB: tl.constexpr, ROT: tl.constexpr,
             QUERIES: tl.constexpr, APPEND: tl.constexpr, DECODE: tl.constexpr, MDT: tl.constexpr,
-            CH: tl.constexpr):
+            CH: tl.constexpr, LOG_D: tl.constexpr, INV_SQRT_D: tl.constexpr):
     """Program (row b, kv head h, 2 t + kind). With QUERIES, program (b, h, 0) rotates the query group once,
     q_r = H diag(s_K) q / sqrt(D) (fp32, to QR (B, H_q, D)), and for a QJL key side projects it, S_K q_r (to
     SQ (B, H_q, KM)). With APPEND, program (b, h, 2 t + kind) encodes token t's key (kind 0) or value (kind 1)
@@ -81,14 +81,14 @@ def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_
             for c in tl.static_range(D // CH):
                 offs_c = c * CH + tl.arange(0, CH)
                 if ROT:
-                    qc = tl.dot(q, hadamard(D, c * CH, CH), input_precision="tf32x3")  # (BLOCK_G, CH) of q_r
+                    qc = dot_f32(q, hadamard(D, c * CH, CH), MDT) * INV_SQRT_D  # (BLOCK_G, CH) columns of q_r
                 else:
                     qc = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_c[None, :], mask=g_ok[:, None],
                                  other=0.0).to(tl.float32)
                 tl.store(QR + b64 * srb + heads[:, None] * srh + offs_c[None, :], qc, mask=g_ok[:, None])
                 if KM > 0:
-                    skc = tl.load(SK_ + tl.arange(0, KM)[None, :] * D + offs_c[:, None]).to(tl.float32)  # (CH, KM)
-                    sq += tl.dot(qc, skc, input_precision="tf32x3")
+                    skc = tl.load(SK_ + tl.arange(0, KM)[None, :] * D + offs_c[:, None])  # (CH, KM) rows of S_K^T
+                    sq += dot_f32(qc, skc, MDT)
             if KM > 0:
                 tl.store(SQ + b64 * ssb + heads[:, None] * ssh + tl.arange(0, KM)[None, :], sq, mask=g_ok[:, None])
     if APPEND:
@@ -100,19 +100,19 @@ def prepare(Q, QR, SQ, K, V, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, BK, CV, BV, SK_
             x = tl.load(K + b64 * skb + h * skh + t * skt + offs_d).to(tl.float32)
             _encode(x, KN + b64 * knb + h * knh + slot * kns, KC + b64 * kcb + h * kch + slot * kcs,
                     KQ + b64 * kqb + h * kqh + slot * kqs, KG + b64 * kgb + h * kgh + slot * kgs,
-                    CK, BK, PK, SK_, D, KB, KM, KNB, ROT, MDT, CH)
+                    CK, BK, PK, SK_, D, KB, KM, KNB, ROT, MDT, CH, LOG_D)
         else:
             x = tl.load(V + b64 * svb + h * svh + t * svt + offs_d).to(tl.float32)
             _encode(x, VN + b64 * vnb + h * vnh + slot * vns, VC + b64 * vcb + h * vch + slot * vcs,
                     VQ + b64 * vqb + h * vqh + slot * vqs, VG + b64 * vgb + h * vgh + slot * vgs,
-                    CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT, CH)
+                    CV, BV, PV, SV_, D, VB, VM, VNB, ROT, MDT, CH, LOG_D)
 
 
 @triton.jit
 def _dequant_tile(NRM, CODES, QJL, GAM, C, S_, SGN, Out, sn, sc, sq, sg, so, offs_n, n_ok, coef,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr, ROT: tl.constexpr,
-                  CH: tl.constexpr, PREC: tl.constexpr):
-    """TurboQuantizer.decode_fields of slots offs_n into Out (rows at offs_n * so, model dtype)."""
+                  CH: tl.constexpr, MDT: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    """TurboQuantizer.decode_fields of slots offs_n into Out (rows at offs_n * so, model dtype MDT)."""
     offs_d = tl.arange(0, D)
     sl = offs_n.to(tl.int64)
     if BITS > 0:
@@ -120,17 +120,17 @@ def _dequant_tile(NRM, CODES, QJL, GAM, C, S_, SGN, Out, sn, sc, sq, sg, so, off
     else:
         y = tl.zeros([BLOCK_N, D], tl.float32)
     if M > 0:
-        sign = (2 * unpack_rows(QJL, sl, n_ok, sq, 1, M) - 1).to(tl.float32)  # (BLOCK_N, M)
+        sign = (2 * unpack_rows(QJL, sl, n_ok, sq, 1, M) - 1).to(MDT)  # (BLOCK_N, M), exact
         gam = tl.load(GAM + sl * sg, mask=n_ok, other=0.0).to(tl.float32)
-        Sm = tl.load(S_ + tl.arange(0, M)[:, None] * D + offs_d[None, :]).to(tl.float32)  # (M, D)
-        y += (coef * gam)[:, None] * tl.dot(sign, Sm, input_precision=PREC)
+        Sm = tl.load(S_ + tl.arange(0, M)[:, None] * D + offs_d[None, :])  # (M, D) in MDT: the products are exact
+        y += (coef * gam)[:, None] * dot(sign, Sm, MDT == tl.float32)
     norm = tl.load(NRM + sl * sn, mask=n_ok, other=0.0).to(tl.float32)
     if ROT:
         for c in tl.static_range(D // CH):
             offs_c = c * CH + tl.arange(0, CH)
-            xc = tl.dot(y, hadamard(D, c * CH, CH), input_precision=PREC) * tl.load(SGN + offs_c).to(tl.float32)[None, :]
-            tl.store(Out + sl[:, None] * so + offs_c[None, :], (xc * norm[:, None]).to(Out.dtype.element_ty),
-                     mask=n_ok[:, None])
+            xc = dot_f32(y, hadamard(D, c * CH, CH), MDT) * INV_SQRT_D  # (BLOCK_N, CH) columns of H y / sqrt(D)
+            xc = xc * tl.load(SGN + offs_c).to(tl.float32)[None, :] * norm[:, None]
+            tl.store(Out + sl[:, None] * so + offs_c[None, :], xc.to(Out.dtype.element_ty), mask=n_ok[:, None])
     else:
         tl.store(Out + sl[:, None] * so + offs_d[None, :], (y * norm[:, None]).to(Out.dtype.element_ty),
                  mask=n_ok[:, None])
@@ -141,7 +141,7 @@ def dequant(KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, OutK, OutV
             knb, knh, kns, kcb, kch, kcs, kqb, kqh, kqs, kgb, kgh, kgs,
             vnb, vnh, vns, vcb, vch, vcs, vqb, vqh, vqs, vgb, vgh, vgs, okb, okh, oks, ovb, ovh, ovs,
             D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, KM: tl.constexpr, VB: tl.constexpr,
-            VM: tl.constexpr, ROT: tl.constexpr, CH: tl.constexpr, PREC: tl.constexpr):
+            VM: tl.constexpr, ROT: tl.constexpr, CH: tl.constexpr, MDT: tl.constexpr, INV_SQRT_D: tl.constexpr):
     """Program (slot tile, row * H_kv + kv head, K|V): the stored slots [0, n_slots) decoded into dense
     OutK / OutV (B, H_kv, >= n_slots, D) (a prefill chunk's past, as the reference path reads it)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,11 +151,11 @@ def dequant(KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, SK_, SV_, PK, PV, OutK, OutV
     if tl.program_id(2) == 0:
         _dequant_tile(KN + b * knb + h * knh, KC + b * kcb + h * kch, KQ + b * kqb + h * kqh, KG + b * kgb + h * kgh,
                       CK, SK_, PK, OutK + b * okb + h * okh, kns, kcs, kqs, kgs, oks, offs_n, n_ok, coef_k,
-                      D, BLOCK_N, KB, KM, ROT, CH, PREC)
+                      D, BLOCK_N, KB, KM, ROT, CH, MDT, INV_SQRT_D)
     else:
         _dequant_tile(VN + b * vnb + h * vnh, VC + b * vcb + h * vch, VQ + b * vqb + h * vqh, VG + b * vgb + h * vgh,
                       CV, SV_, PV, OutV + b * ovb + h * ovh, vns, vcs, vqs, vgs, ovs, offs_n, n_ok, coef_v,
-                      D, BLOCK_N, VB, VM, ROT, CH, PREC)
+                      D, BLOCK_N, VB, VM, ROT, CH, MDT, INV_SQRT_D)
 
 
 @triton.jit
@@ -246,7 +246,7 @@ def decode_split(QR, SQ, KN, KC, KQ, KG, VN, VC, VQ, VG, CK, CV, Lens, MidO, Mid
 def combine(MidO, MidQ, MidL, Q, KNew, VNew, Out, SV_, PV, Lens, Seen, Valid, n_splits, scale_log2, coef_v, H_kv,
             sob, soh, sos, sqqb, sqqh, sqqs, slb, slh, sls, sqb, sqh, skb, skh, svb, svh, s_ob, s_oh,
             G: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, VM: tl.constexpr, ROT: tl.constexpr,
-            ADVANCE: tl.constexpr, CH: tl.constexpr):
+            ADVANCE: tl.constexpr, CH: tl.constexpr, INV_SQRT_D: tl.constexpr):
     """Program (row b, query head hq): merge the ranges (weights 2^(lse - max)) in the rotated space, add the
     sketch part coef_v * z @ S_V (by chunks of sketch rows), un-rotate once (diag(s_V) H / sqrt(D), by chunks
     of output columns), and merge the new token's exact key and value; program (b, 0) then advances
@@ -282,7 +282,7 @@ def combine(MidO, MidQ, MidL, Q, KNew, VNew, Out, SV_, PV, Lens, Seen, Valid, n_
             offs_c = c * CH + tl.arange(0, CH)
             sg = tl.load(PV + offs_c).to(tl.float32)
             vn = tl.load(VNew + b * svb + hk * svh + offs_c).to(tl.float32)
-            oc = tl.sum(y[:, None] * hadamard(D, c * CH, CH), 0) * sg + (w_new * inv) * vn
+            oc = tl.sum(y[:, None] * hadamard(D, c * CH, CH), 0) * (INV_SQRT_D * sg) + (w_new * inv) * vn
             tl.store(Out + b * s_ob + hq * s_oh + offs_c, oc.to(Out.dtype.element_ty))
     else:
         vn = tl.load(VNew + b * svb + hk * svh + offs_d).to(tl.float32)

@@ -179,7 +179,7 @@ def _prepare(q: Tensor | None, k: Tensor | None, v: Tensor | None, k_fields: dic
         KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
         VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
         ROT=bool(k_codec.rotate), QUERIES=q is not None, APPEND=append, DECODE=decode, MDT=_tl_dtype(kn.dtype),
-        CH=min(32, D), **_launch(num_warps=4),
+        CH=min(32, D), LOG_D=D.bit_length() - 1, INV_SQRT_D=1.0 / math.sqrt(D), **_launch(num_warps=4),
     )
     return qr, sq
 
@@ -229,7 +229,7 @@ def _attend(q: Tensor, qr: Tensor, sq: Tensor, k: dict[str, Tensor], v: dict[str
         *mid_o.stride()[:3], *mid_q.stride()[:3], *mid_l.stride(), q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), out.stride(0), out.stride(1),
         G=G, NS=max(2, triton_next_pow2(ns)), D=D, VM=vm, ROT=bool(v_codec.rotate), ADVANCE=advance is not None,
-        CH=min(32, D),
+        CH=min(32, D), INV_SQRT_D=1.0 / math.sqrt(D),
         **_launch(num_warps=4),
     )
     return out
@@ -267,7 +267,7 @@ def turboquant_append(k: Tensor, v: Tensor, k_fields: dict[str, Tensor], v_field
 
 
 def turboquant_dequantize(k: dict[str, Tensor], v: dict[str, Tensor], n_slots: int, out_k: Tensor, out_v: Tensor,
-                          *, k_codec: Any, v_codec: Any, block_n: int = 32) -> None:
+                          *, k_codec: Any, v_codec: Any, block_n: int = 16) -> None:
     """Decode the stored slots [0, n_slots) into out_k, out_v (B, H_kv, >= n_slots, D), as
     ``decode_fields`` does (a prefill chunk's past): one launch, fp32 arithmetic, rounded to out's dtype."""
     kn = k["norm"]
@@ -288,7 +288,7 @@ def turboquant_dequantize(k: dict[str, Tensor], v: dict[str, Tensor], n_slots: i
         *_strides(kf, _present(k_codec)), *_strides(vf, _present(v_codec)),
         *out_k.stride()[:3], *out_v.stride()[:3],
         D=D, BLOCK_N=block_n, KB=k_codec.mse_bits, KM=k_codec.qjl_dim, VB=v_codec.mse_bits, VM=v_codec.qjl_dim,
-        ROT=bool(k_codec.rotate), CH=min(32, D), PREC="ieee" if interpret_mode() else "tf32x3",
+        ROT=bool(k_codec.rotate), CH=min(32, D), MDT=_tl_dtype(out_k.dtype), INV_SQRT_D=1.0 / math.sqrt(D),
         **_launch(num_warps=4),
     )
 
