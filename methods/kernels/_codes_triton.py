@@ -33,6 +33,33 @@ def unpack_rows(ptr, offs, ok, stride, BITS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def raw_words(C, row_off, row_ok, NG: tl.constexpr, GBY: tl.constexpr, WPG: tl.constexpr, WB: tl.constexpr,
+              WBP: tl.constexpr):
+    """The packed bytes of NG groups of WPG words (WB bytes each) of rows at byte offsets row_off (R,) (group g of
+    row r at C + row_off[r] + g * GBY), loaded as they are: uint8 (NG, R, WPG, WBP), WBP = WB rounded up to a
+    power of two. Nothing consumes them here, so a loop can issue the next tile's loads before it computes
+    with this one (the words are assembled by :func:`words_of` when they are used)."""
+    g = tl.arange(0, NG)[:, None, None, None]
+    w = tl.arange(0, WPG)[None, None, :, None]
+    k = tl.arange(0, WBP)[None, None, None, :]
+    return tl.load(C + row_off[None, :, None, None] + g * GBY + w * WB + k,
+                   mask=row_ok[None, :, None, None] & (k < WB), other=0)
+
+
+@triton.jit
+def words_of(raw, WB: tl.constexpr, WBP: tl.constexpr):
+    """Bytes (NG, R, WPG, WBP) -> little-endian words (NG, R, WPG) (int32 up to 3 bytes, int64 above)."""
+    if WBP == 1:
+        return tl.reshape(raw, [raw.shape[0], raw.shape[1], raw.shape[2]]).to(tl.int32)
+    elif WB <= 3:
+        k = tl.arange(0, WBP)[None, None, None, :]
+        return tl.sum(raw.to(tl.int32) << (8 * k), 3)
+    else:
+        k = tl.arange(0, WBP)[None, None, None, :]
+        return tl.sum(raw.to(tl.int64) << (8 * k).to(tl.int64), 3)
+
+
+@triton.jit
 def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
     """Pack ``codes`` (..., 8) int32 (the last axis: 8 consecutive codes) into words of BITS bytes stored at
     ``ptr + word_off`` (...,) where ``ok``: the layout of :func:`methods.quantizers.pack_codes`."""

@@ -9,8 +9,59 @@ Names: ``GS`` KIVI's group size (tokens per key group, channels per value group)
 import triton
 import triton.language as tl
 
-from ._codes_triton import store_words, unpack_rows
-from ._quant_attention_triton import _dot3, _online, _operand, _pv_tile, _quantize_store, _round_meta
+from ._codes_triton import raw_words, store_words, unpack_rows, words_of
+from ._quant_attention_triton import _dot3, _online, _operand, _quantize_store, _round_meta, _unpack
+
+
+@triton.jit
+def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.constexpr, GS: tl.constexpr,
+         K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr, V_BITS: tl.constexpr,
+         V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr):
+    """The packed key group n0 / GS and the values of slots n0 .. n0+GS-1 below hi, as stored (nothing loaded
+    when n0 >= hi): key bytes (1, D, GS/K_CPW, K_WBP), key scale and zero (D,), value bytes (D/GS, GS,
+    GS/V_CPW, V_WBP), value scales and zeros (D/GS, GS)."""
+    V_NG: tl.constexpr = D // GS
+    gi = n0 // GS
+    offs_d = tl.arange(0, D)
+    d_ok = offs_d < tl.where(n0 < hi, D, 0)
+    kr = raw_words(KC + gi * kcg, offs_d * (GS * K_BITS // 8), d_ok, 1, 0, GS // K_CPW, K_WB, K_WBP)
+    ks = tl.load(KS + gi * ksg + offs_d, mask=d_ok, other=0.0)
+    kz = tl.load(KZ + gi * kzg + offs_d, mask=d_ok, other=0.0)
+    offs_n = n0 + tl.arange(0, GS)
+    n_ok = offs_n < hi
+    sn = offs_n.to(tl.int64)
+    vr = raw_words(VC, sn * vcs, n_ok, V_NG, GS * V_BITS // 8, GS // V_CPW, V_WB, V_WBP)
+    grp = tl.arange(0, V_NG)[:, None]
+    vs = tl.load(VS + sn[None, :] * vss + grp, mask=n_ok[None, :], other=0.0)
+    vz = tl.load(VZ + sn[None, :] * vzs + grp, mask=n_ok[None, :], other=0.0)
+    return kr, ks, kz, vr, vs, vz
+
+
+@triton.jit
+def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, corr, scale_log2, D: tl.constexpr, GS: tl.constexpr,
+          K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
+          K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
+          V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr,
+          V_MAGIC: tl.constexpr, V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
+    """One key group of the packed prefix into the online softmax: scores (q * scale) . codes + q . zero (the
+    per-channel scale goes into the query, no key is dequantized element by element; codes become dot operands
+    M + code, M subtracted with the scaled query's sum), values as the scalar kernels' per-token groups (the
+    scale into p, the zero point and M as a per-group correction)."""
+    V_NG: tl.constexpr = D // GS
+    kc = tl.reshape(_unpack(words_of(kr, K_WB, K_WBP), 1, D, GS, K_BITS, K_CPW), [D, GS])  # (D, GS) codes
+    ksf = ks.to(tl.float32)
+    qs = (q * ksf[None, :]).to(KDT)  # (BLOCK_G, D)
+    s = _dot3(qs, _operand(kc, 0, K_MAGIC, K_MAGIC_BITS, KDT), IEEE)  # (BLOCK_G, GS)
+    s += (tl.sum(q * kz.to(tl.float32)[None, :], 1) - K_MAGIC * tl.sum(qs.to(tl.float32), 1))[:, None]
+    n_ok = n0 + tl.arange(0, GS) < hi
+    s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+    m_i, alpha, p, l_i = _online(s, m_i, l_i)
+    vc = _operand(_unpack(words_of(vr, V_WB, V_WBP), V_NG, GS, GS, V_BITS, V_CPW), 0, V_MAGIC, V_MAGIC_BITS, VDT)
+    pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(VDT)  # (V_NG, BLOCK_G, GS)
+    acc = acc * alpha[None, :, None] + _dot3(pv, vc, IEEE)
+    c = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2) - V_MAGIC * tl.sum(pv.to(tl.float32), 2)
+    corr = corr * alpha[None, :] + c
+    return m_i, l_i, acc, corr
 
 
 @triton.jit
@@ -19,9 +70,11 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
                  vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs, vrb, vrh, vrs,
                  sob, soh, sos, slb, slh, sls,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
-                 K_BITS: tl.constexpr, K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
-                 V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_MAGIC: tl.constexpr,
-                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, MDT: tl.constexpr, IEEE: tl.constexpr):
+                 K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
+                 K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
+                 V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr,
+                 V_MAGIC: tl.constexpr, V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, MDT: tl.constexpr,
+                 IEEE: tl.constexpr):
     """Program (range, row * H_kv + kv head), the kv head's query group at once. With L = lengths[b], keys of
     slots below nq_k = floor(L / R) R are codes, values below nq_v = max(L - R, 0); the rest are in the rings.
 
@@ -61,22 +114,22 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
         hi = tl.minimum(lo + SPLIT, nq_v)
         acc = tl.zeros([V_NG, BLOCK_G, GS], tl.float32)
         corr = tl.zeros([V_NG, BLOCK_G], tl.float32)
-        for n0 in range(lo, hi, GS):
-            gi = n0 // GS
-            kc = unpack_rows(KC + gi * kcg, offs_d, d_all, GS * K_BITS // 8, K_BITS, GS)  # (D, GS) codes
-            ks = tl.load(KS + gi * ksg + offs_d).to(tl.float32)  # (D,) per-channel scale of the group
-            kz = tl.load(KZ + gi * kzg + offs_d).to(tl.float32)
-            qs = (q * ks[None, :]).to(KDT)  # (BLOCK_G, D)
-            s = _dot3(qs, _operand(kc, 0, K_MAGIC, K_MAGIC_BITS, KDT), IEEE)  # (BLOCK_G, GS)
-            s += (tl.sum(q * kz[None, :], 1) - K_MAGIC * tl.sum(qs.to(tl.float32), 1))[:, None]
-            offs_n = n0 + tl.arange(0, GS)
-            n_ok = offs_n < hi
-            s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
-            m_i, alpha, p, l_i = _online(s, m_i, l_i)
-            a, c = _pv_tile(p, VC, VS, VZ, offs_n, n_ok, vcs, vss, vzs, GS, V_NG, GS, 0, V_BITS, V_CPW, V_WB, True,
-                            V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
-            acc = acc * alpha[None, :, None] + a
-            corr = corr * alpha[None, :] + c
+        # two key groups per iteration, each group's bytes loaded one group ahead of their use (buffers a, b)
+        a_kr, a_ks, a_kz, a_vr, a_vs, a_vz = _raw(KC, KS, KZ, VC, VS, VZ, lo, hi, kcg, ksg, kzg, vcs, vss, vzs, D,
+                                                  GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP)
+        for n0 in range(lo, hi, 2 * GS):
+            b_kr, b_ks, b_kz, b_vr, b_vs, b_vz = _raw(KC, KS, KZ, VC, VS, VZ, n0 + GS, hi, kcg, ksg, kzg, vcs, vss,
+                                                      vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB,
+                                                      V_WBP)
+            m_i, l_i, acc, corr = _step(q, a_kr, a_ks, a_kz, a_vr, a_vs, a_vz, n0, hi, m_i, l_i, acc, corr,
+                                        scale_log2, D, GS, K_BITS, K_CPW, K_WB, K_WBP, K_MAGIC, K_MAGIC_BITS, KDT,
+                                        V_BITS, V_CPW, V_WB, V_WBP, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
+            a_kr, a_ks, a_kz, a_vr, a_vs, a_vz = _raw(KC, KS, KZ, VC, VS, VZ, n0 + 2 * GS, hi, kcg, ksg, kzg, vcs,
+                                                      vss, vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW,
+                                                      V_WB, V_WBP)
+            m_i, l_i, acc, corr = _step(q, b_kr, b_ks, b_kz, b_vr, b_vs, b_vz, n0 + GS, hi, m_i, l_i, acc, corr,
+                                        scale_log2, D, GS, K_BITS, K_CPW, K_WB, K_WBP, K_MAGIC, K_MAGIC_BITS, KDT,
+                                        V_BITS, V_CPW, V_WB, V_WBP, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
         has = l_i > 0
         inv = 1.0 / tl.where(has, l_i, 1.0)
         out = (acc + corr[:, :, None]) * inv[None, :, None]  # (V_NG, BLOCK_G, GS)

@@ -166,8 +166,10 @@ def _layouts(k_bits: int, v_bits: int, group_size: int, dtype: torch.dtype) -> d
     kl, vl = ScalarLayout("int", k_bits, group_size), ScalarLayout("int", v_bits, group_size)
     kdt, kmag, kbits, ieee = _dot_type(kl, dtype)
     vdt, vmag, vbits, _ = _dot_type(vl, dtype)
-    return dict(K_BITS=k_bits, K_MAGIC=kmag, K_MAGIC_BITS=kbits, KDT=kdt, V_BITS=v_bits, V_CPW=vl.codes_per_word,
-                V_WB=vl.word_bytes, V_MAGIC=vmag, V_MAGIC_BITS=vbits, VDT=vdt, IEEE=ieee)
+    return dict(K_BITS=k_bits, K_CPW=kl.codes_per_word, K_WB=kl.word_bytes, K_WBP=triton_next_pow2(kl.word_bytes),
+                K_MAGIC=kmag, K_MAGIC_BITS=kbits, KDT=kdt, V_BITS=v_bits, V_CPW=vl.codes_per_word,
+                V_WB=vl.word_bytes, V_WBP=triton_next_pow2(vl.word_bytes), V_MAGIC=vmag, V_MAGIC_BITS=vbits,
+                VDT=vdt, IEEE=ieee)
 
 
 def _attend(q: Tensor, fields: dict[str, Tensor], lengths: Tensor, k_new: Tensor, v_new: Tensor, *, k_bits: int,
