@@ -54,7 +54,7 @@ class QuantMethod(MethodBase):
 
     family = "quantization"
     memory = "physical"
-    kernel = "fused"  # stores whose codecs declare a fused kernel have one; rows record the path that ran
+    kernel = "reference"  # "fused" in subclasses whose stores have fused kernels; rows record the path that ran
     widths: ClassVar[tuple[int, ...]] = INT_BITS
 
     def __post_init__(self) -> None:

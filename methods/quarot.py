@@ -45,6 +45,7 @@ class QuaRot(QuantMethod):
     seed: int = 0
 
     name = "quarot"
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
 
     def __post_init__(self) -> None:
         super().__post_init__()

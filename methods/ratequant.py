@@ -430,7 +430,8 @@ class GroupedCodecStore:
     and one combine for the layer: launches per layer = 2 x groups + 1, not 3 x heads. The groups share the
     layer's ``lengths`` / ``seen`` (advanced once, by the combine) and, for a rotated base (QuaRot: one sign
     vector per layer and K|V, whatever the width), the rotated q/k/v workspace. Prefill chunks of unpadded
-    batches: each group quantizes its heads and attends for their query heads into one output. Otherwise
+    batches: each group quantizes its heads and dequantizes its past into one buffer, then one dense prefill
+kernel for the layer (methods.kernels.quant_attention.prefill_layer). Otherwise
     (padded chunks) every group takes the reference path of its CodecStore. Bytes: the groups' plus the bit
     table, as :class:`PerHeadStore`."""
 
@@ -514,17 +515,14 @@ class GroupedCodecStore:
                 st.hi += 1
             return out[:, None]
         if self.uniform and bool(valid.all()):
-            drv0 = self.drivers[0]
-            qq, kk, vv = drv0.rotate_chunk(q, k, v)
-            out = torch.empty(B, T, H_q, D, dtype=qq.dtype, device=q.device)
-            start = g0.hi
-            for st, drv in zip(self.groups, self.drivers):
-                drv.prefill_into(st, qq, kk, vv, out, start=start, scaling=scaling)
+            from methods.kernels.quant_attention import prefill_layer
+
+            out = prefill_layer(list(zip(self.groups, self.drivers)), q, k, v, start=g0.hi, scaling=scaling)
             g0.lengths.add_(T)
             g0.seen.add_(T)
             for st in self.groups:
                 st.hi += T
-            return drv0.unrotate(out).to(q.dtype)
+            return out
         self.uniform = False
         out = torch.empty(B, T, H_q, D, dtype=q.dtype, device=q.device)
         lengths, seen = g0.lengths, g0.seen  # the reference path rebinds them: every group starts from these

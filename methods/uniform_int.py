@@ -38,6 +38,7 @@ class UniformInt(QuantMethod):
     group_size: int = 32
 
     name = "uniform_int"
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
     widths = SUPPORTED_BITS
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 model's shape, beside the dense kernel ``full`` runs (GPU machine).
 
     python scripts/bench_quant_attention.py                          # Llama-3.1-8B heads, 8 x 32768, bf16
-    python scripts/bench_quant_attention.py --cells 1x32768,8x32768 --configs 64:4,128:4,64:8
+    python scripts/bench_quant_attention.py --cells 8x32768 --tune --best best.json
 
 For each cell (batch x context) one layer's cache is filled from random K/V (encoded by the codec) and one
 decode step's attention (split + combine with the new token, what a CodecStore decode step runs minus the
@@ -10,7 +10,10 @@ append) is timed in a CUDA graph (median of ``--iters``) for every layout, next 
 ``decode_attention`` over bf16 K/V. Bandwidth = the bytes the kernel must read (codes + metadata of the valid
 slots, each kv head once) / time, as a fraction of the copy bandwidth measured in the same process. Before
 timing, each layout's output is checked against the plain-torch reference at a smaller length (max abs
-error printed). ``--configs block_n:num_warps,...`` times other tile configurations of the int4 layout.
+error printed). ``--tune`` first times the configurations in ``TUNE`` (tile, warps, pipeline stages, the
+kernel's own prefetch of the next tile) on the first layout and times every layout with the fastest;
+``--best FILE`` writes that configuration as JSON, for ``KVBENCH_QUANT_DECODE`` (read by
+methods/kernels/quant_attention.py, so scripts/bench.py runs with it).
 Imports neither lm-eval, wandb nor Hydra.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +45,16 @@ LAYOUTS = {
 }
 
 
+TUNE = [
+    {"prefetch": False, "num_warps": 4, "num_stages": 2, "block_n": 64, "per_sm": 4},
+    {"prefetch": True, "num_warps": 4, "num_stages": 1, "block_n": 64, "per_sm": 4},
+    {"prefetch": True, "num_warps": 8, "num_stages": 1, "block_n": 64, "per_sm": 4},
+    {"prefetch": False, "num_warps": 8, "num_stages": 2, "block_n": 64, "per_sm": 4},
+    {"prefetch": True, "num_warps": 4, "num_stages": 1, "block_n": 32, "per_sm": 8},
+    {"prefetch": False, "num_warps": 4, "num_stages": 3, "block_n": 32, "per_sm": 8},
+]
+
+
 def fields(layout: ScalarLayout, x: torch.Tensor) -> tuple:
     f = scalar_encode_reference(x, layout, meta_dtype=x.dtype)
     return f["codes"], f["scale"], f.get("zero")
@@ -54,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", default="8x32768")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--configs", default="", help="block_n:num_warps pairs to time for the first layout")
+    ap.add_argument("--tune", action="store_true", help="time TUNE's configurations on the first layout first")
+    ap.add_argument("--best", default=None, help="write the fastest configuration here (JSON)")
     ap.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None)
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
              f"copy bandwidth {bw / 1e12:.2f} TB/s", "",
              "| cell | kernel | config | ms | GB read | GB/s | frac of copy bw | max abs err vs reference |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    timings: list = []
     for cell in args.cells.split(","):
         B, S = (int(x) for x in cell.split("x"))
         g = torch.Generator(device=dev).manual_seed(0)
@@ -93,22 +109,29 @@ def main(argv: list[str] | None = None) -> int:
             got = QA.scalar_decode_attention(*args_small, k_layout=lay, v_layout=lay, scaling=D**-0.5)
             err = float((got.float() - want.float()).abs().max())
             read = nbytes(kf, S) + nbytes(vf, S)
-            configs = [(None, None)] + ([tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c]
-                                        if name == names[0] else [])
-            for bn, nw in configs:
-                if bn is not None:
-                    QA.DECODE_CONFIG.update(block_n=bn, num_warps=nw)
+            configs = TUNE if (args.tune and name == names[0]) else [dict(QA.DECODE_CONFIG)]
+            for cfg in configs:
+                saved = dict(QA.DECODE_CONFIG)
+                QA.DECODE_CONFIG.update(cfg)
                 fn = functools.partial(QA.scalar_decode_attention, q, *kf, *vf, lengths, kn, vn, k_layout=lay,
-                                       v_layout=lay, scaling=D**-0.5, block_n=bn)
+                                       v_layout=lay, scaling=D**-0.5)
+                label = ",".join(f"{k}={int(v)}" for k, v in cfg.items())
                 try:
                     t = graph_ms_per_call([fn] * 10, args.iters)
-                    lines.append(f"| {cell} | {name} | {'default' if bn is None else f'{bn}:{nw}'} | {t:.3f} "
+                    timings.append((t, dict(QA.DECODE_CONFIG)))
+                    lines.append(f"| {cell} | {name} | {label} | {t:.3f} "
                                  f"| {read / 1e9:.2f} | {read / t / 1e6:,.0f} | {read / t / 1e-3 / bw:.2f} | {err:.2e} |")
                 except Exception as e:  # noqa: BLE001 - a configuration that does not launch is listed
-                    lines.append(f"| {cell} | {name} | {bn}:{nw} | failed: {type(e).__name__}: {str(e)[:80]} | | | | |")
-                finally:
-                    QA.DECODE_CONFIG.update(block_n=QA.BLOCK_N, num_warps=4)
+                    lines.append(f"| {cell} | {name} | {label} | failed: {type(e).__name__}: {str(e)[:80]} | | | | |")
+                QA.DECODE_CONFIG.clear()
+                QA.DECODE_CONFIG.update(saved)
                 print(lines[-1], flush=True)
+            if configs is TUNE and timings:
+                best = min(timings, key=lambda x: x[0])[1]
+                QA.DECODE_CONFIG.update(best)  # every later layout runs with it
+                if args.best:
+                    Path(args.best).write_text(json.dumps(best))
+                print(f"best: {best}", flush=True)
             del kf, vf
     text = "\n".join(lines) + "\n"
     if args.out:

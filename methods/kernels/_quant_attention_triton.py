@@ -14,19 +14,18 @@ from ._layers_triton import rnd
 
 
 # --------------------------------------------------------------------------------------------------
-# Codes: packed words -> (NG, N, GS) codes in channel order -> dot operands
+# Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
 
 
 @triton.jit
-def _words(C, offs_n, n_ok, s_slot, NG: tl.constexpr, WPG: tl.constexpr, WB: tl.constexpr, GBY: tl.constexpr):
-    """Packed words (NG, N, WPG) of slots ``offs_n``: word i of group grp is bytes grp*GBY + i*WB .. + WB - 1,
-    little-endian (int32 up to 3 bytes, int64 above)."""
-    grp = tl.arange(0, NG)[:, None, None]
-    i = tl.arange(0, WPG)[None, None, :]
-    ptr = C + offs_n[None, :, None].to(tl.int64) * s_slot + grp * GBY + i * WB
-    m = n_ok[None, :, None]
+def _words(C, offs_n, n_ok, s_slot, NW: tl.constexpr, WB: tl.constexpr):
+    """Packed words (N, NW) of slots ``offs_n``: word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept
+    as uint8, so a tile holds 4 codes-bytes per register; int32 up to 3 bytes, int64 above)."""
+    i = tl.arange(0, NW)[None, :]
+    ptr = C + offs_n[:, None].to(tl.int64) * s_slot + i * WB
+    m = n_ok[:, None]
     if WB == 1:
-        w = tl.load(ptr, mask=m, other=0).to(tl.int32)
+        w = tl.load(ptr, mask=m, other=0)
     elif WB <= 3:
         w = tl.load(ptr, mask=m, other=0).to(tl.int32)
         for k in tl.static_range(1, WB):
@@ -40,15 +39,15 @@ def _words(C, offs_n, n_ok, s_slot, NG: tl.constexpr, WPG: tl.constexpr, WB: tl.
 
 @triton.jit
 def _code(w, j: tl.constexpr, BITS: tl.constexpr):
-    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+    return ((w >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.uint8)
 
 
 @triton.jit
-def _unpack(w, NG: tl.constexpr, N: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
-    """Words (NG, N, GS / CPW) -> codes (NG, N, GS) int32 in channel order (code j of word i is channel
-    CPW * i + j): a tree of joins interleaves the CPW code planes, no gather."""
+def _unpack(w, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
+    """Words (N, D / CPW) -> codes (N, D) uint8 in channel order (code j of word i is channel CPW * i + j): a
+    tree of joins interleaves the CPW code planes (each join adds an in-register axis; the reshape merges it)."""
     if CPW == 1:
-        c = w.to(tl.int32)
+        c = w
     elif CPW == 2:
         c = tl.join(_code(w, 0, BITS), _code(w, 1, BITS))
     elif CPW == 4:
@@ -57,41 +56,39 @@ def _unpack(w, NG: tl.constexpr, N: tl.constexpr, GS: tl.constexpr, BITS: tl.con
         c = tl.join(
             tl.join(tl.join(_code(w, 0, BITS), _code(w, 4, BITS)), tl.join(_code(w, 2, BITS), _code(w, 6, BITS))),
             tl.join(tl.join(_code(w, 1, BITS), _code(w, 5, BITS)), tl.join(_code(w, 3, BITS), _code(w, 7, BITS))))
-    return tl.reshape(c, [NG, N, GS])
+    return tl.reshape(c, [N, D])
 
 
 @triton.jit
 def _operand(c, FMT: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
-    """Codes (int32) -> dot operand in DT: fp8 bytes reinterpreted; int codes OR-ed into the mantissa of
-    MAGIC (value MAGIC + code, exact) or converted when MAGIC_BITS is 0."""
+    """Codes (uint8) -> dot operand in DT: fp8 bytes reinterpreted; int codes OR-ed into the mantissa of
+    MAGIC (value MAGIC + code, exact), added (MAGIC_BITS < 0, the interpreter) or converted (MAGIC_BITS 0)."""
     if FMT == 1:
-        return c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(DT)
+        return c.to(tl.float8e4nv, bitcast=True).to(DT)
     elif MAGIC_BITS == 0:
         return c.to(tl.float32).to(DT)
-    elif MAGIC_BITS < 0:  # the interpreter (its bf16 bitcasts feed tl.dot wrong values): the same value, added
+    elif MAGIC_BITS < 0:
         return (c.to(tl.float32) + MAGIC).to(DT)
     else:
-        return (c | MAGIC_BITS).to(tl.int16).to(DT, bitcast=True)
+        return (c.to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True)
 
 
 @triton.jit
-def _codes(C, offs_n, n_ok, s_slot, NG: tl.constexpr, N: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
-           BITS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
-           DT: tl.constexpr):
-    w = _words(C, offs_n, n_ok, s_slot, NG, GS // CPW, WB, GS * BITS // 8)
-    return _operand(_unpack(w, NG, N, GS, BITS, CPW), FMT, MAGIC, MAGIC_BITS, DT)
+def _code_f32(c):
+    """int codes (< 2^23) -> fp32, exact, without an integer-to-float conversion: 2^23 + c by an OR, minus 2^23."""
+    return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _meta(S, offs_n, n_ok, s_slot, NG: tl.constexpr):
-    """Per-slot per-group metadata (scale or zero point) as (NG, N) fp32."""
+    """Per-slot per-group metadata (scale or zero point) as (N, NG) fp32."""
     grp = tl.arange(0, NG)
-    return tl.load(S + offs_n[None, :].to(tl.int64) * s_slot + grp[:, None], mask=n_ok[None, :], other=0.0).to(
+    return tl.load(S + offs_n[:, None].to(tl.int64) * s_slot + grp[None, :], mask=n_ok[:, None], other=0.0).to(
         tl.float32)
 
 
 @triton.jit
-def _dot3(a, b, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
@@ -99,50 +96,86 @@ def _dot3(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _qk_tile(q3, qsum3, KC, KS, KZ, offs_n, n_ok, kcs, kss, kzs, N: tl.constexpr,
-             NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-             WB: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
-             DT: tl.constexpr, IEEE: tl.constexpr):
-    """Scores (R, N) of the query rows q3 (NG, R, GS) against stored keys: per group, scale * (q . codes) +
-    (zero - MAGIC * scale) * sum(q) -- the key is never dequantized element by element."""
-    kc = _codes(KC, offs_n, n_ok, kcs, NG, N, GS, FMT, BITS, CPW, WB, MAGIC, MAGIC_BITS, DT)  # (NG, N, GS)
-    d3 = _dot3(q3, tl.permute(kc, (0, 2, 1)), IEEE)  # (NG, R, N)
-    sc = _meta(KS, offs_n, n_ok, kss, NG)  # (NG, N)
-    s3 = sc[:, None, :] * d3
-    if ZERO:
-        zeff = _meta(KZ, offs_n, n_ok, kzs, NG) - MAGIC * sc
-        s3 += zeff[:, None, :] * qsum3[:, :, None]
-    elif MAGIC != 0:
-        s3 -= (MAGIC * sc)[:, None, :] * qsum3[:, :, None]
-    return tl.sum(s3, 0)
+def _load_tile(C, S, Z, offs_n, n_ok, cs, ss, zs, D: tl.constexpr, NG: tl.constexpr, CPW: tl.constexpr,
+               WB: tl.constexpr, ZERO: tl.constexpr):
+    """The raw tile of slots ``offs_n``: packed words (N, D / CPW), scales and zero points ((N,) with one group,
+    (N, NG) with several; zeros of the scale's shape when not stored)."""
+    w = _words(C, offs_n, n_ok, cs, D // CPW, WB)
+    if NG == 1:
+        sc = tl.load(S + offs_n.to(tl.int64) * ss, mask=n_ok, other=0.0).to(tl.float32)
+        if ZERO:
+            z = tl.load(Z + offs_n.to(tl.int64) * zs, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            z = tl.zeros_like(sc)
+    else:
+        sc = _meta(S, offs_n, n_ok, ss, NG)
+        if ZERO:
+            z = _meta(Z, offs_n, n_ok, zs, NG)
+        else:
+            z = tl.zeros_like(sc)
+    return w, sc, z
 
 
 @triton.jit
-def _pv_tile(p, VC, VS, VZ, offs_n, n_ok, vcs, vss, vzs, N: tl.constexpr,
-             NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-             WB: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
-             DT: tl.constexpr, IEEE: tl.constexpr):
-    """Weights p (R, N) times stored values: (sum_n p s codes (NG, R, GS), the per-group correction
-    sum_n p zero - MAGIC sum_n p s (NG, R)). The scale goes into p, the zero point into the correction."""
-    vc = _codes(VC, offs_n, n_ok, vcs, NG, N, GS, FMT, BITS, CPW, WB, MAGIC, MAGIC_BITS, DT)  # (NG, N, GS)
-    sc = _meta(VS, offs_n, n_ok, vss, NG)  # (NG, N)
-    pv = (p[None, :, :] * sc[:, None, :]).to(DT)  # (NG, R, N)
-    acc = _dot3(pv, vc, IEEE)  # (NG, R, GS)
-    corr = tl.zeros([NG, p.shape[0]], tl.float32)
-    if ZERO:
-        corr += tl.sum(p[None, :, :] * _meta(VZ, offs_n, n_ok, vzs, NG)[:, None, :], 2)
-    if MAGIC != 0:
-        corr -= MAGIC * tl.sum(pv.to(tl.float32), 2)
+def _values(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
+            BITS: tl.constexpr, CPW: tl.constexpr, ZERO: tl.constexpr):
+    """Dequantized values (N, D) fp32 of a raw tile (the reference's decode, before rounding to the model dtype)."""
+    c = _unpack(w, N, D, BITS, CPW)
+    if FMT == 1:
+        return c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None]
+    elif NG == 1:
+        x = _code_f32(c) * sc[:, None]
+        if ZERO:
+            x += z[:, None]
+        return x
+    else:
+        x = tl.reshape(_code_f32(c), [N, NG, GS]) * sc[:, :, None]
+        if ZERO:
+            x += z[:, :, None]
+        return tl.reshape(x, [N, D])
+
+
+@triton.jit
+def _qk(q, qsum, w, sc, z, N: tl.constexpr, D: tl.constexpr,
+        NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (R, N) of query rows q (R, D) (in DT; qsum (R,) their sums) against a raw key tile. One group per
+    vector (fp8, QuaRot): the codes are the dot operand and the metadata scales the scores,
+    scale * (q . codes) + (zero - MAGIC * scale) * sum(q); several groups: dequantized per channel first."""
+    if NG == 1:
+        c = _unpack(w, N, D, BITS, CPW)  # (N, D)
+        d = _dot(q, tl.trans(_operand(c, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)  # (R, N)
+        s = sc[None, :] * d
+        if ZERO:
+            s += (z - MAGIC * sc)[None, :] * qsum[:, None]
+        elif MAGIC != 0:
+            s -= (MAGIC * sc)[None, :] * qsum[:, None]
+    else:
+        k = _values(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO).to(DT)
+        s = _dot(q, tl.trans(k), IEEE)
+    return s
+
+
+@triton.jit
+def _pv(p, w, sc, z, N: tl.constexpr, D: tl.constexpr,
+        NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Weights p (R, N) times a raw value tile -> ((R, D), a per-row correction (R,) to add to every channel). One
+    group per vector: (p * scale) @ codes, correction sum_n p zero - MAGIC sum_n p scale; several groups: p @
+    the dequantized values, no correction."""
+    corr = tl.zeros([p.shape[0]], tl.float32)
+    if NG == 1:
+        c = _unpack(w, N, D, BITS, CPW)  # (N, D)
+        pv = (p * sc[None, :]).to(DT)
+        acc = _dot(pv, _operand(c, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
+        if ZERO:
+            corr += tl.sum(p * z[None, :], 1)
+        if MAGIC != 0:
+            corr -= MAGIC * tl.sum(pv.to(tl.float32), 1)
+    else:
+        v = _values(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO).to(DT)
+        acc = _dot(p.to(DT), v, IEEE)
     return acc, corr
-
-
-@triton.jit
-def _load_q3(Q, rows_off, r_ok, sqd, NG: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
-    """Query rows at pointers Q + rows_off (R,) -> (NG, R, GS) in the dot dtype and their per-group sums (NG, R)."""
-    grp = tl.arange(0, NG)[:, None, None]
-    i = tl.arange(0, GS)[None, None, :]
-    q3 = tl.load(Q + rows_off[None, :, None] + (grp * GS + i) * sqd, mask=r_ok[None, :, None], other=0.0).to(DT)
-    return q3, tl.sum(q3.to(tl.float32), 2)
 
 
 @triton.jit
@@ -165,17 +198,17 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
                  kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
                  vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
                  sob, soh, sos, sod, slb, slh, sls,
-                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                  K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
                  K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
                  K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                  V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
                  V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
-                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
-    """Program (split, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
+                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr):
+    """Program (s, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
     [s * split, min((s + 1) * split, lengths[b])) (split: a runtime multiple of BLOCK_N, so one compiled kernel
-    serves every capacity), for the G query heads of its group at once; writes
-    the partial output (normalised) and its log2-sum-exp per query head."""
+    serves every capacity), for the G query heads of its group at once; writes the partial output
+    (normalised) and its log2-sum-exp per query head."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_loc
@@ -185,34 +218,48 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     lo = pid_s * split
     hi = tl.minimum(lo + split, n_len)
     offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
     g_ok = offs_g < G
     heads = h * G + offs_g
-    q3, qsum3 = _load_q3(Q + b * sqb, heads * sqh, g_ok, sqd, K_NG, K_GS, KDT)
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0).to(KDT)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([V_NG, BLOCK_G, V_GS], tl.float32)
-    corr = tl.zeros([V_NG, BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    corr = tl.zeros([BLOCK_G], tl.float32)
     kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
     vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    if PREFETCH:  # the first tile; each iteration loads the next one before it computes (hides DRAM latency)
+        wk, sk, zk = _load_tile(kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
+        wv, sv, zv = _load_tile(vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        s = _qk_tile(q3, qsum3, kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, BLOCK_N, K_NG, K_GS, K_FMT, K_BITS,
-                     K_CPW, K_WB, K_ZERO, K_MAGIC, K_MAGIC_BITS, KDT, IEEE)
+        if PREFETCH:
+            nxt = offs_n + BLOCK_N
+            nxt_ok = nxt < hi
+            wk2, sk2, zk2 = _load_tile(kc0, ks0, kz0, nxt, nxt_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
+            wv2, sv2, zv2 = _load_tile(vc0, vs0, vz0, nxt, nxt_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
+        else:
+            wk, sk, zk = _load_tile(kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
+            wv, sv, zv = _load_tile(vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
+        s = _qk(q, qsum, wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO, K_MAGIC, K_MAGIC_BITS,
+                KDT, IEEE)
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
         m_i, alpha, p, l_i = _online(s, m_i, l_i)
-        a, c = _pv_tile(p, vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, BLOCK_N, V_NG, V_GS, V_FMT, V_BITS,
-                        V_CPW, V_WB, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
-        acc = acc * alpha[None, :, None] + a
-        corr = corr * alpha[None, :] + c
+        a, c = _pv(p, wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT,
+                   IEEE)
+        acc = acc * alpha[:, None] + a
+        corr = corr * alpha + c
+        if PREFETCH:
+            wk, sk, zk, wv, sv, zv = wk2, sk2, zk2, wv2, sv2, zv2
     has = l_i > 0
     inv = 1.0 / tl.where(has, l_i, 1.0)
-    out = (acc + corr[:, :, None]) * inv[None, :, None]  # (V_NG, BLOCK_G, V_GS)
+    out = (acc + corr[:, None]) * inv[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    grp = tl.arange(0, V_NG)[:, None, None]
-    i = tl.arange(0, V_GS)[None, None, :]
-    ptr = MidO + b * sob + heads[None, :, None] * soh + pid_s * sos + (grp * V_GS + i) * sod
-    tl.store(ptr, out, mask=g_ok[None, :, None])
+    tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :] * sod, out, mask=g_ok[:, None])
     tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
 
 
@@ -252,7 +299,7 @@ def decode_combine(MidO, MidL, Q, Knew, Vnew, Out, RotV, Lens, Seen, Valid, n_sp
     out = acc / l[:, None]
     if ROT:
         r = tl.load(RotV + offs_d[:, None] * D + offs_d[None, :])
-        out = _dot3(out, r, True)
+        out = _dot(out, r, True)
     tl.store(Out + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * s_od, out.to(Out.dtype.element_ty),
              mask=g_ok[:, None])
     if ADVANCE:
@@ -370,13 +417,13 @@ def append(Knew, Vnew, Q, Lens, Heads, KC, KS, KZ, VC, VS, VZ, QR, KR, VR, RotK,
         kn = tl.load(Knew + b * snb + h * snh + t * snt + offs_d * snd).to(tl.float32)
         rows = tl.where((offs_r == G)[:, None], kn[None, :], qrows)  # (BLOCK_R, D): G query heads, then k
         rk = tl.load(RotK + offs_d[:, None] * D + offs_d[None, :])
-        rows = _dot3(rows, rk, True)
+        rows = _dot(rows, rk, True)
         tl.store(QR + b * sqrb + (h * G + offs_r[:, None]) * sqrh + offs_d[None, :], rows, mask=is_q[:, None])
         kx = tl.sum(tl.where((offs_r == G)[:, None], rows, 0.0), 0)
         vn = tl.load(Vnew + b * svnb + h * svnh + t * svnt + offs_d * svnd).to(tl.float32)
         vrows = tl.where((offs_r == 0)[:, None], vn[None, :], 0.0)
         rv = tl.load(RotV + offs_d[:, None] * D + offs_d[None, :])
-        vx = tl.sum(tl.where((offs_r == 0)[:, None], _dot3(vrows, rv, True), 0.0), 0)
+        vx = tl.sum(tl.where((offs_r == 0)[:, None], _dot(vrows, rv, True), 0.0), 0)
         tl.store(KR + b * skrb + h * skrh + offs_d, kx)
         tl.store(VR + b * svrb + h * svrh + offs_d, vx)
     else:
@@ -392,73 +439,25 @@ def append(Knew, Vnew, Q, Lens, Heads, KC, KS, KZ, VC, VS, VZ, QR, KR, VR, RotK,
 
 
 # --------------------------------------------------------------------------------------------------
-# Prefill chunk: T queries per row over the stored past [0, start) and the chunk itself exactly (causal)
+# Dequantize stored slots (prefill chunks attend over them with the dense prefill kernel)
 
 
 @triton.jit
-def prefill(Q, KC, KS, KZ, VC, VS, VZ, Knew, Vnew, Heads, Out, scale_log2, start, T, H_loc,
-            sqb, sqh, sqt, sqd,
-            kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
-            vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
-            snb, snh, snt, snd, svnb, svnh, svnt, svnd, sob, sot, soh, sod,
-            G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-            K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
-            K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
-            K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
-            V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
-            V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
-            V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
-    """Program (m, b * H_loc + j): rows r = (query head g of the group, chunk token m * BLOCK_T + r % BLOCK_T),
-    BLOCK_R = next_pow2(G) * BLOCK_T rows, so a stored tile is read and unpacked once for the whole group.
-    Keys: the stored slots [0, start) as stored, then the chunk's own k, v (B, H_kv, T, D) exactly, causal."""
+def dequant(C, S, Z, Heads, Out, n_slots, H_loc, cb, ch, cs, sb, sh, ss, zb, zh, zs, sob, soh, sos, sod,
+            BLOCK_N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
+            BITS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, ZERO: tl.constexpr):
+    """Program (slot block, b * H_loc + j): slots [m * BLOCK_N, ...) < n_slots of local kv head j -> Out[b,
+    Heads[j]] in Out's dtype (the reference's decode_fields(dtype=model dtype))."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_loc
     j = pid_bh % H_loc
     h = tl.load(Heads + j)
-    offs_r = tl.arange(0, BLOCK_R)
-    g = offs_r // BLOCK_T
-    t = pid_m * BLOCK_T + offs_r % BLOCK_T
-    r_ok = (g < G) & (t < T)
-    heads = h * G + g
-    q3, qsum3 = _load_q3(Q + b * sqb, heads * sqh + t * sqt, r_ok, sqd, K_NG, K_GS, KDT)
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([V_NG, BLOCK_R, V_GS], tl.float32)
-    corr = tl.zeros([V_NG, BLOCK_R], tl.float32)
-    kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
-    vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
-    for n0 in range(0, start, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < start
-        s = _qk_tile(q3, qsum3, kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, BLOCK_N, K_NG, K_GS, K_FMT, K_BITS,
-                     K_CPW, K_WB, K_ZERO, K_MAGIC, K_MAGIC_BITS, KDT, IEEE)
-        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
-        m_i, alpha, p, l_i = _online(s, m_i, l_i)
-        a, c = _pv_tile(p, vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, BLOCK_N, V_NG, V_GS, V_FMT, V_BITS,
-                        V_CPW, V_WB, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
-        acc = acc * alpha[None, :, None] + a
-        corr = corr * alpha[None, :] + c
-    # the chunk itself, exactly: its keys and values converted to the dot dtypes (no magic offset here)
-    end = tl.minimum((pid_m + 1) * BLOCK_T, T)
-    kgrp = tl.arange(0, K_NG)[:, None, None]
-    ki = tl.arange(0, K_GS)[None, None, :]
-    vgrp = tl.arange(0, V_NG)[:, None, None]
-    vi = tl.arange(0, V_GS)[None, None, :]
-    for n0 in range(0, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        kk = tl.load(Knew + b * snb + h * snh + offs_n[None, :, None] * snt + (kgrp * K_GS + ki) * snd,
-                     mask=n_ok[None, :, None], other=0.0).to(KDT)  # (K_NG, N, K_GS)
-        s = tl.sum(_dot3(q3, tl.permute(kk, (0, 2, 1)), IEEE), 0)  # (R, N)
-        causal = n_ok[None, :] & (offs_n[None, :] <= t[:, None])
-        s = tl.where(causal, s * scale_log2, float("-inf"))
-        m_i, alpha, p, l_i = _online(s, m_i, l_i)
-        vv = tl.load(Vnew + b * svnb + h * svnh + offs_n[None, :, None] * svnt + (vgrp * V_GS + vi) * svnd,
-                     mask=n_ok[None, :, None], other=0.0).to(VDT)  # (V_NG, N, V_GS)
-        pb = tl.broadcast_to(p[None, :, :], [V_NG, BLOCK_R, BLOCK_N]).to(VDT)
-        acc = acc * alpha[None, :, None] + _dot3(pb, vv, IEEE)
-        corr = corr * alpha[None, :]
-    out = (acc + corr[:, :, None]) / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
-    ptr = Out + b * sob + t[None, :, None] * sot + heads[None, :, None] * soh + (vgrp * V_GS + vi) * sod
-    tl.store(ptr, out.to(Out.dtype.element_ty), mask=r_ok[None, :, None])
+    offs_n = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_slots
+    w, sc, z = _load_tile(C + b * cb + j * ch, S + b * sb + j * sh, Z + b * zb + j * zh, offs_n, n_ok, cs, ss, zs, D,
+                          NG, CPW, WB, ZERO)
+    x = _values(w, sc, z, BLOCK_N, D, NG, GS, FMT, BITS, CPW, ZERO)
+    offs_d = tl.arange(0, D)
+    tl.store(Out + b * sob + h * soh + offs_n[:, None].to(tl.int64) * sos + offs_d[None, :] * sod,
+             x.to(Out.dtype.element_ty), mask=n_ok[:, None])

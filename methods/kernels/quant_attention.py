@@ -242,6 +242,9 @@ def _kernels():
         interpreter_compat()
     from . import _quant_attention_triton as K
 
+    if not getattr(K, "_kvbench_env", False):
+        _env_config()
+        K._kvbench_env = True
     return K
 
 
@@ -258,7 +261,18 @@ def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
 
 
 BLOCK_N = 64
-DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "block_n": BLOCK_N}
+DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "block_n": BLOCK_N, "prefetch": False}
+
+
+def _env_config() -> None:
+    """``KVBENCH_QUANT_DECODE='{"prefetch": true, "num_stages": 1, ...}'`` overrides DECODE_CONFIG (tuning runs
+    of scripts/bench_quant_attention.py hand their choice to scripts/bench.py this way)."""
+    import json
+    import os
+
+    raw = os.environ.get("KVBENCH_QUANT_DECODE")
+    if raw:
+        DECODE_CONFIG.update(json.loads(raw))
 
 
 def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Tensor, mid_o: Tensor, mid_l: Tensor,
@@ -274,19 +288,21 @@ def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Te
     kc, ks, kz = k_fields
     vc, vs, vz = v_fields
     H_loc, S = kc.shape[1], kc.shape[2]
+    K = _kernels()
     block_n = block_n or DECODE_CONFIG["block_n"]
     split = -(-S // n_splits)
     split = -(-split // block_n) * block_n
     kdt, kmag, kbits, ieee = _dot_type(k_layout, ks.dtype)  # metadata is kept in the model dtype
     vdt, vmag, vbits, _ = _dot_type(v_layout, vs.dtype)
-    _kernels().decode_split[(n_splits, B * H_loc)](
+    K.decode_split[(n_splits, B * H_loc)](
         q, kc, ks, kz if kz is not None else ks, vc, vs, vz if vz is not None else vs, lengths, heads, mid_o, mid_l,
         float(scaling) * LOG2E, H_loc, split, *q.stride(),
         *_strides3(kc, kc), *_strides3(ks, ks), *_strides3(kz, ks),
         *_strides3(vc, vc), *_strides3(vs, vs), *_strides3(vz, vs),
         *mid_o.stride(), *mid_l.stride(),
-        G=group, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n,
+        G=group, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n, D=D,
         **k_layout.consts("K", D, kdt, kmag, kbits), **v_layout.consts("V", D, vdt, vmag, vbits), IEEE=ieee,
+        PREFETCH=bool(DECODE_CONFIG["prefetch"]),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )
@@ -370,30 +386,21 @@ def scalar_append(k: Tensor, v: Tensor, k_fields: tuple, v_fields: tuple, heads:
     )
 
 
-def scalar_prefill(q: Tensor, k: Tensor, v: Tensor, k_fields: tuple, v_fields: tuple, heads: Tensor, out: Tensor, *,
-                   start: int, group: int, k_layout: ScalarLayout, v_layout: ScalarLayout, scaling: float,
-                   block_t: int | None = None) -> Tensor:
-    """Fused :func:`scalar_prefill_attention_reference` for kv heads ``heads`` (global, int32; the stored fields
-    hold them in order): q (B, H_q, T, D), the chunk's k, v (B, H_kv, T, D) -> writes their query heads of
-    out (B, T, H_q, D). Every row holds ``start`` stored slots."""
-    B, H_q, T, D = q.shape
-    kc, ks, kz = k_fields
-    vc, vs, vz = v_fields
-    H_loc = kc.shape[1]
-    bg = triton_next_pow2(group)
-    block_t = block_t or max(1, (64 if D <= 128 else 32) // bg)  # rows = bg * block_t >= 16 (bg >= 16 or 64 / bg)
-    block_r = bg * block_t
-    kdt, kmag, kbits, ieee = _dot_type(k_layout, ks.dtype)
-    vdt, vmag, vbits, _ = _dot_type(v_layout, vs.dtype)
-    _kernels().prefill[(-(-T // block_t), B * H_loc)](
-        q, kc, ks, kz if kz is not None else ks, vc, vs, vz if vz is not None else vs, k, v, heads, out,
-        float(scaling) * LOG2E, int(start), T, H_loc, *q.stride(),
-        *_strides3(kc, kc), *_strides3(ks, ks), *_strides3(kz, ks),
-        *_strides3(vc, vc), *_strides3(vs, vs), *_strides3(vz, vs),
-        *k.stride(), *v.stride(), *out.stride(),
-        G=group, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=BLOCK_N if D <= 128 else 32, D=D,
-        **k_layout.consts("K", D, kdt, kmag, kbits), **v_layout.consts("V", D, vdt, vmag, vbits), IEEE=ieee,
-        **_launch(num_warps=4, num_stages=2),
+def scalar_dequant(fields: tuple, heads: Tensor, out: Tensor, *, n_slots: int, layout: ScalarLayout) -> Tensor:
+    """Stored slots [0, n_slots) of the fields (B, H_loc, S, n) (global kv heads ``heads``) dequantized into
+    out (B, H_kv, >= n_slots, D) in out's dtype: what the codec's decode_fields gives in the model dtype."""
+    c, sc, z = fields
+    B, H_loc = c.shape[0], c.shape[1]
+    D = out.shape[-1]
+    if n_slots == 0:
+        return out
+    bn = 64
+    _kernels().dequant[(-(-n_slots // bn), B * H_loc)](
+        c, sc, z if z is not None else sc, heads, out, int(n_slots), H_loc, *_strides3(c, c), *_strides3(sc, sc),
+        *_strides3(z, sc), *out.stride(), BLOCK_N=bn, D=D,
+        **{k[2:]: v for k, v in layout.consts("X", D, None, 0, 0, append=True).items()
+           if k[2:] in ("NG", "GS", "FMT", "BITS", "CPW", "WB", "ZERO")},
+        **_launch(num_warps=4),
     )
     return out
 
@@ -498,23 +505,43 @@ class ScalarCodecKernel:
             return q, k, v
         return q.float() @ self.rot_k, k.float() @ self.rot_k, v.float() @ self.rot_v
 
-    def prefill_into(self, store: Any, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, start: int,
-                     scaling: float) -> None:
-        """Quantize the chunk (already rotated) into slots start.. and attend into out (B, T, H_q, D)."""
+    def prefill_into(self, store: Any, k: Tensor, v: Tensor, kbuf: Tensor, vbuf: Tensor, *, start: int) -> None:
+        """Quantize the chunk (already rotated) into slots start.. and dequantize this store's past [0, start)
+        into kbuf, vbuf (B, H_kv, >= start, D) at its heads."""
         kf, vf = self.fields(store, "k"), self.fields(store, "v")
         scalar_append(k, v, kf, vf, self.heads, k_layout=self.k_layout, v_layout=self.v_layout, start=start)
-        scalar_prefill(q, k, v, kf, vf, self.heads, out, start=start, group=self.group, k_layout=self.k_layout,
-                       v_layout=self.v_layout, scaling=scaling)
+        scalar_dequant(kf, self.heads, kbuf, n_slots=start, layout=self.k_layout)
+        scalar_dequant(vf, self.heads, vbuf, n_slots=start, layout=self.v_layout)
 
     def prefill(self, store: Any, q: Tensor, k: Tensor, v: Tensor, *, start: int, scaling: float) -> Tensor:
-        B, H_q, T, D = q.shape
-        qq, kk, vv = self.rotate_chunk(q, k, v)
-        out = torch.empty(B, T, H_q, D, dtype=qq.dtype, device=q.device)
-        self.prefill_into(store, qq, kk, vv, out, start=start, scaling=scaling)
-        return self.unrotate(out).to(q.dtype)
+        return prefill_layer([(store, self)], q, k, v, start=start, scaling=scaling)
 
     def unrotate(self, out: Tensor) -> Tensor:
         return out if self.rot_v_t is None else out @ self.rot_v_t
+
+
+def prefill_layer(parts: list, q: Tensor, k: Tensor, v: Tensor, *, start: int, scaling: float) -> Tensor:
+    """A prefill chunk of a layer whose kv heads are spread over (store, driver) ``parts`` (one for a CodecStore,
+    one per width pair for RateQuant): every row holds ``start`` slots. Each part quantizes its heads of the
+    chunk into its slots and dequantizes its past into one dense buffer (B, H_kv, start + T, D) in the model
+    dtype, exactly what the reference path's ``_read`` gives; the chunk's own k, v go after it exactly; the
+    dense prefill kernel (:func:`methods.kernels.attention.prefill_attention`) attends causally. The buffer is
+    transient (one layer's past in the model dtype, as the reference path's read), so the stored cache stays
+    packed. QuaRot: q, k, v are rotated by torch matmuls and the output un-rotated, once per chunk."""
+    from .attention import prefill_attention
+
+    drv = parts[0][1]
+    B, H_q, T, D = q.shape
+    qq, kk, vv = drv.rotate_chunk(q, k, v)
+    dt = q.dtype
+    kbuf = torch.empty(B, k.shape[1], start + T, D, dtype=dt, device=q.device)  # (B, H_kv, start + T, D)
+    vbuf = torch.empty_like(kbuf)
+    for store, d in parts:
+        d.prefill_into(store, kk, vv, kbuf, vbuf, start=start)
+    kbuf[:, :, start:].copy_(kk)
+    vbuf[:, :, start:].copy_(vv)
+    out = prefill_attention(qq.to(dt), kbuf, vbuf, start=start, scaling=scaling)  # (B, T, H_q, D)
+    return drv.unrotate(out.float() if drv.rot_v_t is not None else out).to(dt)
 
 
 def rotation_workspace(batch: int, n_q_heads: int, n_kv_heads: int, dim: int, device: Any
