@@ -28,35 +28,34 @@ def unpack_rows(ptr, offs, ok, stride, BITS: tl.constexpr, COLS: tl.constexpr):
     kernels (:mod:`methods.kernels._quant_attention_triton`)."""
     CPW: tl.constexpr = 8 // BITS if 8 % BITS == 0 else 8  # codes per packed word
     WB: tl.constexpr = 1 if 8 % BITS == 0 else BITS  # bytes per word
-    w = _words(ptr, offs, ok, stride, 1, COLS // CPW, WB, COLS * BITS // 8)  # (1, ROWS, COLS / CPW)
-    return tl.reshape(_unpack(w, 1, offs.shape[0], COLS, BITS, CPW), [offs.shape[0], COLS])
+    w = _words(ptr, offs, ok, stride, COLS // CPW, WB)  # (ROWS, COLS / CPW)
+    return _unpack(w, offs.shape[0], COLS, BITS, CPW).to(tl.int32)
 
 
 @triton.jit
-def raw_words(C, row_off, row_ok, NG: tl.constexpr, GBY: tl.constexpr, WPG: tl.constexpr, WB: tl.constexpr,
-              WBP: tl.constexpr):
-    """The packed bytes of NG groups of WPG words (WB bytes each) of rows at byte offsets row_off (R,) (group g of
-    row r at C + row_off[r] + g * GBY), loaded as they are: uint8 (NG, R, WPG, WBP), WBP = WB rounded up to a
-    power of two. Nothing consumes them here, so a loop can issue the next tile's loads before it computes
-    with this one (the words are assembled by :func:`words_of` when they are used)."""
-    g = tl.arange(0, NG)[:, None, None, None]
-    w = tl.arange(0, WPG)[None, None, :, None]
-    k = tl.arange(0, WBP)[None, None, None, :]
-    return tl.load(C + row_off[None, :, None, None] + g * GBY + w * WB + k,
-                   mask=row_ok[None, :, None, None] & (k < WB), other=0)
+def raw_words(C, offs, ok, stride, NW: tl.constexpr, WB: tl.constexpr, WBP: tl.constexpr):
+    """The packed words (NW of WB bytes) of rows ``C + offs[r] * stride`` (where ``ok``) loaded as they are:
+    uint8 (R, NW, WBP), WBP = WB rounded up to a power of two. Nothing consumes them here, so a loop can issue the
+    next tile's loads before it computes with this one (:func:`words_of` assembles the words when they are used;
+    one-byte words stay uint8, four a register)."""
+    w = tl.arange(0, NW)[None, :, None]
+    k = tl.arange(0, WBP)[None, None, :]
+    return tl.load(C + offs[:, None, None].to(tl.int64) * stride + w * WB + k, mask=ok[:, None, None] & (k < WB),
+                   other=0)
 
 
 @triton.jit
 def words_of(raw, WB: tl.constexpr, WBP: tl.constexpr):
-    """Bytes (NG, R, WPG, WBP) -> little-endian words (NG, R, WPG) (int32 up to 3 bytes, int64 above)."""
+    """Bytes (R, NW, WBP) -> little-endian words (R, NW): uint8 for one byte, int32 up to 3, int64 above (the
+    words :func:`methods.kernels._quant_attention_triton._unpack` reads)."""
     if WBP == 1:
-        return tl.reshape(raw, [raw.shape[0], raw.shape[1], raw.shape[2]]).to(tl.int32)
+        return tl.reshape(raw, [raw.shape[0], raw.shape[1]])
     elif WB <= 3:
-        k = tl.arange(0, WBP)[None, None, None, :]
-        return tl.sum(raw.to(tl.int32) << (8 * k), 3)
+        k = tl.arange(0, WBP)[None, None, :]
+        return tl.sum(raw.to(tl.int32) << (8 * k), 2)
     else:
-        k = tl.arange(0, WBP)[None, None, None, :]
-        return tl.sum(raw.to(tl.int64) << (8 * k).to(tl.int64), 3)
+        k = tl.arange(0, WBP)[None, None, :]
+        return tl.sum(raw.to(tl.int64) << (8 * k).to(tl.int64), 2)
 
 
 @triton.jit

@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from ._codes_triton import raw_words, store_words, unpack_rows, words_of
-from ._quant_attention_triton import _dot3, _online, _operand, _quantize_store, _round_meta, _unpack
+from ._quant_attention_triton import _code_f32, _online, _quantize_store, _round_meta, _unpack
+from ._quant_attention_triton import _dot as _dot3
 
 
 @triton.jit
@@ -18,50 +19,45 @@ def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.con
          K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr, V_BITS: tl.constexpr,
          V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr):
     """The packed key group n0 / GS and the values of slots n0 .. n0+GS-1 below hi, as stored (nothing loaded
-    when n0 >= hi): key bytes (1, D, GS/K_CPW, K_WBP), key scale and zero (D,), value bytes (D/GS, GS,
-    GS/V_CPW, V_WBP), value scales and zeros (D/GS, GS)."""
+    when n0 >= hi): key bytes (D, GS/K_CPW, K_WBP) (a channel's GS codes per row), key scale and zero (D,),
+    value bytes (GS, D/V_CPW, V_WBP), value scales and zeros (GS, D/GS); nothing is converted here."""
     V_NG: tl.constexpr = D // GS
     gi = n0 // GS
     offs_d = tl.arange(0, D)
     d_ok = offs_d < tl.where(n0 < hi, D, 0)
-    kr = raw_words(KC + gi * kcg, offs_d * (GS * K_BITS // 8), d_ok, 1, 0, GS // K_CPW, K_WB, K_WBP)
+    kr = raw_words(KC + gi * kcg, offs_d, d_ok, GS * K_BITS // 8, GS // K_CPW, K_WB, K_WBP)
     ks = tl.load(KS + gi * ksg + offs_d, mask=d_ok, other=0.0)
     kz = tl.load(KZ + gi * kzg + offs_d, mask=d_ok, other=0.0)
     offs_n = n0 + tl.arange(0, GS)
     n_ok = offs_n < hi
     sn = offs_n.to(tl.int64)
-    vr = raw_words(VC, sn * vcs, n_ok, V_NG, GS * V_BITS // 8, GS // V_CPW, V_WB, V_WBP)
-    grp = tl.arange(0, V_NG)[:, None]
-    vs = tl.load(VS + sn[None, :] * vss + grp, mask=n_ok[None, :], other=0.0)
-    vz = tl.load(VZ + sn[None, :] * vzs + grp, mask=n_ok[None, :], other=0.0)
+    vr = raw_words(VC, offs_n, n_ok, vcs, D // V_CPW, V_WB, V_WBP)
+    grp = tl.arange(0, V_NG)[None, :]
+    vs = tl.load(VS + sn[:, None] * vss + grp, mask=n_ok[:, None], other=0.0)
+    vz = tl.load(VZ + sn[:, None] * vzs + grp, mask=n_ok[:, None], other=0.0)
     return kr, ks, kz, vr, vs, vz
 
 
 @triton.jit
-def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, corr, scale_log2, D: tl.constexpr, GS: tl.constexpr,
+def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.constexpr, GS: tl.constexpr,
           K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
-          K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
-          V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr,
-          V_MAGIC: tl.constexpr, V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr):
-    """One key group of the packed prefix into the online softmax: scores (q * scale) . codes + q . zero (the
-    per-channel scale goes into the query, no key is dequantized element by element; codes become dot operands
-    M + code, M subtracted with the scaled query's sum), values as the scalar kernels' per-token groups (the
-    scale into p, the zero point and M as a per-group correction)."""
+          V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr, DT: tl.constexpr,
+          IEEE: tl.constexpr):
+    """One key group of the packed prefix into the online softmax: keys (D, GS) = code * scale + zero per channel,
+    values (GS, D) = code * scale + zero per token and group of GS channels, in fp32 (a code becomes a float by an
+    OR into the exponent field, no integer conversion), rounded to the model dtype DT as the reference store
+    rounds them, then one 2D dot each (q in DT is the dot's A operand, held once)."""
     V_NG: tl.constexpr = D // GS
-    kc = tl.reshape(_unpack(words_of(kr, K_WB, K_WBP), 1, D, GS, K_BITS, K_CPW), [D, GS])  # (D, GS) codes
-    ksf = ks.to(tl.float32)
-    qs = (q * ksf[None, :]).to(KDT)  # (BLOCK_G, D)
-    s = _dot3(qs, _operand(kc, 0, K_MAGIC, K_MAGIC_BITS, KDT), IEEE)  # (BLOCK_G, GS)
-    s += (tl.sum(q * kz.to(tl.float32)[None, :], 1) - K_MAGIC * tl.sum(qs.to(tl.float32), 1))[:, None]
+    kc = _code_f32(_unpack(words_of(kr, K_WB, K_WBP), D, GS, K_BITS, K_CPW))  # (D, GS): a channel's codes per row
+    k = (kc * ks.to(tl.float32)[:, None] + kz.to(tl.float32)[:, None]).to(DT)
+    s = _dot3(q, k, IEEE)  # (BLOCK_G, GS)
     n_ok = n0 + tl.arange(0, GS) < hi
     s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
     m_i, alpha, p, l_i = _online(s, m_i, l_i)
-    vc = _operand(_unpack(words_of(vr, V_WB, V_WBP), V_NG, GS, GS, V_BITS, V_CPW), 0, V_MAGIC, V_MAGIC_BITS, VDT)
-    pv = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(VDT)  # (V_NG, BLOCK_G, GS)
-    acc = acc * alpha[None, :, None] + _dot3(pv, vc, IEEE)
-    c = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], 2) - V_MAGIC * tl.sum(pv.to(tl.float32), 2)
-    corr = corr * alpha[None, :] + c
-    return m_i, l_i, acc, corr
+    vc = _code_f32(_unpack(words_of(vr, V_WB, V_WBP), GS, D, V_BITS, V_CPW))  # (GS, D)
+    v = tl.reshape(vc, [GS, V_NG, GS]) * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]
+    acc = acc * alpha[:, None] + _dot3(p.to(DT), tl.reshape(v, [GS, D]).to(DT), IEEE)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -71,10 +67,8 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
                  sob, soh, sos, slb, slh, sls,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
                  K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
-                 K_MAGIC: tl.constexpr, K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                  V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr,
-                 V_MAGIC: tl.constexpr, V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, MDT: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 DT: tl.constexpr, IEEE: tl.constexpr):
     """Program (range, row * H_kv + kv head), the kv head's query group at once. With L = lengths[b], keys of
     slots below nq_k = floor(L / R) R are codes, values below nq_v = max(L - R, 0); the rest are in the rings.
 
@@ -83,7 +77,8 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
     dequantized element by element), values as the scalar kernels' per-token groups (scale into p, zero point
     as a per-group correction). Range NS, the tail [nq_v, L) (at most R + GS slots): keys dequantized from
     codes (groups below nq_k) or read from the key ring, values from the value ring, all rounded to the model
-    dtype as the reference store reads them."""
+    dtype as the reference store reads them. Values of the packed prefix are dequantized in registers (code *
+    scale + zero, fp32) and rounded to the dot dtype: 2D dots only."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -96,7 +91,7 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
     g_ok = offs_g < G
     heads = h * G + offs_g
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DT)
     KC += b64 * kcb + h * kch
     KS += b64 * ksb + h * ksh
     KZ += b64 * kzb + h * kzh
@@ -108,12 +103,10 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
     d_all = offs_d < D
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
     if pid_s < NS:
-        V_NG: tl.constexpr = D // GS
         lo = pid_s * SPLIT
         hi = tl.minimum(lo + SPLIT, nq_v)
-        acc = tl.zeros([V_NG, BLOCK_G, GS], tl.float32)
-        corr = tl.zeros([V_NG, BLOCK_G], tl.float32)
         # two key groups per iteration, each group's bytes loaded one group ahead of their use (buffers a, b)
         a_kr, a_ks, a_kz, a_vr, a_vs, a_vz = _raw(KC, KS, KZ, VC, VS, VZ, lo, hi, kcg, ksg, kzg, vcs, vss, vzs, D,
                                                   GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP)
@@ -121,25 +114,14 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
             b_kr, b_ks, b_kz, b_vr, b_vs, b_vz = _raw(KC, KS, KZ, VC, VS, VZ, n0 + GS, hi, kcg, ksg, kzg, vcs, vss,
                                                       vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB,
                                                       V_WBP)
-            m_i, l_i, acc, corr = _step(q, a_kr, a_ks, a_kz, a_vr, a_vs, a_vz, n0, hi, m_i, l_i, acc, corr,
-                                        scale_log2, D, GS, K_BITS, K_CPW, K_WB, K_WBP, K_MAGIC, K_MAGIC_BITS, KDT,
-                                        V_BITS, V_CPW, V_WB, V_WBP, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
+            m_i, l_i, acc = _step(q, a_kr, a_ks, a_kz, a_vr, a_vs, a_vz, n0, hi, m_i, l_i, acc, scale_log2, D, GS,
+                                  K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE)
             a_kr, a_ks, a_kz, a_vr, a_vs, a_vz = _raw(KC, KS, KZ, VC, VS, VZ, n0 + 2 * GS, hi, kcg, ksg, kzg, vcs,
                                                       vss, vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW,
                                                       V_WB, V_WBP)
-            m_i, l_i, acc, corr = _step(q, b_kr, b_ks, b_kz, b_vr, b_vs, b_vz, n0 + GS, hi, m_i, l_i, acc, corr,
-                                        scale_log2, D, GS, K_BITS, K_CPW, K_WB, K_WBP, K_MAGIC, K_MAGIC_BITS, KDT,
-                                        V_BITS, V_CPW, V_WB, V_WBP, V_MAGIC, V_MAGIC_BITS, VDT, IEEE)
-        has = l_i > 0
-        inv = 1.0 / tl.where(has, l_i, 1.0)
-        out = (acc + corr[:, :, None]) * inv[None, :, None]  # (V_NG, BLOCK_G, GS)
-        grp = tl.arange(0, V_NG)[:, None, None]
-        i = tl.arange(0, GS)[None, None, :]
-        tl.store(MidO + b * sob + heads[None, :, None] * soh + pid_s * sos + grp * GS + i, out,
-                 mask=g_ok[None, :, None])
+            m_i, l_i, acc = _step(q, b_kr, b_ks, b_kz, b_vr, b_vs, b_vz, n0 + GS, hi, m_i, l_i, acc, scale_log2, D,
+                                  GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE)
     else:
-        acc2 = tl.zeros([BLOCK_G, D], tl.float32)
-        q_m = q.to(MDT)
         for n0 in range(nq_v // GS * GS, L, GS):
             gi = n0 // GS
             offs_n = n0 + tl.arange(0, GS)
@@ -150,17 +132,17 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
             kz = tl.load(KZ + gi * kzg + offs_d, mask=kmask, other=0.0).to(tl.float32)
             ring_k = (offs_n >= nq_k) & (offs_n < L)
             kr = tl.load(KR + (offs_n % R)[None, :] * krs + offs_d[:, None], mask=ring_k[None, :], other=0.0)
-            kt = tl.where(quant, kq * ks[:, None] + kz[:, None], kr.to(tl.float32)).to(MDT)  # (D, GS)
+            kt = tl.where(quant, kq * ks[:, None] + kz[:, None], kr.to(tl.float32)).to(DT)  # (D, GS)
             ok = (offs_n >= nq_v) & (offs_n < L)
-            s = tl.where(ok[None, :], _dot3(q_m, kt, IEEE) * scale_log2, float("-inf"))
+            s = tl.where(ok[None, :], _dot3(q, kt, IEEE) * scale_log2, float("-inf"))
             m_i, alpha, p, l_i = _online(s, m_i, l_i)
             vr = tl.load(VR + (offs_n % R)[:, None] * vrs + offs_d[None, :], mask=ok[:, None], other=0.0)  # (GS, D)
-            acc2 = acc2 * alpha[:, None] + _dot3(p.to(MDT), vr.to(MDT), IEEE)
-        has = l_i > 0
-        inv = 1.0 / tl.where(has, l_i, 1.0)
-        tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :], acc2 * inv[:, None],
-                 mask=g_ok[:, None])
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            acc = acc * alpha[:, None] + _dot3(p.to(DT), vr.to(DT), IEEE)
+    has = l_i > 0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :], acc * inv[:, None],
+             mask=g_ok[:, None])
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
 
 

@@ -10,14 +10,17 @@ nq_v = max(L - R, 0); the rest are in the rings.
 
 :func:`kivi_decode_attention`: flash-decoding as :func:`methods.kernels.attention.decode_attention` (``n_splits``
 a function of shapes only, so a CUDA graph replays at every length; each kv head's codes read once for its
-whole query group). Ranges 0 .. n-1 cover [0, nq_v), where both sides are packed: one key group per step,
-scored as (q * scale) . codes + q . zero (KIVI's per-channel key scale goes into the query once per group;
-codes become dot operands by an OR into a float's mantissa, no per-element dequantization), values as the
-scalar kernels' per-token groups (the scale into the softmax weights, the zero point as a per-group
-correction). One more range per (row, kv head) reads the tail [nq_v, L), at most R + GS slots: key groups
-below nq_k dequantized, the rest and every value from the rings. :func:`~methods.kernels._codes_triton.
-combine_new` merges the ranges and the new token, exact (the reference semantics: ``SlotStore.extend``
-overlays the new token unquantized), by log-sum-exp, and advances the counters in a store's step.
+whole query group). Ranges 0 .. n-1 cover [0, nq_v), where both sides are packed, one key group of GS slots
+per step, two steps per loop iteration with each group's packed bytes loaded one group ahead of its use (the
+loads stay in flight while the previous group computes: a decode kernel is latency-bound otherwise). Keys
+(D, GS) and values (GS, D) are dequantized in registers (code * scale + zero in fp32, the code made a float by
+an OR into the exponent field; no integer conversion), rounded to the model dtype as the reference store
+rounds them, and enter one 2D tensor-core dot each (batched 3D dots measured 0.08 of the copy bandwidth on an
+H100 for the scalar kernels; results/bench/nvidia-h100-80gb-hbm3-2026-12-07-9f262d5.md). One more range per
+(row, kv head) reads the tail [nq_v, L), at most R + GS slots: key groups below nq_k dequantized, the rest and
+every value from the rings. :func:`~methods.kernels._codes_triton.combine_new` merges the ranges and the new
+token, exact (the reference semantics: ``SlotStore.extend`` overlays the new token unquantized), by
+log-sum-exp, and advances the counters in a store's step.
 
 :func:`kivi_append`: a decode step's writes, on the device with no host decision (graph-safe): the value
 leaving the window (slot L - R) quantized per token, k and v into ring slot L % R, and, when the key window
@@ -25,9 +28,9 @@ fills (L + 1 a multiple of R), its R keys quantized per channel into R / GS grou
 branch. The arithmetic is UniformQuantizer's (IEEE division, round half to even, scale and zero point
 rounded to the model dtype), so the codes are bitwise the reference store's.
 
-Numerics: fp32 inputs use IEEE dots (the CPU tests); bf16 / fp16 models use tensor-core dots in 16 bits with
-fp32 accumulation (the scaled query and the softmax weights rounded to 16 bits; codes exact). The tail
-rounds dequantized keys to the model dtype, as the reference store does.
+Numerics: fp32 inputs use IEEE dots (the CPU tests, ~1e-7 from the reference); bf16 / fp16 models use
+tensor-core dots in 16 bits with fp32 accumulation on the keys and values the reference reads (rounded to the
+model dtype) and the softmax weights rounded to 16 bits, as the dense kernel does.
 """
 
 from __future__ import annotations
@@ -160,16 +163,13 @@ def _strides(fields: dict[str, Tensor]) -> list[int]:
 
 
 def _layouts(k_bits: int, v_bits: int, group_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The constexprs of the code widths: dot dtypes and magic offsets (as the scalar kernels choose them)."""
-    from .quant_attention import ScalarLayout, _dot_type
+    """The constexprs of the code widths (packed words as the scalar kernels read them) and the dot dtype."""
+    from .quant_attention import ScalarLayout
 
     kl, vl = ScalarLayout("int", k_bits, group_size), ScalarLayout("int", v_bits, group_size)
-    kdt, kmag, kbits, ieee = _dot_type(kl, dtype)
-    vdt, vmag, vbits, _ = _dot_type(vl, dtype)
     return dict(K_BITS=k_bits, K_CPW=kl.codes_per_word, K_WB=kl.word_bytes, K_WBP=triton_next_pow2(kl.word_bytes),
-                K_MAGIC=kmag, K_MAGIC_BITS=kbits, KDT=kdt, V_BITS=v_bits, V_CPW=vl.codes_per_word,
-                V_WB=vl.word_bytes, V_WBP=triton_next_pow2(vl.word_bytes), V_MAGIC=vmag, V_MAGIC_BITS=vbits,
-                VDT=vdt, IEEE=ieee)
+                V_BITS=v_bits, V_CPW=vl.codes_per_word, V_WB=vl.word_bytes, V_WBP=triton_next_pow2(vl.word_bytes),
+                DT=_tl_dtype(dtype), IEEE=dtype == torch.float32)
 
 
 def _attend(q: Tensor, fields: dict[str, Tensor], lengths: Tensor, k_new: Tensor, v_new: Tensor, *, k_bits: int,
@@ -194,7 +194,7 @@ def _attend(q: Tensor, fields: dict[str, Tensor], lengths: Tensor, k_new: Tensor
     K.decode_split[(ns + 1, B * H_kv)](
         q, *(fields[n] for n in FIELDS), lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv, ns, split, q.stride(0),
         q.stride(1), *_strides(fields), *mid_o.stride()[:3], *mid_l.stride(),
-        G=Gq, BLOCK_G=max(16, triton_next_pow2(Gq)), D=D, GS=G, R=R, MDT=_tl_dtype(dtype),
+        G=Gq, BLOCK_G=max(16, triton_next_pow2(Gq)), D=D, GS=G, R=R,
         **_layouts(k_bits, v_bits, G, dtype),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
