@@ -53,6 +53,7 @@ class Kivi(QuantMethod):
     residual_length: int = 128
 
     name = "kivi"
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -64,6 +64,7 @@ class _TurboQuant(QuantMethod):
     seed: int = 0
 
     qjl_on: ClassVar[tuple[str, ...]] = ()
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
 
     def __post_init__(self) -> None:
         super().__post_init__()
