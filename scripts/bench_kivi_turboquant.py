@@ -12,7 +12,9 @@ Bandwidth = the bytes attention must read (codes, metadata and rings of the vali
 attn time, as a fraction of the copy bandwidth measured in the same process; ``x dense`` = attn time over the
 dense bf16 kernel's at the same cell. Before timing, each kernel is checked against its plain-torch reference
 at 2048 slots (max abs error). ``--configs per_sm:num_warps:num_stages,...`` times other launch configurations
-(every kernel). Imports neither lm-eval, wandb nor Hydra.
+(a fourth field sets TurboQuant's tile of slots); hand the best to scripts/bench.py with
+``KVBENCH_KIVI_DECODE`` / ``KVBENCH_TURBOQUANT_DECODE`` (JSON, e.g. '{"per_sm": 2, "num_warps": 8}'). Imports
+neither lm-eval, wandb nor Hydra.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", default="1x32768,8x32768")
     ap.add_argument("--kernels", default=",".join([*KIVI, *TURBO]))
-    ap.add_argument("--configs", default="", help="per_sm:num_warps:num_stages triples to time besides the default")
+    ap.add_argument("--configs", default="",
+                    help="per_sm:num_warps:num_stages[:block_n] to time besides the default (block_n: TurboQuant's tile)")
     ap.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None)
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in configs:
                 if cfg is not None:
                     mod.DECODE_CONFIG.update(per_sm=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                    if len(cfg) > 3 and mod is TA:
+                        mod.DECODE_CONFIG.update(block_n=cfg[3])
                 label = "default" if cfg is None else ":".join(map(str, cfg))
                 try:
                     t = graph_ms_per_call([attn] * 10, args.iters)

@@ -13,15 +13,6 @@ from ._quant_attention_triton import _unpack, _words
 
 
 @triton.jit
-def rne(x):
-    """fp32 round to nearest, ties to even (torch.round); exact for |x| < 2**22."""
-    f = tl.floor(x)
-    d = x - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
-
-
-@triton.jit
 def unpack_rows(ptr, offs, ok, stride, BITS: tl.constexpr, COLS: tl.constexpr):
     """Codes (ROWS, COLS) int32: row r holds COLS codes of BITS bits packed (as pack_codes does) from byte
     ``ptr + offs[r] * stride`` (loaded where ``ok``, else 0); the word reader and join tree of the scalar

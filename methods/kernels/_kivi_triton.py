@@ -100,7 +100,6 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
     VS += b64 * vsb + h * vsh
     VZ += b64 * vzb + h * vzh
     VR += b64 * vrb + h * vrh
-    d_all = offs_d < D
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)

@@ -49,6 +49,23 @@ from .attention import HEAD_DIMS, LOG2E, decode_splits, triton_next_pow2
 DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "block_n": 32}
 
 
+def _env_config() -> None:
+    """``KVBENCH_TURBOQUANT_DECODE='{"per_sm": 2, "num_warps": 8}'`` overrides DECODE_CONFIG once, at the first launch (a tuning run
+    of scripts/bench_kivi_turboquant.py --configs hands its choice to scripts/bench.py this way)."""
+    import json
+    import os
+
+    global _ENV_DONE
+    if not _ENV_DONE:
+        _ENV_DONE = True
+        raw = os.environ.get("KVBENCH_TURBOQUANT_DECODE")
+        if raw:
+            DECODE_CONFIG.update(json.loads(raw))
+
+
+_ENV_DONE = False
+
+
 # --------------------------------------------------------------------------------------------------
 # References
 
@@ -189,13 +206,15 @@ def _attend(q: Tensor, qr: Tensor, sq: Tensor, k: dict[str, Tensor], v: dict[str
             block_n: int | None, advance: tuple[Tensor, Tensor, Tensor] | None, num_warps: int | None,
             num_stages: int | None) -> Tensor:
     """Split kernel over the stored slots, then the combine (un-rotation, new token, counters)."""
+    _env_config()
     B, H_q, D = q.shape
     kn = k["norm"]
     H_kv, S = kn.shape[1], kn.shape[2]
     G = H_q // H_kv
     block_n = block_n or DECODE_CONFIG["block_n"]
     ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, DECODE_CONFIG["per_sm"])
-    split = -(-(-(-S // ns)) // block_n) * block_n
+    per = -(-S // ns)
+    split = -(-per // block_n) * block_n
     ns = -(-S // split)
     vm = v_codec.qjl_dim
     mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
