@@ -136,6 +136,34 @@ def test_prefill_chunk_matches_the_reference_store(interpret):
             assert torch.equal(t[:, :, :16], getattr(ref, f"{x}_{n}")[:, :, :16]) or t.is_floating_point(), (x, n)
 
 
+def test_fused_store_decode_matches_reference_store(interpret):
+    """Store level (turboquant_qkqv, one layer, random q/k/v): a fused prefill chunk, a ragged chunk (the reference
+    path), then decode steps with a row finishing: outputs of valid rows, counters and what is stored (decoded)
+    match the reference store; the fused store says so (kernel, graph_safe)."""
+    layer = LayerSpec(0, 1, 4, 2, 32)
+    stores = {f: TurboQuantQKQV(ratio=0.75, fused=f).new_layer(layer, batch=2, capacity=16, device="cpu",
+                                                                dtype=torch.float32) for f in ("off", "on")}
+    assert stores["on"].kernel == "fused" and stores["on"].graph_safe and not stores["off"].graph_safe
+    g = torch.Generator().manual_seed(9)
+    steps = [(5, [[True] * 5, [True] * 5]), (3, [[True] * 3, [True, False, False]]), (1, [[True], [True]]),
+             (1, [[True], [False]])]
+    for T, valid in steps:
+        q = torch.randn(2, 4, T, 32, generator=g)
+        k, v = torch.randn(2, 2, 2, T, 32, generator=g)
+        valid = torch.tensor(valid)
+        outs = {f: st.extend(q, k, v, positions=None, valid=valid, scaling=32**-0.5) for f, st in stores.items()}
+        rows = valid[:, 0]
+        torch.testing.assert_close(outs["on"][rows], outs["off"][rows], atol=2e-6, rtol=2e-6)
+        for name in ("lengths", "seen"):
+            assert torch.equal(getattr(stores["on"], name), getattr(stores["off"], name)), name
+        assert stores["on"].hi == stores["off"].hi
+    for a, b in zip(stores["off"]._read(10), stores["on"]._read(10)):
+        for row, L in enumerate(stores["off"].lengths.tolist()):
+            torch.testing.assert_close(b[row, :, :L], a[row, :, :L], atol=1e-6, rtol=1e-6)
+    assert stores["off"].lengths.tolist() == [10, 7]
+    assert stores["on"].stats().bytes_stored == stores["off"].stats().bytes_stored
+
+
 def test_fused_turboquant_gives_the_reference_tokens(interpret, tiny_llama):
     """turboquant_kqv through the engine: fused prefill chunks (the first over an empty store, the next over a
     stored past, decoded by the dequantize kernel), then fused decode steps: same greedy tokens, logits to 1e-4,
