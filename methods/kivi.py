@@ -19,6 +19,14 @@ Choices the paper leaves open, and ours:
   tokens came one by one (the store's result does not depend on the chunking); the tokens of one
   chunk attend to each other exactly.
 - Zero point kept in floating point (the group minimum), as in KIVI's reference kernels.
+
+Kernels (``fused``: auto = on CUDA, on, off; :mod:`methods.kernels.kivi_attention`): a decode step reads the
+packed keys and values and both rings in one flash-decoding kernel (the per-channel key scale goes into the
+query once per group, codes become dot operands without per-element dequantization; the ring tail and the new
+token merged by log-sum-exp), and writes the step's token on the device (the value leaving the window
+quantized, the key block quantized when the window fills, under a device-side branch): the reference store's
+numbers, static shapes, no host sync, so the engine captures the step in a CUDA graph. Prefill chunks take the
+reference path (they quantize as they go).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class Kivi(QuantMethod):
     residual_length: int = 128
 
     name = "kivi"
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,9 +72,13 @@ class Kivi(QuantMethod):
 
     def store(self, layer: LayerSpec, *, k_bits: int, v_bits: int, batch: int, capacity: int, device: Any,
               dtype: Any) -> KiviStore:
-        return KiviStore(layer, k_bits=k_bits, v_bits=v_bits, group_size=int(self.group_size),
-                         residual_length=int(self.residual_length), batch=batch, capacity=capacity, device=device,
-                         dtype=dtype)
+        from methods.kernels import use_fused
+
+        G, R = int(self.group_size), int(self.residual_length)
+        fused = use_fused(self.fused, device, KiviStore.fused_reason(layer, k_bits=k_bits, v_bits=v_bits, group_size=G,
+                                                                     residual_length=R))
+        return KiviStore(layer, k_bits=k_bits, v_bits=v_bits, group_size=G, residual_length=R, batch=batch,
+                         capacity=capacity, device=device, dtype=dtype, fused=fused)
 
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         """Quantize all of x (B, H, T, D) (no residual window; T a multiple of group_size for keys)."""
@@ -96,13 +109,23 @@ class KiviStore(SlotStore):
     """Slots in token order. Keys: ``k_codes`` / ``k_scale`` / ``k_zero`` per group of G tokens
     (axis 2 counts groups) for the quantized prefix, ``k_res`` ring of R full-precision slots.
     Values: ``v_codes`` / ``v_scale`` / ``v_zero`` per token, ``v_res`` ring of R slots.
-    Token at slot s lives in ring slot s % R while it is in a window."""
+    Token at slot s lives in ring slot s % R while it is in a window.
+
+    ``fused=True``: decode steps (T == 1) run :func:`methods.kernels.kivi_attention.kivi_decode_step` (three
+    launches: attention, the step's writes, the combine that advances ``lengths`` / ``seen``), graph-safe
+    (the snapshot / restore / advance protocol of :class:`~methods.stores.FusedDenseStore`); prefill chunks
+    and everything else take the reference path, which reads and writes the same fields."""
 
     token_fields = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res")
 
     def __init__(self, layer: LayerSpec, *, k_bits: int, v_bits: int, group_size: int, residual_length: int,
-                 batch: int, capacity: int, device: Any, dtype):
+                 batch: int, capacity: int, device: Any, dtype, fused: bool = False):
         super().__init__(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.k_bits, self.v_bits = k_bits, v_bits
+        self.fused = bool(fused)
+        if self.fused:
+            self.kernel = "fused"
+            self.graph_safe = True
         self.kq, self.vq = UniformQuantizer(k_bits, group_size), UniformQuantizer(v_bits, group_size)
         self.G, self.R = group_size, residual_length
         H, D, G, R = layer.n_kv_heads, layer.head_dim, group_size, residual_length
@@ -181,18 +204,61 @@ class KiviStore(SlotStore):
             scatter_slots(buf, g, val)
         self._refill_ring(self.k_res, ext_k, n_valid)
 
+    # -- fused decode -----------------------------------------------------------------------------
+    @staticmethod
+    def fused_reason(layer: LayerSpec, *, k_bits: int, v_bits: int, group_size: int, residual_length: int) -> str | None:
+        """Why the fused kernels cannot serve this layer (None: they can)."""
+        from methods.kernels.kivi_attention import reason
+
+        return reason(head_dim=layer.head_dim, n_q_heads=layer.n_q_heads, n_kv_heads=layer.n_kv_heads, k_bits=k_bits,
+                      v_bits=v_bits, group_size=group_size, residual_length=residual_length)
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        if not self.fused or k.shape[2] != 1:
+            return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+        from methods.kernels.kivi_attention import FIELDS, kivi_decode_step
+
+        self._check_capacity(1)
+        out = kivi_decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], {n: getattr(self, n) for n in FIELDS},
+                               self.lengths, self.seen, valid[:, 0], k_bits=self.k_bits, v_bits=self.v_bits,
+                               group_size=self.G, residual_length=self.R, scaling=scaling)  # (B, H_q, D)
+        self.hi += 1  # host bound; a CUDA-graph replay skips this line and the engine calls graph_advance
+        return out[:, None]
+
+    def graph_snapshot(self) -> tuple:
+        """What a decode step advances: device counters (cloned) and the host bound."""
+        return self.lengths.clone(), self.seen.clone(), self.hi
+
+    def graph_restore(self, snap: tuple) -> None:
+        lengths, seen, self.hi = snap
+        self.lengths.copy_(lengths)  # in place: the captured graph holds these tensors
+        self.seen.copy_(seen)
+
+    def graph_advance(self, steps: int) -> None:
+        self.hi += steps
+
     # -- read -------------------------------------------------------------------------------------
     def _read(self, n_slots: int) -> tuple[Tensor, Tensor]:
-        R, G, L = self.R, self.G, self.lengths
-        ng = -(-n_slots // G)
-        k = key_decode(self.kq, self.k_codes[:, :, :ng], self.k_scale[:, :, :ng], self.k_zero[:, :, :ng],
-                       dtype=self.dtype)[:, :, :n_slots]  # (B, H, S, D)
-        v = self.vq.decode(self.v_codes[:, :, :n_slots], self.v_scale[:, :, :n_slots], self.v_zero[:, :, :n_slots],
-                           dtype=self.dtype)  # (B, H, S, D)
-        slots = torch.arange(n_slots, device=L.device)  # (S,)
-        ring_of = slots % R
-        in_k = ((slots >= self._nq_k(L)[:, None]) & (slots < L[:, None]))[:, None, :, None]  # (B, 1, S, 1)
-        in_v = ((slots >= self._nq_v(L)[:, None]) & (slots < L[:, None]))[:, None, :, None]
-        k = torch.where(in_k, self.k_res[:, :, ring_of], k)
-        v = torch.where(in_v, self.v_res[:, :, ring_of], v)
-        return k, v
+        return read_dense(self.k_codes, self.k_scale, self.k_zero, self.k_res, self.v_codes, self.v_scale,
+                          self.v_zero, self.v_res, self.lengths, n_slots, kq=self.kq, vq=self.vq, residual=self.R,
+                          dtype=self.dtype)
+
+
+def read_dense(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, k_res: Tensor, v_codes: Tensor, v_scale: Tensor,
+               v_zero: Tensor, v_res: Tensor, lengths: Tensor, n_slots: int, *, kq: UniformQuantizer,
+               vq: UniformQuantizer, residual: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Dense K, V (B, H, n_slots, D) of a :class:`KiviStore`'s fields as stored for rows holding ``lengths``
+    (B,) tokens: keys below floor(L / R) R and values below L - R dequantized, the rest from the rings."""
+    R, G = residual, kq.group_size
+    ng = -(-n_slots // G)
+    k = key_decode(kq, k_codes[:, :, :ng], k_scale[:, :, :ng], k_zero[:, :, :ng], dtype=dtype)[:, :, :n_slots]
+    v = vq.decode(v_codes[:, :, :n_slots], v_scale[:, :, :n_slots], v_zero[:, :, :n_slots], dtype=dtype)
+    slots = torch.arange(n_slots, device=lengths.device)  # (S,)
+    ring_of = slots % R
+    L = lengths[:, None]  # (B, 1)
+    nq_k, nq_v = torch.div(L, R, rounding_mode="floor") * R, (L - R).clamp_min(0)
+    in_k = ((slots >= nq_k) & (slots < L))[:, None, :, None]  # (B, 1, S, 1)
+    in_v = ((slots >= nq_v) & (slots < L))[:, None, :, None]
+    k = torch.where(in_k, k_res[:, :, ring_of], k)  # (B, H, S, D)
+    v = torch.where(in_v, v_res[:, :, ring_of], v)
+    return k, v

@@ -348,3 +348,8 @@ class TurboQuantizer:
             y = y + coef * (sign @ self.sketch.float())  # (..., D)
         x = unrotate(y, self.signs) if self.rotate else y
         return (x * norm).to(dtype)
+
+    def kernel_layout(self, dim: int) -> dict:
+        """What the fused kernels read (methods.kernels.turboquant_attention, family ``turboquant``): the codec
+        itself (its bits, sketch size, rotation and constants)."""
+        return {"kernel": "turboquant", "codec": self}

@@ -31,6 +31,13 @@ Choices the paper leaves open, and ours (each a knob):
   counted in ``bytes_stored``, as are the norms and gamma (16 bits each per vector).
 - Ratio: n = 16 * (1 - ratio) must be a whole number of bits in 1..8 (16 = unquantized);
   2.5 bits is skipped (TurboQuant's outlier-channel split for fractional rates is not implemented).
+
+Kernels (``fused``: auto = on CUDA, on, off; :mod:`methods.kernels.turboquant_attention`): a decode step encodes
+the new token on the device and attends from the stored codes (q rotated once per step; the codebook looked up
+per element; a QJL key side scored by the estimator above as a sign dot product with S q_r, never a decoded key;
+values accumulated in the rotated and sketch spaces, projected by S^T and un-rotated once), graph-safe, in three
+launches. Prefill chunks are encoded by a kernel and attend to the past decoded by a kernel. Codes equal the
+reference store's except where a rotated coordinate sits within float rounding of a codebook boundary.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class _TurboQuant(QuantMethod):
     seed: int = 0
 
     qjl_on: ClassVar[tuple[str, ...]] = ()
+    kernel = "fused"  # fused decode kernels (fused=auto: on CUDA); rows record the path that ran
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,7 +109,8 @@ class _TurboQuant(QuantMethod):
         D = layer.head_dim
         kc = self.codec(D, k_bits, layer_idx=layer.layer_idx, kind="k", device=device, dtype=dtype)
         vc = self.codec(D, v_bits, layer_idx=layer.layer_idx, kind="v", device=device, dtype=dtype)
-        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        return CodecStore(layer, kc, vc, batch=batch, capacity=capacity, device=device, dtype=dtype,
+                          fused=self.use_fused(layer, kc, vc, device))
 
     def roundtrip(self, x: Tensor, *, bits: int, kind: str, layer_idx: int) -> Tensor:
         codec = self.codec(x.shape[-1], bits, layer_idx=layer_idx, kind=kind, device=x.device, dtype=x.dtype)

@@ -566,7 +566,10 @@ def rotation_workspace(batch: int, n_q_heads: int, n_kv_heads: int, dim: int, de
             torch.zeros(batch, n_kv_heads, dim, **z))
 
 
-KERNELS: dict[str, Any] = {"scalar": ScalarCodecKernel}  # family name (a codec's kernel_layout()["kernel"]) -> driver
+from .turboquant_attention import TurboQuantCodecKernel  # noqa: E402 (no Triton import there)
+
+# family name (a codec's kernel_layout()["kernel"]) -> driver
+KERNELS: dict[str, Any] = {"scalar": ScalarCodecKernel, "turboquant": TurboQuantCodecKernel}
 
 
 def codec_declarations(layer: Any, k_codec: Any, v_codec: Any) -> tuple[dict | None, dict | None]:
