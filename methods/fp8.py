@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.api import LayerSpec, MethodBase
 from methods.kernels import FUSED_CHOICES, use_fused
 from methods.quantizers import FP8_MAX, Fp8TokenQuantizer, fp8_decode, fp8_encode
 from methods.stores import CodecStore, SlotStore, scatter_slots

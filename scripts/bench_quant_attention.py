@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     H_q, H_kv, D = (int(x) for x in args.heads.split(","))
-    G = H_q // H_kv
     bw = copy_bandwidth(dev, nbytes=2 << 30)
     names = [n for n in args.layouts.split(",") if n]
     lines = [f"# Quantized decode attention, {torch.cuda.get_device_name(0)}, heads {H_q}/{H_kv}/{D}, bf16; "

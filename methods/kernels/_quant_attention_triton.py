@@ -12,7 +12,6 @@ import triton.language as tl
 
 from ._layers_triton import rnd
 
-
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
 

@@ -82,7 +82,6 @@ group is padded to 16 rows for the tensor cores (BLOCK_G).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +170,11 @@ class ScalarLayout:
             out.update({f"{prefix}_MAGIC": float(magic), f"{prefix}_MAGIC_BITS": int(magic_bits),
                         f"{prefix}DT": dot})
         return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
 
 
 def _dot_type(layout: ScalarLayout, dtype: torch.dtype) -> tuple[Any, float, int, bool]:
@@ -354,7 +358,7 @@ def scalar_decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero:
     H_kv, S = k_codes.shape[1], k_codes.shape[2]
     block_n = block_n or DECODE_CONFIG["block_n"]
     ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, DECODE_CONFIG["per_sm"])
-    split = -(-(-(-S // ns)) // block_n) * block_n
+    split = _round_up(-(-S // ns), block_n)
     ns = -(-S // split)
     mid_o = torch.empty(B, H_q, ns, D, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, H_q, ns, dtype=torch.float32, device=q.device)
@@ -482,7 +486,7 @@ class ScalarCodecKernel:
     def n_splits(self, batch: int, n_heads: int, capacity: int, device: Any) -> int:
         bn = DECODE_CONFIG["block_n"]
         ns = decode_splits(batch, n_heads, capacity, device, bn, DECODE_CONFIG["per_sm"])
-        split = -(-(-(-capacity // ns)) // bn) * bn
+        split = _round_up(-(-capacity // ns), bn)
         return -(-capacity // split)
 
     # -- decode: the store's fields, one launch each of append / split / combine ----------------------
