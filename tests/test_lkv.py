@@ -142,8 +142,10 @@ def test_the_kept_set_is_the_scorers_top_k_and_deterministic(tiny_llama, tmp_pat
         method = ready(LKV(ratio=0.5, weights=str(path), n_sink=0, window=0), tiny_llama)
         _, state = prefill(tiny_llama, method, batch)
         layer = state.layers[1]
-        scores = method.scores(layer, layer.lengths)
-        keep, budget = method.plan(layer, layer.lengths.clone())
+        inp = layer.score_input()
+        scores = method.scores(inp)
+        sel = method.plan(inp)
+        keep, budget = sel.keep, sel.budget
         for b in range(len(batch)):  # the budget's highest scores, nothing else
             for h in range(keep.shape[1]):
                 n = len(batch[b])
