@@ -109,7 +109,7 @@ def ragged_update(Logits, Lse, Score, Pos, Offs, NVis, Ok, PosLim, MidMin, MidId
     h = pid_s % H_kv
     off = tl.load(Offs + pid_s).to(tl.int64)
     n_vis = tl.load(NVis + pid_s).to(tl.int32)
-    ok = tl.load(Ok + pid_s) != 0
+    ok = tl.load(Ok + pid_s).to(tl.int32) != 0
     lo = pid_r * SPLIT
     hi = tl.minimum(lo + SPLIT, n_vis)
     offs_g = tl.arange(0, BLOCK_G)
@@ -135,7 +135,7 @@ def ragged_update(Logits, Lse, Score, Pos, Offs, NVis, Ok, PosLim, MidMin, MidId
             else:
                 gain = tl.sum(p, 1) / G
             sc = sc + tl.where(ok, gain, 0.0)
-            tl.store(Score + off + offs_n, sc, mask=n_ok & ok)
+            tl.store(Score + off + offs_n, sc, mask=n_ok)  # rows not generating write back what they had
         if EVICT:
             pos = tl.load(Pos + off + offs_n, mask=n_ok, other=0)
             cand = n_ok & (pos <= lim) & (pos >= n_sink)
