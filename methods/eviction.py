@@ -15,7 +15,8 @@ Choices common to the family (papers.md §6 and kvpress' query-agnostic protocol
   (kvpress averages them; ``mean`` is the default everywhere).
 - Protected tokens (sinks, recent/observation window) count inside the budget and are clamped to
   it: sinks first, then the most recent tokens.
-- Attention weights are computed in chunks of queries (``score_chunk``), never T x T at once.
+- Attention statistics (the window's attention, the accumulated mass) are computed by the store: in chunks of
+  queries on the reference path, blockwise or by kernels on the fused path, never as a T x S matrix.
 """
 
 from __future__ import annotations

@@ -50,7 +50,13 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec
-from methods.kernels.ragged_attention import BIG, ragged_update_reference, segment_attend, segment_ids
+from methods.kernels.ragged_attention import (
+    BIG,
+    ragged_append_reference,
+    ragged_update_reference,
+    segment_attend,
+    segment_ids,
+)
 from methods.selectors import GROUP_REDUCE, attention_mass, group_reduce, window_attention
 from methods.stores import DenseStore, FusedDenseStore, attend, slot_destinations
 
@@ -335,35 +341,34 @@ class EvictionStore(DenseStore):
             raise RuntimeError(f"KV store capacity {self.capacity} exceeded; the engine sizes capacity as context + "
                                "question + max_new_tokens")
         P = self.policy
-        ok = valid[:, :1].expand(B, H).reshape(-1)  # (BH,) rows still generating
-        pos_now = positions[:, :1].expand(B, H).reshape(-1)  # (BH,)
-        free = self.hole < 0  # (BH,)
-        dest = self.offsets + torch.where(free, self.hwm, self.hole)  # (BH,)
-        n_vis = self.hwm + free.long()  # (BH,) visible prefix: the kept tokens and the new one
-        self.k.index_copy_(0, dest, k.reshape(B * H, D).to(self.dtype))
-        self.v.index_copy_(0, dest, v.reshape(B * H, D).to(self.dtype))
-        if self.pos is not None:
-            self.pos.index_copy_(0, dest, pos_now.to(self.pos.dtype))
-        if self.score is not None:
-            self.score.index_copy_(0, dest, self.method.write_scores(self.layer, k, v, positions).reshape(B * H).float())
-        pos_limit = pos_now - self.n_recent if P.evicts_in_decode else None  # (BH,) newest position evictable
-        out, first = self._attend_decode(q, n_vis, ok, pos_limit, scaling)
-        self.hwm.add_((free & ok).long())
-        self.hole.masked_fill_(ok, -1)
-        self.seen.add_(valid.sum(1))
+        score_new = None
+        if self.score is not None:  # the new token's starting score (LKV's scorer; 0 for the others)
+            score_new = self.method.write_scores(self.layer, k, v, positions).reshape(B * H)
+        n_vis, pos_limit = self._append(k, v, positions, valid, score_new)  # (BH,) visible prefix, eviction limit
+        out, first = self._attend_decode(q, n_vis, valid, pos_limit, scaling)
         self.hi += 1
         self.steps += 1
         if P.evicts_in_decode:
+            ok = valid[:, :1].expand(B, H).reshape(-1)  # (BH,) rows still generating
             over = ok & (self.hwm - (self.hole >= 0).long() > self._budget_now(self.seen))  # (BH,)
             self.hole.copy_(torch.where(over & (first < BIG), first, self.hole))
         elif P.rescore_every and self.steps % P.rescore_every == 0:
             self._repack_chunk(None, scaling=scaling)
         return out
 
-    def _attend_decode(self, q: Tensor, n_vis: Tensor, ok: Tensor, pos_limit: Tensor | None,
+    def _append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor,
+                score_new: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Write the decode token and advance the counters (:func:`~methods.kernels.ragged_attention.ragged_append_reference`)."""
+        return ragged_append_reference(k, v, self.k, self.v, self.offsets, self.hwm, self.hole, valid, self.seen,
+                                       positions, pos=self.pos, score=self.score, score_new=score_new,
+                                       n_recent=self.n_recent if self.policy.evicts_in_decode else None)
+
+    def _attend_decode(self, q: Tensor, n_vis: Tensor, valid: Tensor, pos_limit: Tensor | None,
                        scaling: float) -> tuple[Tensor, Tensor | None]:
         """Attention of the decode queries over each segment's first ``n_vis`` slots -> (B, 1, H_q, D), and the
-        score pass: accumulated attention (policy) and, with ``pos_limit``, each segment's eviction candidate."""
+        score pass: accumulated attention in rows still generating (``valid`` (B, 1)) and, with ``pos_limit``,
+        each segment's eviction candidate."""
+        ok = valid[:, :1].expand(-1, self.layer.n_kv_heads).reshape(-1)  # (BH,)
         seg, rel = segment_ids(self.offsets, self.k.shape[0])
         visible = rel < n_vis[seg]  # (N,)
         out, probs = segment_attend(q, self.k, self.v, seg, self.sizes, visible, n_kv_heads=self.layer.n_kv_heads,
@@ -515,7 +520,15 @@ class FusedEvictionStore(EvictionStore):
             self.scratch["logits"] = torch.empty(n_slots, self.layer.n_groups, dtype=torch.float32,
                                                  device=self.device)  # (N, G)
 
-    def _attend_decode(self, q: Tensor, n_vis: Tensor, ok: Tensor, pos_limit: Tensor | None,
+    def _append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor,
+                score_new: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        from methods.kernels.ragged_attention import ragged_append
+
+        return ragged_append(k, v, self.k, self.v, self.offsets, self.hwm, self.hole, valid, self.seen, positions,
+                             pos=self.pos, score=self.score, score_new=score_new,
+                             n_recent=self.n_recent if self.policy.evicts_in_decode else None)
+
+    def _attend_decode(self, q: Tensor, n_vis: Tensor, valid: Tensor, pos_limit: Tensor | None,
                        scaling: float) -> tuple[Tensor, Tensor | None]:
         from methods.kernels.ragged_attention import ragged_decode, ragged_update
 
@@ -525,7 +538,7 @@ class FusedEvictionStore(EvictionStore):
                                  split=split, logits=logits)  # (B, H_q, D), (B, H_q)
         first = None
         if logits is not None or pos_limit is not None:
-            first = ragged_update(self.score, self.pos, self.offsets, n_vis, ok, n_kv_heads=self.layer.n_kv_heads,
+            first = ragged_update(self.score, self.pos, self.offsets, n_vis, valid, n_kv_heads=self.layer.n_kv_heads,
                                   n_ranges=n_ranges, split=split, logits=logits, lse=lse if logits is not None else None,
                                   reduce=self.policy.group_reduce, pos_limit=pos_limit, n_sink=self.policy.n_sink)
         return out[:, None], first

@@ -12,7 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.engine import Engine, Prompt
 from methods.eviction import H2O, VATP, AdaKV, KNorm, PyramidKV, RandomEviction, SnapKV
-from methods.kernels.ragged_attention import BIG, ragged_update_reference, segment_attend, segment_ids
+from methods.kernels.ragged_attention import (
+    BIG,
+    ragged_append_reference,
+    ragged_update_reference,
+    segment_attend,
+    segment_ids,
+)
 from methods.kernels.scoring import attention_mass_blockwise, slot_visibility, window_attention_blockwise
 from methods.ragged import EvictionStore, FusedEvictionStore
 from methods.selectors import attention_mass, window_attention
@@ -21,7 +27,7 @@ from methods.value_aware import ValueAware
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install -e '.[dev]' brings it)")
 
-from methods.kernels.ragged_attention import ragged_decode, ragged_grid, ragged_update  # noqa: E402
+from methods.kernels.ragged_attention import ragged_append, ragged_decode, ragged_grid, ragged_update  # noqa: E402
 from methods.kernels.scoring import (  # noqa: E402
     accumulate_mass,
     prefill_attention_lse,
@@ -92,7 +98,8 @@ def test_ragged_update_matches_reference(interpret, reduce):
     _, probs = segment_attend(q[:, :, None], k, v, seg, sizes_t, visible, n_kv_heads=H, scaling=D**-0.5)
     score = torch.randint(0, 4, (N,), generator=g).float()  # ties: the earliest slot must win
     pos = rel.int()
-    ok = torch.tensor([True, True, False, True])
+    valid = torch.tensor([True, False])  # row 1 (segments 2, 3) has finished: its scores gain nothing
+    ok = valid[:, None].expand(B, H).reshape(-1)
     lim = torch.tensor([60, 3, 100, 0])  # the last segment has no candidate (position 0 < n_sink)
     for n_ranges, split in ((1, 192), (3, 64)):
         want = score.clone()
@@ -101,17 +108,44 @@ def test_ragged_update_matches_reference(interpret, reduce):
         got = score.clone()
         logits = torch.empty(N, G)
         _, lse = ragged_decode(q, k, v, offsets, n_vis, scaling=D**-0.5, n_ranges=n_ranges, split=split, logits=logits)
-        first = ragged_update(got, pos, offsets, n_vis, ok, n_kv_heads=H, n_ranges=n_ranges, split=split,
+        first = ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=n_ranges, split=split,
                               logits=logits, lse=lse, reduce=reduce, pos_limit=lim, n_sink=1)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         assert first.tolist() == first_want.tolist()
-        assert first[3] == BIG and bool((got[seg == 2] == score[seg == 2]).all())  # no candidate; finished row
+        assert first[3] == BIG and bool((got[seg >= 2] == score[seg >= 2]).all())  # no candidate; finished row
     # eviction only (LKV: scores written, nothing accumulated)
     got = score.clone()
-    first = ragged_update(got, pos, offsets, n_vis, ok, n_kv_heads=H, n_ranges=2, split=128, pos_limit=lim, n_sink=1)
+    first = ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=2, split=128, pos_limit=lim,
+                          n_sink=1)
     assert torch.equal(got, score)
     assert first.tolist() == ragged_update_reference(score.clone(), pos, seg, rel, visible, ok, pos_limit=lim,
                                                      n_sink=1).tolist()
+
+
+def test_ragged_append_matches_reference(interpret):
+    B, H, D = 2, 3, 16
+    g = torch.Generator().manual_seed(5)
+    sizes = [9, 4, 7, 12, 5, 6]
+    k, v, offsets, _, _ = _segments(g, sizes, D)
+    N = k.shape[0]
+    hwm = torch.tensor([5, 4 - 1, 2, 12 - 1, 3, 6 - 1])
+    hole = torch.tensor([-1, 1, -1, 4, 0, -1])  # some segments had a slot freed by the last eviction
+    qkv = torch.randn(B, 3 * H, 1, D, generator=g)
+    k_new, v_new = qkv[:, :H], qkv[:, H : 2 * H]  # views into one buffer, as the fused decoder gives them
+    positions = torch.tensor([[40], [17]])
+    n_recent = torch.tensor([2, 0, 3, 1, 1, 5])
+    for valid in (torch.tensor([[True], [False]]), torch.tensor([[True], [True]])):
+        state = [k.clone(), v.clone(), hwm.clone(), hole.clone(), torch.tensor([40, 17]),
+                 torch.zeros(N, dtype=torch.int32), torch.rand(N, generator=g)]
+        ref = [t.clone() for t in state]
+        score_new = torch.randn(B * H, generator=g)
+        a = ragged_append(k_new, v_new, state[0], state[1], offsets, state[2], state[3], valid, state[4], positions,
+                          pos=state[5], score=state[6], score_new=score_new, n_recent=n_recent)
+        b = ragged_append_reference(k_new, v_new, ref[0], ref[1], offsets, ref[2], ref[3], valid, ref[4], positions,
+                                    pos=ref[5], score=ref[6], score_new=score_new, n_recent=n_recent)
+        for x, y in zip((*a, *state), (*b, *ref)):
+            assert torch.equal(x, y)
+        assert b[0].tolist() == [6, 3, 3, 11, 3, 6]  # a hole keeps the prefix; a high-water mark grows it
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 2, 32, 45), (1, 4, 4, 16, 130)], ids=str)  # (B, H_q, H_kv, D, S)
@@ -345,8 +379,8 @@ def test_ragged_kernels_match_references_on_gpu(dtype):
         lim = torch.full((B * H,), 2000, device="cuda")
         ok = torch.ones(B * H, dtype=torch.bool, device="cuda")
         ragged_update_reference(want_s, rel.int(), seg, rel, visible, ok, probs=probs, pos_limit=lim)
-        ragged_update(score, rel.int(), offsets, n_vis, ok, n_kv_heads=H, n_ranges=n_ranges, split=split,
-                      logits=logits, lse=lse, pos_limit=lim)
+        ragged_update(score, rel.int(), offsets, n_vis, ok.view(B, H)[:, 0], n_kv_heads=H, n_ranges=n_ranges,
+                      split=split, logits=logits, lse=lse, pos_limit=lim)
         torch.testing.assert_close(score, want_s, atol=1e-4 if dtype == torch.bfloat16 else 1e-6, rtol=1e-3)
         T, S = 200, 1500
         kk, vv = torch.randn(2, B, H, S, D, generator=g, device="cuda").to(dtype)

@@ -94,13 +94,13 @@ def ragged_combine(MidO, MidL, Out, Lse, n_ranges, H_q, sob, soh, sos, sod, slb,
 
 
 @triton.jit
-def ragged_update(Logits, Lse, Score, Pos, Offs, NVis, Ok, PosLim, MidMin, MidIdx, n_sink, H_kv,
+def ragged_update(Logits, Lse, Score, Pos, Offs, NVis, Valid, PosLim, MidMin, MidIdx, n_sink, H_kv,
                   sgn, sgg, s_lb, s_lh, smm, smr,
                   G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   REDUCE: tl.constexpr, ACCUM: tl.constexpr, EVICT: tl.constexpr):
     """Program (range r, segment s), after the attention of a decode step, over the same slots:
     - ``ACCUM``: each visible slot's score gains the attention the step's queries paid it, the query heads of the
-      group combined by ``REDUCE`` (0 mean, 1 max, 2 sum), in rows still generating (``Ok``);
+      group combined by ``REDUCE`` (0 mean, 1 max, 2 sum), in rows still generating (``Valid[b]``);
     - ``EVICT``: the range's lowest score among eviction candidates (visible, position <= ``PosLim[s]``, position
       >= ``n_sink``) and its first slot, to ``MidMin``/``MidIdx`` (s, r); the launcher picks the segment's."""
     pid_r = tl.program_id(0)
@@ -109,7 +109,7 @@ def ragged_update(Logits, Lse, Score, Pos, Offs, NVis, Ok, PosLim, MidMin, MidId
     h = pid_s % H_kv
     off = tl.load(Offs + pid_s).to(tl.int64)
     n_vis = tl.load(NVis + pid_s).to(tl.int32)
-    ok = tl.load(Ok + pid_s).to(tl.int32) != 0
+    ok = tl.load(Valid + b).to(tl.int32) != 0
     lo = pid_r * SPLIT
     hi = tl.minimum(lo + SPLIT, n_vis)
     offs_g = tl.arange(0, BLOCK_G)
@@ -241,3 +241,44 @@ def mass_accumulate(Q, K, Lse, Mass, scale_log2, start, T, H_q,
     ptr = Mass + b * smb + hq * smh + offs_n * sms
     old = tl.load(ptr, mask=n_ok, other=0.0)
     tl.store(ptr, old + acc, mask=n_ok)
+
+
+@triton.jit
+def ragged_append(Knew, Vnew, K, V, Offs, Hwm, Hole, NVis, Valid, Seen, Positions, Pos, Score, ScoreNew, NRecent,
+                  PosLim, H_kv, skb, skh, skd, svb, svh, svd, sKn, sKd, sVn, sVd, s_pb,
+                  D: tl.constexpr, POS: tl.constexpr, SCORE: tl.constexpr, SCORE_NEW: tl.constexpr,
+                  EVICT: tl.constexpr):
+    """Program (segment s = b * H_kv + h) of a decode step's bookkeeping: the new token goes to the segment's hole
+    (a slot the last eviction freed) or its high-water mark, with its position and starting score; ``NVis[s]`` = the
+    visible prefix (kept tokens and the new one); the high-water mark and the hole advance for rows still
+    generating (``Valid``), and their ``Seen`` counts the token; ``PosLim[s]`` = the newest position eviction may
+    free (position - protected recent window)."""
+    s = tl.program_id(0)
+    b = s // H_kv
+    h = s % H_kv
+    ok = tl.load(Valid + b).to(tl.int32) != 0
+    hole = tl.load(Hole + s)
+    hwm = tl.load(Hwm + s)
+    free = hole < 0
+    rel = tl.where(free, hwm, hole)
+    dest = tl.load(Offs + s) + rel  # int64
+    offs_d = tl.arange(0, D)
+    kk = tl.load(Knew + b * skb + h * skh + offs_d * skd)
+    vv = tl.load(Vnew + b * svb + h * svh + offs_d * svd)
+    tl.store(K + dest * sKn + offs_d * sKd, kk.to(K.dtype.element_ty))
+    tl.store(V + dest * sVn + offs_d * sVd, vv.to(V.dtype.element_ty))
+    p = tl.load(Positions + b * s_pb)
+    if POS:
+        tl.store(Pos + dest, p.to(Pos.dtype.element_ty))
+    if SCORE:
+        if SCORE_NEW:
+            tl.store(Score + dest, tl.load(ScoreNew + s).to(tl.float32))
+        else:
+            tl.store(Score + dest, 0.0)
+    if EVICT:
+        tl.store(PosLim + s, p - tl.load(NRecent + s))
+    tl.store(NVis + s, hwm + free.to(hwm.dtype))
+    tl.store(Hwm + s, hwm + (free & ok).to(hwm.dtype))
+    tl.store(Hole + s, tl.where(ok, -1, hole))
+    if h == 0:
+        tl.store(Seen + b, tl.load(Seen + b) + ok.to(tl.int64))

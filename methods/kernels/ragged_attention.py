@@ -14,13 +14,16 @@ never read on the host.
   so a CUDA graph captures the step once and replays it while the segments fill. With ``logits`` given, the split
   kernel also writes every visible slot's score per query head (``(N, G)`` fp32, log2 units): what the score pass
   needs to turn into probabilities without reading K again.
+- :func:`ragged_append`: a decode step's bookkeeping in one kernel (one program per segment): the new token's K, V,
+  position and starting score go to the segment's hole or high-water mark; the visible prefix, the high-water mark,
+  the hole, the row's token count and the eviction limit are updated on the device.
 - :func:`ragged_update`: the score pass, same grid. H2O-style methods add the attention the step's queries paid
   each slot (``exp2(logit - lse)``, the group's query heads combined by mean, max or sum); methods that evict during
   decode get each segment's lowest-score eviction candidate (position <= ``pos_limit``, >= ``n_sink``) and its
   first slot, on the device (the store frees that slot: the next token takes it).
 
-References: :func:`segment_attend` (the store's reference decode attention, output and probabilities) and
-:func:`ragged_update_reference`. fp32 inputs use IEEE fp32 dot products, so fp32 runs match the references to
+References: :func:`ragged_append_reference`, :func:`segment_attend` (the store's reference decode attention,
+output and probabilities) and :func:`ragged_update_reference`. fp32 inputs use IEEE fp32 dot products, so fp32 runs match the references to
 ~1e-6; bf16 inputs accumulate in fp32.
 """
 
@@ -35,8 +38,8 @@ LOG2E = 1.4426950408889634
 REDUCE_CODES = {"mean": 0, "max": 1, "sum": 2}
 BIG = 2**30  # "no candidate" slot index (same as the kernel's)
 
-__all__ = ["segment_ids", "segment_attend", "ragged_update_reference", "ragged_grid", "ragged_decode",
-           "ragged_update"]
+__all__ = ["segment_ids", "segment_attend", "ragged_append_reference", "ragged_update_reference", "ragged_grid",
+           "ragged_append", "ragged_decode", "ragged_update"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +81,33 @@ def segment_attend(
         probs[:, g] = p
         out[:, g] = torch.segment_reduce(p[:, None] * vf, "sum", lengths=sizes, axis=0)  # (BH, D)
     return out.reshape(B, n_kv_heads * G, D)[:, None].to(q.dtype), probs  # (B, 1, H_q, D)
+
+
+def ragged_append_reference(k_new: Tensor, v_new: Tensor, k: Tensor, v: Tensor, offsets: Tensor, hwm: Tensor,
+                            hole: Tensor, valid: Tensor, seen: Tensor, positions: Tensor, *, pos: Tensor | None = None,
+                            score: Tensor | None = None, score_new: Tensor | None = None,
+                            n_recent: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """A decode step's writes, in torch, in place: k_new, v_new (B, H_kv, 1, D) to each segment's hole (a slot the
+    last eviction freed, ``hole >= 0``) or its high-water mark ``hwm`` (BH,) in k, v (N, D); the position (B, 1)
+    to ``pos`` and ``score_new`` (BH,) (or 0) to ``score`` (N,) when kept. Rows still generating (``valid`` (B, 1))
+    advance ``hwm``, clear ``hole`` and count the token in ``seen`` (B,). Returns the visible prefix (BH,)
+    (kept tokens and the new one) and, with ``n_recent`` (BH,), the newest position eviction may free."""
+    B, H, _, D = k_new.shape
+    ok = valid[:, :1].expand(B, H).reshape(-1)  # (BH,)
+    p = positions[:, :1].expand(B, H).reshape(-1)  # (BH,)
+    free = hole < 0
+    dest = offsets + torch.where(free, hwm, hole)  # (BH,)
+    n_vis = hwm + free.long()  # (BH,)
+    k.index_copy_(0, dest, k_new.reshape(B * H, D).to(k.dtype))
+    v.index_copy_(0, dest, v_new.reshape(B * H, D).to(v.dtype))
+    if pos is not None:
+        pos.index_copy_(0, dest, p.to(pos.dtype))
+    if score is not None:
+        score.index_copy_(0, dest, score_new.float() if score_new is not None else torch.zeros_like(dest, dtype=score.dtype))
+    hwm.add_((free & ok).long())
+    hole.masked_fill_(ok, -1)
+    seen.add_(valid[:, 0].long())
+    return n_vis, (p - n_recent if n_recent is not None else None)
 
 
 def reduce_group(probs: Tensor, how: str) -> Tensor:
@@ -144,6 +174,30 @@ def ragged_grid(max_size: int, n_segments: int, head_dim: int, device: torch.dev
     return -(-max(1, max_size) // split), split
 
 
+def ragged_append(k_new: Tensor, v_new: Tensor, k: Tensor, v: Tensor, offsets: Tensor, hwm: Tensor, hole: Tensor,
+                  valid: Tensor, seen: Tensor, positions: Tensor, *, pos: Tensor | None = None,
+                  score: Tensor | None = None, score_new: Tensor | None = None,
+                  n_recent: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Fused :func:`ragged_append_reference` (one program per segment, no host synchronisation)."""
+    B, H, _, D = k_new.shape
+    n_vis = torch.empty_like(hwm)  # (BH,)
+    pos_limit = torch.empty_like(hwm) if n_recent is not None else None
+    valid = valid.reshape(B)
+    K = _kernels()
+    dummy = hwm
+    K.ragged_append[(B * H,)](
+        k_new, v_new, k, v, offsets, hwm, hole, n_vis, valid, seen, positions,
+        pos if pos is not None else dummy, score if score is not None else dummy,
+        score_new if score_new is not None else dummy, n_recent if n_recent is not None else dummy,
+        pos_limit if pos_limit is not None else dummy, H,
+        k_new.stride(0), k_new.stride(1), k_new.stride(3), v_new.stride(0), v_new.stride(1), v_new.stride(3),
+        *k.stride(), *v.stride(), positions.stride(0),
+        D=D, POS=pos is not None, SCORE=score is not None, SCORE_NEW=score_new is not None,
+        EVICT=n_recent is not None, **_launch(num_warps=1),
+    )
+    return n_vis, pos_limit
+
+
 def ragged_decode(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, n_vis: Tensor, *, scaling: float,
                   n_ranges: int, split: int, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fused decode attention: q (B, H_q, D) (any strides); k, v (N, D); offsets, n_vis (B * H_kv,) ->
@@ -174,11 +228,12 @@ def ragged_decode(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, n_vis: Tenso
     return out, lse
 
 
-def ragged_update(score: Tensor, pos: Tensor | None, offsets: Tensor, n_vis: Tensor, ok: Tensor, *,
+def ragged_update(score: Tensor, pos: Tensor | None, offsets: Tensor, n_vis: Tensor, valid: Tensor, *,
                   n_kv_heads: int, n_ranges: int, split: int, logits: Tensor | None = None, lse: Tensor | None = None,
                   reduce: str = "mean", pos_limit: Tensor | None = None, n_sink: int = 0) -> Tensor | None:
     """Fused :func:`ragged_update_reference` after :func:`ragged_decode` (same ``n_ranges``/``split``): score (N,)
-    float32 gains ``exp2(logits - lse)`` reduced over the group (when ``logits``/``lse`` are given); with
+    float32 gains ``exp2(logits - lse)`` reduced over the group in rows still generating (``valid`` (B,) or
+    (B, 1)), when ``logits``/``lse`` are given; with
     ``pos_limit`` (BH,) returns each segment's first lowest-score candidate slot (BH,) int64 (``BIG``: none)."""
     BH = offsets.shape[0]
     accum = logits is not None
@@ -191,7 +246,8 @@ def ragged_update(score: Tensor, pos: Tensor | None, offsets: Tensor, n_vis: Ten
     dummy = score
     K = _kernels()
     K.ragged_update[(n_ranges, BH)](
-        logits if accum else dummy, lse if accum else dummy, score, pos if evict else dummy, offsets, n_vis, ok,
+        logits if accum else dummy, lse if accum else dummy, score, pos if evict else dummy, offsets, n_vis,
+        valid.reshape(-1),
         pos_limit if evict else offsets, mid_min, mid_idx, int(n_sink), n_kv_heads,
         *(logits.stride() if accum else (0, 0)), *(lse.stride() if accum else (0, 0)), *mid_min.stride(),
         G=G, SPLIT=split, BLOCK_G=_pow2(G), BLOCK_N=128, REDUCE=REDUCE_CODES[reduce], ACCUM=accum, EVICT=evict,
