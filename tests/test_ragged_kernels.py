@@ -61,6 +61,20 @@ def _segments(g, sizes, D, dtype=torch.float32, device="cpu"):
 
 
 # -- kernels against references --------------------------------------------------------------------
+def test_kernel_globals_are_constexpr_instances():
+    """Compiled Triton reads a module global only if it is a ``tl.constexpr(...)`` instance (an annotation is not
+    enough, and the interpreter accepts either): a GPU-only compile error the CPU suite would otherwise miss."""
+    import types
+
+    import triton.language as tl
+
+    from methods.kernels import _ragged_triton as K
+
+    for name, value in vars(K).items():
+        if name.startswith("__") or isinstance(value, (types.ModuleType, type)) or callable(value):
+            continue
+        assert isinstance(value, tl.constexpr), f"{name} = {value!r} must be tl.constexpr(...)"
+
 @pytest.mark.parametrize("shape", [(2, 3, 2, 32), (1, 4, 4, 16), (3, 1, 8, 64)], ids=str)  # (B, H_kv, G, D)
 def test_ragged_decode_matches_segment_attention(interpret, shape):
     B, H, G, D = shape

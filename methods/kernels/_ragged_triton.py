@@ -9,7 +9,7 @@ of :mod:`methods.kernels.attention` do; a log-sum-exp ``lse`` here is ``m + log2
 import triton
 import triton.language as tl
 
-BIG_IDX: tl.constexpr = 2**30  # "no slot" in the eviction arg-min (larger than any segment)
+BIG_IDX = tl.constexpr(2**30)  # "no slot" in the eviction arg-min; compiled kernels read only constexpr globals
 
 
 # --------------------------------------------------------------------------------------------------
