@@ -30,7 +30,14 @@ from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase, ModelSpec
 from methods.kernels import FUSED_CHOICES, use_fused
-from methods.ragged import EvictionPolicy, EvictionStore, FusedEvictionStore, RescoreInput, ScoreInput, Selection
+from methods.ragged import (
+    EvictionPolicy,
+    EvictionStore,
+    FusedEvictionStore,
+    RescoreInput,
+    ScoreInput,
+    Selection,
+)
 from methods.selectors import (
     GROUP_REDUCE,
     POOLING,

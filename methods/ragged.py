@@ -475,7 +475,12 @@ class FusedEvictionStore(EvictionStore):
 
     def _prefill(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
         from methods.kernels.attention import prefill_attention
-        from methods.kernels.scoring import accumulate_mass, attention_mass_blockwise, prefill_attention_lse, slot_visibility
+        from methods.kernels.scoring import (
+            accumulate_mass,
+            attention_mass_blockwise,
+            prefill_attention_lse,
+            slot_visibility,
+        )
 
         T = k.shape[2]
         self._check_capacity(T)

@@ -102,19 +102,19 @@ def attention_mass_blockwise(q: Tensor, k: Tensor, visible: Callable[[int, int, 
     tb = _block(B * H_q * 256, T, max_elems)
     kb = _block(B * H_q * tb * 2, S, max_elems)
     out = torch.zeros(B, H_q, S, dtype=torch.float32, device=q.device)
+
+    def logits(qc: Tensor, t0: int, t1: int, s0: int, s1: int) -> Tensor:
+        x = torch.matmul(qc, k[:, :, s0:s1].float().transpose(-1, -2)) * scaling  # (B, H_kv, G t, s)
+        x = x.view(B, H_kv, G, t1 - t0, s1 - s0)
+        return x.masked_fill(~visible(t0, t1, s0, s1)[:, :, None], float("-inf"))
+
     for t0 in range(0, T, tb):
         t1 = min(T, t0 + tb)
         qc = q[:, :, t0:t1].float().reshape(B, H_kv, G * (t1 - t0), D)  # (B, H_kv, G t, D): entry g t + i
-
-        def logits(s0: int, s1: int) -> Tensor:
-            x = torch.matmul(qc, k[:, :, s0:s1].float().transpose(-1, -2)) * scaling  # (B, H_kv, G t, s)
-            x = x.view(B, H_kv, G, t1 - t0, s1 - s0)
-            return x.masked_fill(~visible(t0, t1, s0, s1)[:, :, None], float("-inf"))
-
         m = torch.full((B, H_kv, G, t1 - t0, 1), float("-inf"), device=q.device)
         den = torch.zeros_like(m)
         for s0 in range(0, S, kb):
-            x = logits(s0, min(S, s0 + kb))
+            x = logits(qc, t0, t1, s0, min(S, s0 + kb))
             m_new = torch.maximum(m, x.amax(-1, keepdim=True))
             safe = torch.where(torch.isfinite(m_new), m_new, 0.0)
             den = den * torch.exp(m - safe) + torch.exp(x - safe).sum(-1, keepdim=True)
@@ -122,7 +122,7 @@ def attention_mass_blockwise(q: Tensor, k: Tensor, visible: Callable[[int, int, 
         lse = torch.where(den > 0, m + torch.log(den.clamp(min=1e-38)), float("inf"))  # queries that see nothing
         for s0 in range(0, S, kb):
             s1 = min(S, s0 + kb)
-            out[:, :, s0:s1] += torch.exp(logits(s0, s1) - lse).sum(3).reshape(B, H_q, s1 - s0)
+            out[:, :, s0:s1] += torch.exp(logits(qc, t0, t1, s0, s1) - lse).sum(3).reshape(B, H_q, s1 - s0)
     return out
 
 
