@@ -21,7 +21,6 @@ Choices common to the family (papers.md §6 and kvpress' query-agnostic protocol
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -76,6 +75,7 @@ class EvictionMethod(MethodBase):
     kernel: ClassVar[str] = "fused"  # has a fused path; rows record the path that actually ran
     keeps_positions: ClassVar[bool] = False  # store each kept token's position (recency, blocks)
     keeps_scores: ClassVar[bool] = False  # store a per-token score updated during decode
+    scores_on_write: ClassVar[bool] = False  # write_scores gives a new token its own score (LKV); else it starts at 0
 
     n_sink: int = 0
     window: int = 0
@@ -105,7 +105,7 @@ class EvictionMethod(MethodBase):
     def policy(self, layer: LayerSpec) -> EvictionPolicy:
         keeps_scores = bool(self.keeps_scores)
         return EvictionPolicy(
-            keep=functools.partial(keep_count_t, ratio=float(self.ratio)),
+            ratio=float(self.ratio), scores_written=bool(self.scores_on_write),
             observe_window=int(self.observe_window()), observe_mass=bool(self.observe_mass()),
             group_reduce=getattr(self, "group_reduce", "mean"), n_sink=int(self.n_sink),
             keeps_positions=bool(self.keeps_positions), keeps_scores=keeps_scores,

@@ -270,6 +270,7 @@ class LKV(EvictionMethod):
     evict_in_decode: bool = False
 
     name: ClassVar[str] = "lkv"
+    scores_on_write: ClassVar[bool] = True  # new tokens are scored by the learned scorer when written
 
     def __post_init__(self) -> None:
         super().__post_init__()

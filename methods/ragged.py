@@ -42,7 +42,6 @@ are not stored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,7 +56,14 @@ from methods.kernels.ragged_attention import (
     segment_attend,
     segment_ids,
 )
-from methods.selectors import GROUP_REDUCE, attention_mass, group_reduce, window_attention
+from methods.selectors import (
+    GROUP_REDUCE,
+    attention_mass,
+    group_reduce,
+    keep_count_t,
+    ratio_fraction,
+    window_attention,
+)
 from methods.stores import DenseStore, FusedDenseStore, attend, slot_destinations
 
 __all__ = ["EvictionPolicy", "ScoreInput", "Selection", "RescoreInput", "Evictor", "EvictionStore",
@@ -69,10 +75,10 @@ __all__ = ["EvictionPolicy", "ScoreInput", "Selection", "RescoreInput", "Evictor
 class EvictionPolicy:
     """What a store needs to know about its method, fixed for the store's life.
 
-    ``keep`` is the budget function: tokens a row keeps of ``n`` seen, (B,) int64 -> (B,) int64, on the device
-    (decode-time budgets grow by ``keep(seen) - keep(n_context)``)."""
+    ``ratio`` sets the family's budget function :meth:`keep` (:func:`methods.selectors.keep_count_t`: a row keeps
+    round-half-up of n x (1 - ratio) of n tokens); decode-time budgets grow by ``keep(seen) - keep(n_context)``."""
 
-    keep: Callable[[Tensor], Tensor]
+    ratio: float
     observe_window: int = 0  # the context's last W queries whose attention the scorer sees (0 = none)
     observe_mass: bool = False  # the attention every key receives from all context queries
     group_reduce: str = "mean"  # how a GQA group's query heads combine decode-time attention (mean | max | sum)
@@ -83,6 +89,7 @@ class EvictionPolicy:
     evicts_in_decode: bool = False  # free the lowest-score token when over budget, at every decode step
     evicts_after_compaction: bool = False  # multi-token chunks and re-scorings re-select down to the budget
     rescore_every: int = 0  # decode steps between re-selections of the kept tokens (0 = never)
+    scores_written: bool = False  # write_scores gives new tokens their own score (LKV); else they start at 0
 
     def __post_init__(self) -> None:
         if self.group_reduce not in GROUP_REDUCE:
@@ -90,6 +97,11 @@ class EvictionPolicy:
         if self.evicts_in_decode and not (self.keeps_scores and self.keeps_positions):
             raise ValueError("evicting during decode needs per-token scores and positions (keeps_scores, "
                              "keeps_positions)")
+        ratio_fraction(self.ratio)  # a ratio in [0, 1), or a clear error
+
+    def keep(self, n: Tensor) -> Tensor:
+        """The budget function: tokens a row keeps of ``n`` (B,) int64 -> (B,) int64, on the device."""
+        return keep_count_t(n, float(self.ratio))
 
 
 @dataclass(frozen=True)
@@ -328,8 +340,7 @@ class EvictionStore(DenseStore):
     def _budget_now(self, seen: Tensor) -> Tensor:
         """(BH,) tokens each segment may hold once a row has seen ``seen`` (B,) tokens: its context
         budget plus the budget function's share of the tokens since."""
-        keep = self.policy.keep
-        grow = keep(seen) - keep(self.n_context)  # (B,)
+        grow = self.policy.keep(seen) - self.policy.keep(self.n_context)  # (B,)
         return self.base_budget + grow[:, None].expand(-1, self.layer.n_kv_heads).reshape(-1)
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
@@ -342,19 +353,24 @@ class EvictionStore(DenseStore):
                                "question + max_new_tokens")
         P = self.policy
         score_new = None
-        if self.score is not None:  # the new token's starting score (LKV's scorer; 0 for the others)
+        if self.score is not None and P.scores_written:  # the new token's own score (LKV's scorer); else 0
             score_new = self.method.write_scores(self.layer, k, v, positions).reshape(B * H)
         n_vis, pos_limit = self._append(k, v, positions, valid, score_new)  # (BH,) visible prefix, eviction limit
-        out, first = self._attend_decode(q, n_vis, valid, pos_limit, scaling)
+        out, found = self._attend_decode(q, n_vis, valid, pos_limit, scaling)
         self.hi += 1
         self.steps += 1
         if P.evicts_in_decode:
-            ok = valid[:, :1].expand(B, H).reshape(-1)  # (BH,) rows still generating
-            over = ok & (self.hwm - (self.hole >= 0).long() > self._budget_now(self.seen))  # (BH,)
-            self.hole.copy_(torch.where(over & (first < BIG), first, self.hole))
+            self._evict(found, valid)
         elif P.rescore_every and self.steps % P.rescore_every == 0:
             self._repack_chunk(None, scaling=scaling)
         return out
+
+    def _evict(self, found: Any, valid: Tensor) -> None:
+        """Free each over-budget segment's first lowest-score candidate (``found``: what :meth:`_attend_decode`
+        returned; here (BH,) slots, ``BIG`` where none) in rows still generating (``valid`` (B, 1))."""
+        ok = valid[:, :1].expand(-1, self.layer.n_kv_heads).reshape(-1)  # (BH,)
+        over = ok & (self.hwm - (self.hole >= 0).long() > self._budget_now(self.seen))  # (BH,)
+        self.hole.copy_(torch.where(over & (found < BIG), found, self.hole))
 
     def _append(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor,
                 score_new: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -406,7 +422,9 @@ class EvictionStore(DenseStore):
             if pos is not None:
                 pos = torch.cat([pos, positions[:, None].expand(B, H, T)], dim=2)
             if score is not None:
-                score = torch.cat([score, self.method.write_scores(self.layer, k, v, positions).float()], dim=2)
+                new_score = (self.method.write_scores(self.layer, k, v, positions).float() if P.scores_written
+                             else torch.zeros(k.shape[:3], device=k.device))  # (B, H, T)
+                score = torch.cat([score, new_score], dim=2)
                 if P.accumulates_attention:
                     vis = mask & valid[:, None, :, None]  # (B, H, T, S_p + T): padding queries add nothing
                     score = score + group_reduce(self._chunk_mass(q, kc, vis), H, P.group_reduce)
@@ -521,6 +539,9 @@ class FusedEvictionStore(EvictionStore):
 
         self.grid = ragged_grid(max_size, self.offsets.shape[0], self.layer.head_dim, self.device)
         self.scratch = {}
+        if self.policy.evicts_in_decode:  # (BH,) context budget minus keep(context): + keep(seen) = the budget now
+            grow0 = self.policy.keep(self.n_context)[:, None].expand(-1, self.layer.n_kv_heads).reshape(-1)
+            self.scratch["budget_base"] = self.base_budget - grow0
         if self.score is not None and self.policy.accumulates_attention:  # the kernel's scores per query head
             self.scratch["logits"] = torch.empty(n_slots, self.layer.n_groups, dtype=torch.float32,
                                                  device=self.device)  # (N, G)
@@ -534,19 +555,26 @@ class FusedEvictionStore(EvictionStore):
                              n_recent=self.n_recent if self.policy.evicts_in_decode else None)
 
     def _attend_decode(self, q: Tensor, n_vis: Tensor, valid: Tensor, pos_limit: Tensor | None,
-                       scaling: float) -> tuple[Tensor, Tensor | None]:
+                       scaling: float) -> tuple[Tensor, Any]:
         from methods.kernels.ragged_attention import ragged_decode, ragged_update
 
         n_ranges, split = self.grid
         logits = self.scratch.get("logits")
         out, lse = ragged_decode(q[:, :, 0], self.k, self.v, self.offsets, n_vis, scaling=scaling, n_ranges=n_ranges,
                                  split=split, logits=logits)  # (B, H_q, D), (B, H_q)
-        first = None
+        found = None  # with eviction: each range's lowest candidate, (BH, ranges) x 2, for _evict
         if logits is not None or pos_limit is not None:
-            first = ragged_update(self.score, self.pos, self.offsets, n_vis, valid, n_kv_heads=self.layer.n_kv_heads,
+            found = ragged_update(self.score, self.pos, self.offsets, n_vis, valid, n_kv_heads=self.layer.n_kv_heads,
                                   n_ranges=n_ranges, split=split, logits=logits, lse=lse if logits is not None else None,
                                   reduce=self.policy.group_reduce, pos_limit=pos_limit, n_sink=self.policy.n_sink)
-        return out[:, None], first
+        return out[:, None], found
+
+    def _evict(self, found: Any, valid: Tensor) -> None:
+        from methods.kernels.ragged_attention import ragged_evict
+
+        mid_min, mid_idx = found  # (BH, ranges) each, from ragged_update
+        ragged_evict(mid_min, mid_idx, valid, self.hwm, self.hole, self.seen, self.scratch["budget_base"],
+                     ratio=self.policy.ratio)
 
     # -- CUDA-graph protocol (harness.engine captures the decode step of graph_safe stores) -------
     def graph_snapshot(self) -> tuple:

@@ -21,13 +21,20 @@ from methods.kernels.ragged_attention import (
 )
 from methods.kernels.scoring import attention_mass_blockwise, slot_visibility, window_attention_blockwise
 from methods.ragged import EvictionStore, FusedEvictionStore
-from methods.selectors import attention_mass, window_attention
+from methods.selectors import attention_mass, keep_count_t, window_attention
 from methods.streaming_llm import FusedStreamingStore, StreamingLLM, StreamingStore
 from methods.value_aware import ValueAware
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install -e '.[dev]' brings it)")
 
-from methods.kernels.ragged_attention import ragged_append, ragged_decode, ragged_grid, ragged_update  # noqa: E402
+from methods.kernels.ragged_attention import (  # noqa: E402
+    ragged_append,
+    ragged_decode,
+    ragged_evict,
+    ragged_grid,
+    ragged_update,
+    ranges_argmin,
+)
 from methods.kernels.scoring import (  # noqa: E402
     accumulate_mass,
     prefill_attention_lse,
@@ -122,18 +129,43 @@ def test_ragged_update_matches_reference(interpret, reduce):
         got = score.clone()
         logits = torch.empty(N, G)
         _, lse = ragged_decode(q, k, v, offsets, n_vis, scaling=D**-0.5, n_ranges=n_ranges, split=split, logits=logits)
-        first = ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=n_ranges, split=split,
-                              logits=logits, lse=lse, reduce=reduce, pos_limit=lim, n_sink=1)
+        first = ranges_argmin(*ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=n_ranges,
+                                             split=split, logits=logits, lse=lse, reduce=reduce, pos_limit=lim,
+                                             n_sink=1))
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         assert first.tolist() == first_want.tolist()
         assert first[3] == BIG and bool((got[seg >= 2] == score[seg >= 2]).all())  # no candidate; finished row
     # eviction only (LKV: scores written, nothing accumulated)
     got = score.clone()
-    first = ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=2, split=128, pos_limit=lim,
-                          n_sink=1)
+    first = ranges_argmin(*ragged_update(got, pos, offsets, n_vis, valid, n_kv_heads=H, n_ranges=2, split=128,
+                                         pos_limit=lim, n_sink=1))
     assert torch.equal(got, score)
     assert first.tolist() == ragged_update_reference(score.clone(), pos, seg, rel, visible, ok, pos_limit=lim,
                                                      n_sink=1).tolist()
+
+
+def test_ragged_evict_frees_the_first_lowest_candidate_of_over_budget_segments(interpret):
+    g = torch.Generator().manual_seed(6)
+    B, H, R = 2, 3, 4
+    mid_min = torch.randint(0, 3, (B * H, R), generator=g).float()
+    mid_min[1] = float("inf")  # segment 1: no candidate in any range
+    mid_idx = torch.randint(0, 50, (B * H, R), generator=g).int().sort(1).values  # ranges in slot order
+    mid_idx[1] = BIG
+    hwm = torch.randint(5, 40, (B * H,), generator=g)
+    hole = torch.full((B * H,), -1)
+    seen = torch.tensor([60, 33])
+    base = torch.randint(-30, 10, (B * H,), generator=g)
+    for ratio in (0.5, 0.9):
+        for valid in (torch.tensor([[True], [True]]), torch.tensor([[True], [False]])):
+            want = hole.clone()
+            first = ranges_argmin(mid_min, mid_idx)
+            ok = valid[:, :1].expand(B, H).reshape(-1)
+            budget = base + keep_count_t(seen, ratio)[:, None].expand(B, H).reshape(-1)
+            over = ok & (hwm - (want >= 0).long() > budget)
+            want = torch.where(over & (first < BIG), first, want)
+            got = hole.clone()
+            ragged_evict(mid_min, mid_idx, valid, hwm, got, seen, base, ratio=ratio)
+            assert torch.equal(got, want) and bool((got >= 0).any()), (ratio, valid.tolist())
 
 
 def test_ragged_append_matches_reference(interpret):

@@ -282,3 +282,30 @@ def ragged_append(Knew, Vnew, K, V, Offs, Hwm, Hole, NVis, Valid, Seen, Position
     tl.store(Hole + s, tl.where(ok, -1, hole))
     if h == 0:
         tl.store(Seen + b, tl.load(Seen + b) + ok.to(tl.int64))
+
+
+@triton.jit
+def ragged_evict(MidMin, MidIdx, Valid, Hwm, Hole, Seen, Base, n_ranges, H_kv, keep_num, keep_den, smm, smr,
+                 NR: tl.constexpr):
+    """Program (segment s), last of an evicting decode step: the segment's first lowest-score candidate over the
+    ranges of :func:`ragged_update`; the budget ``Base[s] + keep(Seen[b])`` with ``keep(n)`` the budget function
+    (round half up of n x keep_num / keep_den, at least 1, at most n); a segment of a row still generating that holds
+    more than its budget frees that slot (``Hole[s]``: the next token takes it)."""
+    s = tl.program_id(0)
+    b = s // H_kv
+    offs_r = tl.arange(0, NR)
+    r_ok = offs_r < n_ranges
+    mins = tl.load(MidMin + s * smm + offs_r * smr, mask=r_ok, other=float("inf"))
+    idx = tl.load(MidIdx + s * smm + offs_r * smr, mask=r_ok, other=BIG_IDX)
+    low = tl.min(mins, 0)
+    first = tl.min(tl.where((mins == low) & (idx < BIG_IDX), idx, BIG_IDX), 0)
+    n = tl.load(Seen + b)
+    kept = (2 * n * keep_num + keep_den) // (2 * keep_den)
+    kept = tl.minimum(tl.maximum(kept, 1), n)
+    kept = tl.where(n > 0, kept, 0)
+    budget = tl.load(Base + s) + kept
+    hole = tl.load(Hole + s)
+    n_occ = tl.load(Hwm + s) - (hole >= 0).to(tl.int64)
+    ok = tl.load(Valid + b).to(tl.int32) != 0
+    evict = ok & (n_occ > budget) & (first < BIG_IDX)
+    tl.store(Hole + s, tl.where(evict, first.to(tl.int64), hole))

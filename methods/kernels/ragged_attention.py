@@ -19,8 +19,9 @@ never read on the host.
   the hole, the row's token count and the eviction limit are updated on the device.
 - :func:`ragged_update`: the score pass, same grid. H2O-style methods add the attention the step's queries paid
   each slot (``exp2(logit - lse)``, the group's query heads combined by mean, max or sum); methods that evict during
-  decode get each segment's lowest-score eviction candidate (position <= ``pos_limit``, >= ``n_sink``) and its
-  first slot, on the device (the store frees that slot: the next token takes it).
+  decode get each range's lowest-score eviction candidate (position <= ``pos_limit``, >= ``n_sink``) and its
+  first slot; :func:`ragged_evict` (one program per segment) picks the segment's and, where the segment holds more
+  than its budget, frees that slot (the next token takes it), all on the device.
 
 References: :func:`ragged_append_reference`, :func:`segment_attend` (the store's reference decode attention,
 output and probabilities) and :func:`ragged_update_reference`. fp32 inputs use IEEE fp32 dot products, so fp32 runs match the references to
@@ -39,7 +40,7 @@ REDUCE_CODES = {"mean": 0, "max": 1, "sum": 2}
 BIG = 2**30  # "no candidate" slot index (same as the kernel's)
 
 __all__ = ["segment_ids", "segment_attend", "ragged_append_reference", "ragged_update_reference", "ragged_grid",
-           "ragged_append", "ragged_decode", "ragged_update"]
+           "ragged_append", "ragged_decode", "ragged_update", "ranges_argmin", "ragged_evict"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +231,13 @@ def ragged_decode(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, n_vis: Tenso
 
 def ragged_update(score: Tensor, pos: Tensor | None, offsets: Tensor, n_vis: Tensor, valid: Tensor, *,
                   n_kv_heads: int, n_ranges: int, split: int, logits: Tensor | None = None, lse: Tensor | None = None,
-                  reduce: str = "mean", pos_limit: Tensor | None = None, n_sink: int = 0) -> Tensor | None:
+                  reduce: str = "mean", pos_limit: Tensor | None = None,
+                  n_sink: int = 0) -> tuple[Tensor, Tensor] | None:
     """Fused :func:`ragged_update_reference` after :func:`ragged_decode` (same ``n_ranges``/``split``): score (N,)
     float32 gains ``exp2(logits - lse)`` reduced over the group in rows still generating (``valid`` (B,) or
-    (B, 1)), when ``logits``/``lse`` are given; with
-    ``pos_limit`` (BH,) returns each segment's first lowest-score candidate slot (BH,) int64 (``BIG``: none)."""
+    (B, 1)), when ``logits``/``lse`` are given. With ``pos_limit`` (BH,) returns each range's lowest-score
+    candidate and its first slot, (BH, n_ranges) float32 and int32 (:func:`ranges_argmin` or :func:`ragged_evict`
+    finish the choice)."""
     BH = offsets.shape[0]
     accum = logits is not None
     evict = pos_limit is not None
@@ -253,8 +256,29 @@ def ragged_update(score: Tensor, pos: Tensor | None, offsets: Tensor, n_vis: Ten
         G=G, SPLIT=split, BLOCK_G=_pow2(G), BLOCK_N=128, REDUCE=REDUCE_CODES[reduce], ACCUM=accum, EVICT=evict,
         **_launch(num_warps=4),
     )
-    if not evict:
-        return None
+    return (mid_min, mid_idx) if evict else None
+
+
+def ranges_argmin(mid_min: Tensor, mid_idx: Tensor) -> Tensor:
+    """Each segment's first lowest-score slot over the ranges :func:`ragged_update` wrote, (BH, R) each -> (BH,)
+    int64 (``BIG``: no candidate). Ranges are in slot order, so the smallest index among the minima is the first."""
     low = mid_min.amin(1, keepdim=True)  # (BH, 1)
-    first = torch.where((mid_min == low) & (mid_idx < BIG), mid_idx, BIG).amin(1)  # (BH,) ranges in slot order
-    return first.long()
+    return torch.where((mid_min == low) & (mid_idx < BIG), mid_idx, BIG).amin(1).long()
+
+
+def ragged_evict(mid_min: Tensor, mid_idx: Tensor, valid: Tensor, hwm: Tensor, hole: Tensor, seen: Tensor,
+                 base: Tensor, *, ratio: float) -> None:
+    """Fused end of an evicting decode step, in place: each segment of a row still generating (``valid`` (B,) or
+    (B, 1)) that holds more than ``base + keep(seen[b])`` tokens (``keep``: the budget function at ``ratio``,
+    :func:`methods.selectors.keep_count_t`) frees its first lowest-score candidate (``hole``). ``base`` (BH,) is the
+    segment's context budget minus ``keep`` of the context. Equals ``hole = where(over & (first < BIG), first,
+    hole)`` with ``first = ranges_argmin(mid_min, mid_idx)``."""
+    from methods.selectors import ratio_fraction
+
+    r = ratio_fraction(ratio)
+    BH, R = mid_min.shape
+    K = _kernels()
+    K.ragged_evict[(BH,)](
+        mid_min, mid_idx, valid.reshape(-1), hwm, hole, seen, base, R, BH // seen.shape[0],
+        r.denominator - r.numerator, r.denominator, *mid_min.stride(), NR=max(2, _pow2(R)), **_launch(num_warps=1),
+    )
