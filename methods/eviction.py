@@ -15,7 +15,8 @@ Choices common to the family (docs/PAPERS.md §6 and kvpress' query-agnostic pro
   (kvpress averages them; ``mean`` is the default everywhere).
 - Protected tokens (sinks, recent/observation window) count inside the budget and are clamped to
   it: sinks first, then the most recent tokens.
-- Attention weights are computed in chunks of queries (``score_chunk``), never T x T at once.
+- Attention statistics (the window's attention, the accumulated mass) are computed by the store: in chunks of
+  queries on the reference path, blockwise or by kernels on the fused path, never as a T x S matrix.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase
-from methods.ragged import EvictionStore
+from methods.kernels import FUSED_CHOICES, use_fused
+from methods.ragged import (
+    EvictionPolicy,
+    EvictionStore,
+    FusedEvictionStore,
+    RescoreInput,
+    ScoreInput,
+    Selection,
+)
 from methods.selectors import (
     GROUP_REDUCE,
     POOLING,
@@ -35,11 +44,11 @@ from methods.selectors import (
     group_reduce,
     keep_count,
     keep_count_t,
+    per_row,
     pool_scores,
     protect_mask,
     pyramid_budgets,
     select_topk,
-    window_attention,
 )
 
 __all__ = ["EvictionMethod", "RandomEviction", "KNorm", "H2O", "SnapKV", "PyramidKV", "AdaKV", "VATP"]
@@ -47,34 +56,82 @@ __all__ = ["EvictionMethod", "RandomEviction", "KNorm", "H2O", "SnapKV", "Pyrami
 
 @dataclass
 class EvictionMethod(MethodBase):
-    """Base of the eviction family: the hooks :class:`~methods.ragged.EvictionStore` calls.
+    """Base of the eviction family: the store contract (:mod:`methods.ragged`: ``policy``, ``plan``,
+    ``write_scores``, ``reselect``) built from a few family hooks.
 
-    Subclasses define ``scores`` (higher = keep) and, when they need them, the observers
-    (``observe_window``, ``observe_mass``) and budget allocation (``budgets``).
+    A subclass defines ``scores(inp)`` (higher = keep), reading what it needs from the
+    :class:`~methods.ragged.ScoreInput` (keys, values, positions, the observation window's attention, the
+    accumulated mass, the layer), and when it needs them the observers (``observe_window``, ``observe_mass``) and a
+    budget allocation (``budgets``). ``fused`` picks the store: ``auto`` = :class:`~methods.ragged.FusedEvictionStore`
+    on CUDA (Triton kernels, CUDA-graph decode), the reference :class:`~methods.ragged.EvictionStore` elsewhere;
+    ``on`` insists (CPU: under ``TRITON_INTERPRET=1``), ``off`` never.
     """
 
     ratio: float = 0.5
 
     family: ClassVar[str] = "eviction"
     memory: ClassVar[str] = "physical"
-    kernel: ClassVar[str] = "reference"
-    score_chunk: ClassVar[int] = 256  # queries per attention-weight chunk (memory only; no effect on results)
+    kernel: ClassVar[str] = "fused"  # has a fused path; rows record the path that actually ran
     keeps_positions: ClassVar[bool] = False  # store each kept token's position (recency, blocks)
     keeps_scores: ClassVar[bool] = False  # store a per-token score updated during decode
+    scores_on_write: ClassVar[bool] = False  # write_scores gives a new token its own score (LKV); else it starts at 0
 
     n_sink: int = 0
     window: int = 0
+    fused: str = "auto"
 
     def __post_init__(self) -> None:
         if int(self.n_sink) < 0 or int(self.window) < 0:
             raise ValueError(f"n_sink and window must be >= 0, got {self.n_sink}, {self.window}")
         if getattr(self, "group_reduce", "mean") not in GROUP_REDUCE:
             raise ValueError(f"unknown group_reduce {self.group_reduce!r}; use one of {GROUP_REDUCE}")
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> EvictionStore:
-        return EvictionStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        cls = FusedEvictionStore if use_fused(self.fused, device, FusedEvictionStore.supports(layer)) else EvictionStore
+        return cls(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
-    # -- what the store asks ----------------------------------------------------------------------
+    # -- the store contract -----------------------------------------------------------------------
+    def policy(self, layer: LayerSpec) -> EvictionPolicy:
+        keeps_scores = bool(self.keeps_scores)
+        return EvictionPolicy(
+            ratio=float(self.ratio), scores_written=bool(self.scores_on_write),
+            observe_window=int(self.observe_window()), observe_mass=bool(self.observe_mass()),
+            group_reduce=getattr(self, "group_reduce", "mean"), n_sink=int(self.n_sink),
+            keeps_positions=bool(self.keeps_positions), keeps_scores=keeps_scores,
+            accumulates_attention=keeps_scores and bool(self.accumulates_attention),
+            evicts_in_decode=bool(self.evicts_in_decode), evicts_after_compaction=bool(self.evicts_after_compaction),
+            rescore_every=int(self.rescore_period()),
+        )
+
+    def plan(self, inp: ScoreInput) -> Selection:
+        """Which prefill slots each (row, kv head) keeps: the protected ones, then the highest scores."""
+        scores = self.scores(inp).float().masked_fill(inp.empty, float("-inf"))  # (B, H_kv, S)
+        budget, protected = self.budgets(inp, scores)
+        return Selection(keep=select_topk(scores, protected, budget), budget=budget,
+                         recent=self.recent_window(budget),
+                         scores=self.carried_scores(inp) if self.keeps_scores else None)
+
+    def write_scores(self, layer: LayerSpec, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """(B, H_kv, T) score a token starts with when it is written after compaction (default 0;
+        a query-agnostic scorer such as LKV's gives its own). k, v (B, H_kv, T, D) post-RoPE;
+        positions (B, T). Runs inside the decode step: device ops only."""
+        return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+
+    def reselect(self, inp: RescoreInput) -> Tensor:
+        """Re-select after compaction (kept + new tokens) down to ``inp.budget``: sinks and recent window by
+        position, then the highest :meth:`rescore`."""
+        pos, present, budget = inp.positions, inp.present, inp.budget
+        assert pos is not None and inp.scores is not None, "reselect needs positions and scores"
+        last = pos.masked_fill(~present, -1).amax(-1, keepdim=True)  # (B, H, 1)
+        recent = self.recent_window(budget)[..., None]  # (B, H, 1)
+        sinks = torch.clamp(budget, max=int(self.n_sink))[..., None]
+        protected = present & ((pos < sinks) | (pos > last - recent))
+        key = self.rescore(inp).float()
+        return select_topk(key.masked_fill(~present, float("-inf")), protected, budget)
+
+    # -- family hooks -----------------------------------------------------------------------------
     @property
     def evicts_in_decode(self) -> bool:
         """Evict one token per decode step on device once over budget (H2O)."""
@@ -85,85 +142,54 @@ class EvictionMethod(MethodBase):
         """Re-select down to the budget when multi-token chunks or re-scoring repack the store."""
         return self.evicts_in_decode
 
+    @property
+    def accumulates_attention(self) -> bool:
+        """Kept scores grow with the attention each decode query (and question chunk) pays them (H2O)."""
+        return True
+
     def rescore_period(self) -> int:
         """Decode steps between re-scorings of the kept tokens (0 = never)."""
         return 0
 
     def observe_window(self) -> int:
-        """How many of the context's last queries the store keeps for scoring (0 = none)."""
+        """How many of the context's last queries the store observes for scoring (0 = none)."""
         return 0
 
     def observe_mass(self) -> bool:
         """Whether the store accumulates the attention every key receives during prefill."""
         return False
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        """(B, H_kv, S) scores of the S = store.hi prefill slots, higher = keep."""
+    def scores(self, inp: ScoreInput) -> Tensor:
+        """(B, H_kv, S) scores of the prefill slots, higher = keep."""
         raise NotImplementedError
 
-    def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
+    def uniform_budget(self, inp: ScoreInput) -> Tensor:
         """(B,) tokens per head each row keeps on average: the budget function."""
-        return keep_count_t(n.long(), float(self.ratio))
+        return keep_count_t(inp.n.long(), float(self.ratio))
 
     def recent_window(self, budget: Tensor) -> Tensor:
         """(B, H_kv) most recent tokens protected from eviction (clamped to the budget)."""
         return torch.clamp(budget - int(self.n_sink), min=0).minimum(torch.full_like(budget, int(self.window)))
 
-    def budgets(self, store: EvictionStore, n: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    def budgets(self, inp: ScoreInput, scores: Tensor) -> tuple[Tensor, Tensor]:
         """(B, H_kv) budgets and the (B, H_kv, S) protected tokens: uniform over heads and layers."""
-        budget = self.uniform_budget(store, n)[:, None].expand(-1, store.layer.n_kv_heads).contiguous()
-        return budget, self.protect(n, budget, scores.shape[-1])
+        budget = self.uniform_budget(inp)[:, None].expand(-1, inp.layer.n_kv_heads).contiguous()
+        return budget, self.protect(inp.n, budget, scores.shape[-1])
 
     def protect(self, n: Tensor, budget: Tensor, n_slots: int) -> Tensor:
         return protect_mask(n, budget, n_slots=n_slots, n_sink=self.n_sink, window=self.recent_window(budget))
 
-    def plan(self, store: EvictionStore, n: Tensor) -> tuple[Tensor, Tensor]:
-        """Which prefill slots each (row, kv head) keeps: (B, H_kv, S) bool, and the budgets."""
-        S = store.hi
-        scores = self.scores(store, n).float()
-        empty = torch.arange(S, device=n.device)[None, None] >= n[:, None, None]  # (B, 1, S)
-        scores = scores.masked_fill(empty, float("-inf"))
-        budget, protected = self.budgets(store, n, scores)
-        return select_topk(scores, protected, budget), budget
-
-    @property
-    def accumulates_attention(self) -> bool:
-        """Kept scores grow with the attention each decode query (and question chunk) pays them (H2O)."""
-        return True
-
-    def write_scores(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """(B, H_kv, T) score a token starts with when it is written after compaction (default 0;
-        a query-agnostic scorer such as LKV's gives its own). k, v (B, H_kv, T, D) post-RoPE;
-        positions (B, T)."""
-        return torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
-
-    def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        """(B, H_kv, S) per-token scores a method that keeps scores starts decode with."""
-        return torch.zeros(store.batch, store.layer.n_kv_heads, store.hi, device=store.device)
-
-    def reduce_probs(self, probs: Tensor) -> Tensor:
-        """Decode-step attention (N, G) -> per-slot score gain (N,)."""
-        return group_reduce(probs.T[None], 1, getattr(self, "group_reduce", "mean"))[0, 0]
+    def carried_scores(self, inp: ScoreInput) -> Tensor:
+        """(B, H_kv, S) per-token scores a method that keeps scores starts decode with (default 0)."""
+        return torch.zeros(inp.keys.shape[:3], device=inp.keys.device)
 
     def reduce_mass(self, mass: Tensor, n_kv_heads: int) -> Tensor:
-        """Attention mass (B, H_q, S) -> (B, H_kv, S)."""
+        """Attention (B, H_q, S) -> (B, H_kv, S), the group's query heads combined by ``group_reduce``."""
         return group_reduce(mass, n_kv_heads, getattr(self, "group_reduce", "mean"))
 
-    def reselect(self, store: EvictionStore, k: Tensor, v: Tensor, present: Tensor, pos: Tensor | None,
-                 score: Tensor | None, budget: Tensor) -> Tensor:
-        """Re-select after compaction (kept + new tokens, (B, H_kv, S) each) down to ``budget``:
-        sinks and recent window by position, then the highest score."""
-        assert pos is not None and score is not None, "reselect needs positions and scores"
-        last = pos.masked_fill(~present, -1).amax(-1, keepdim=True)  # (B, H, 1)
-        recent = self.recent_window(budget)[..., None]  # (B, H, 1)
-        sinks = torch.clamp(budget, max=int(self.n_sink))[..., None]
-        protected = present & ((pos < sinks) | (pos > last - recent))
-        key = self.rescore(v, present, pos, score).float()
-        return select_topk(key.masked_fill(~present, float("-inf")), protected, budget)
-
-    def rescore(self, v: Tensor, present: Tensor, pos: Tensor, score: Tensor) -> Tensor:
+    def rescore(self, inp: RescoreInput) -> Tensor:
         """Scores of kept + new tokens when re-selecting (default: the accumulated score)."""
-        return score
+        return inp.scores
 
 
 def _fraction_window(budget: Tensor, n_sink: int, frac: float) -> Tensor:
@@ -187,9 +213,9 @@ class RandomEviction(EvictionMethod):
 
     name: ClassVar[str] = "random"
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        shape = (store.batch, store.layer.n_kv_heads, store.hi)
-        return torch.rand(shape, generator=_seeded(self.seed, store.layer.layer_idx)).to(store.device)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        shape = inp.keys.shape[:3]  # (B, H_kv, S)
+        return torch.rand(shape, generator=_seeded(self.seed, inp.layer.layer_idx)).to(inp.keys.device)
 
 
 @dataclass
@@ -202,8 +228,8 @@ class KNorm(EvictionMethod):
 
     name: ClassVar[str] = "knorm"
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        return -store.k[:, :, : store.hi].float().norm(dim=-1)  # (B, H_kv, S)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        return -per_row(lambda k: k.float().norm(dim=-1), inp.keys)  # (B, H_kv, S), one row's fp32 copy at a time
 
 
 @dataclass
@@ -247,11 +273,11 @@ class H2O(EvictionMethod):
     def recent_window(self, budget: Tensor) -> Tensor:
         return _fraction_window(budget, self.n_sink, self.recent_frac)
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        return self.reduce_mass(store.mass[:, :, : store.hi], store.layer.n_kv_heads)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        return self.reduce_mass(inp.mass, inp.layer.n_kv_heads)
 
-    def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        return self.scores(store, n)
+    def carried_scores(self, inp: ScoreInput) -> Tensor:
+        return self.scores(inp)
 
 
 @dataclass
@@ -284,12 +310,8 @@ class SnapKV(EvictionMethod):
     def observe_window(self) -> int:
         return int(self.window)
 
-    def window_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        """(B, H_q, S) window attention of the prefill slots."""
-        return window_attention(store.win_q, store.win_slot, store.k[:, :, : store.hi], n, scaling=store.scaling)
-
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        a = self.reduce_mass(self.window_scores(store, n), store.layer.n_kv_heads)  # (B, H_kv, S)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        a = self.reduce_mass(inp.window_attn, inp.layer.n_kv_heads)  # (B, H_kv, S)
         return pool_scores(a, kernel=int(self.pool_kernel), how=self.pooling)
 
 
@@ -314,11 +336,11 @@ class PyramidKV(SnapKV):
         if float(self.beta) <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
 
-    def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
-        li, L = store.layer.layer_idx, store.layer.n_layers
+    def uniform_budget(self, inp: ScoreInput) -> Tensor:
+        li, L = inp.layer.layer_idx, inp.layer.n_layers
         out = [pyramid_budgets(x, keep_count(x, self.ratio), n_layers=L, window=self.window, beta=self.beta)[li]
-               if x > 0 else 0 for x in n.tolist()]
-        return torch.tensor(out, dtype=torch.long, device=n.device)
+               if x > 0 else 0 for x in inp.n.tolist()]
+        return torch.tensor(out, dtype=torch.long, device=inp.n.device)
 
 
 @dataclass
@@ -342,10 +364,10 @@ class AdaKV(SnapKV):
         if not 0.0 <= float(self.alpha_safeguard) <= 1.0:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
 
-    def budgets(self, store: EvictionStore, n: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-        uniform, protected = super().budgets(store, n, scores)
+    def budgets(self, inp: ScoreInput, scores: Tensor) -> tuple[Tensor, Tensor]:
+        uniform, protected = super().budgets(inp, scores)
         budget = adakv_budgets(scores, uniform[:, 0], protected, alpha=float(self.alpha_safeguard))
-        return budget.to(n.device), protected
+        return budget.to(inp.n.device), protected
 
 
 @dataclass
@@ -387,11 +409,7 @@ class VATP(SnapKV):
             return super().recent_window(budget)
         return _fraction_window(budget, self.n_sink, self.recent_frac)
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        H = store.layer.n_kv_heads
-        if self.support == "window":
-            a = self.reduce_mass(self.window_scores(store, n), H)
-        else:
-            a = self.reduce_mass(store.mass[:, :, : store.hi], H)
-        s = a * store.v[:, :, : store.hi].float().abs().sum(-1)  # (B, H_kv, S)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        a = self.reduce_mass(inp.window_attn if self.support == "window" else inp.mass, inp.layer.n_kv_heads)
+        s = a * per_row(lambda v: v.float().abs().sum(-1), inp.values)  # (B, H_kv, S)
         return pool_scores(s, kernel=int(self.pool_kernel), how=self.pooling)

@@ -54,9 +54,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from methods.api import CalibrationContext, ModelSpec
+from methods.api import CalibrationContext, LayerSpec, ModelSpec
 from methods.eviction import EvictionMethod
-from methods.ragged import EvictionStore
+from methods.ragged import ScoreInput
 from methods.selectors import _largest_remainder, keep_count, keep_count_t
 
 __all__ = ["LKV", "LKVWeights", "head_fractions", "head_budgets", "soft_keep", "unrotate", "scorer_features",
@@ -270,6 +270,7 @@ class LKV(EvictionMethod):
     evict_in_decode: bool = False
 
     name: ClassVar[str] = "lkv"
+    scores_on_write: ClassVar[bool] = True  # new tokens are scored by the learned scorer when written
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -369,33 +370,34 @@ class LKV(EvictionMethod):
             self._budget_cache[n] = head_budgets(n, self.ratio, rho, L, H)
         return self._budget_cache[n]
 
-    def budgets_of(self, store: EvictionStore, n: Tensor) -> Tensor:
+    def budgets_of(self, layer: LayerSpec, n: Tensor) -> Tensor:
         """(B, H_kv) this layer's integer budgets for rows of ``n`` context tokens."""
-        li, L, H = store.layer.layer_idx, store.layer.n_layers, store.layer.n_kv_heads
+        li, L, H = layer.layer_idx, layer.n_layers, layer.n_kv_heads
         rows = [self._allocation(int(x), L, H)[li] if int(x) > 0 else [0] * H for x in n.tolist()]
         return torch.tensor(rows, dtype=torch.long, device=n.device)
 
-    def budgets(self, store: EvictionStore, n: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        budget = self.budgets_of(store, n)
-        return budget, self.protect(n, budget, scores.shape[-1])
+    def budgets(self, inp: ScoreInput, scores: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        budget = self.budgets_of(inp.layer, inp.n)
+        return budget, self.protect(inp.n, budget, scores.shape[-1])
 
-    def _score(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    def _score(self, layer: LayerSpec, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """(B, H_kv, T) scores of tokens k, v (B, H_kv, T, D) at positions (B, T) or (T,)."""
         self._ready()
         if self.scorer == "uniform" or float(self.ratio) == 0:
             return positions.float().expand(k.shape[0], -1)[:, None].expand(k.shape[:3]).contiguous()
         w = self._w if self._w.w1.device == k.device else self._w.to(k.device)
         self._w = w
-        li = store.layer.layer_idx
+        li = layer.layer_idx
         inv, scale = self._rope  # type: ignore[misc]
+        if inv.device != k.device:  # once: a decode step captured in a CUDA graph must not copy from the host
+            inv = inv.to(k.device)
+            self._rope = (inv, scale)
         pos = positions if positions.dim() == 2 else positions[None]
         k_pre = unrotate(k, pos[:, None, :], inv, scale)
         return score_tokens(scorer_features(k_pre, v), w.w1[li], w.b1[li], w.w2[li], w.b2[li])
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        S = store.hi
-        pos = torch.arange(S, device=store.device)  # prefill slot = position
-        return self._score(store, store.k[:, :, :S], store.v[:, :, :S], pos)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        return self._score(inp.layer, inp.keys, inp.values, inp.positions)
 
     # -- decode-time eviction (knob) -------------------------------------------------------------
     @property
@@ -414,11 +416,11 @@ class LKV(EvictionMethod):
     def accumulates_attention(self) -> bool:
         return False
 
-    def carried_scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        return self.scores(store, n).float()
+    def carried_scores(self, inp: ScoreInput) -> Tensor:
+        return self.scores(inp).float()
 
-    def write_scores(self, store: EvictionStore, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        return self._score(store, k, v, positions).float()
+    def write_scores(self, layer: LayerSpec, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return self._score(layer, k, v, positions).float()
 
-    def uniform_budget(self, store: EvictionStore, n: Tensor) -> Tensor:
-        return keep_count_t(n.long(), float(self.ratio))
+    def uniform_budget(self, inp: ScoreInput) -> Tensor:
+        return keep_count_t(inp.n.long(), float(self.ratio))

@@ -22,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "ratio_fraction", "keep_count", "keep_count_t", "pyramid_budgets", "adakv_budgets", "protect_mask",
     "lex_scores", "select_topk", "group_reduce", "pool_scores", "window_attention", "attention_mass", "block_ids",
-    "block_reduce", "leave_block_out", "dilate_blocks",
+    "block_reduce", "leave_block_out", "dilate_blocks", "per_row",
 ]
 
 GROUP_REDUCE = ("mean", "max", "sum")
@@ -162,6 +162,12 @@ def select_topk(scores: Tensor, protected: Tensor, budget: Tensor) -> Tensor:
 
 
 # -- scorers --------------------------------------------------------------------------------------
+def per_row(fn, *xs: Tensor) -> Tensor:
+    """``fn`` applied to each batch row of ``xs`` (each (B, ...)) and stacked: the same values as ``fn(*xs)`` for
+    a row-wise ``fn``, with one row's temporaries at a time (a float32 copy of 8 x 32K keys would be 1 GB)."""
+    return torch.stack([fn(*(x[b] for x in xs)) for b in range(xs[0].shape[0])])
+
+
 def group_reduce(x: Tensor, n_kv_heads: int, how: str = "mean") -> Tensor:
     """Combine the query heads of each GQA group: x (B, H_q, ...) -> (B, H_kv, ...)."""
     B, H_q = x.shape[:2]
@@ -249,23 +255,24 @@ def leave_block_out(a: Tensor, v: Tensor, blocks: Tensor, n_blocks: int, *, eps:
 
     a (B, H_q, S) attention (0 where no token); v (B, H_kv, S, D); blocks (B, H_kv, S) ->
     (A, dO), each (B, H_q, n_blocks) float32. Loops over the query heads of a group, so the
-    temporary is the size of V.
+    temporary is one row of V.
     """
     B, H_q, S = a.shape
     H_kv = v.shape[1]
     G = H_q // H_kv
-    vf = v.float()
     A = torch.zeros(B, H_q, n_blocks, dtype=torch.float32, device=a.device)
     dO = torch.zeros_like(A)
     ag = a.float().reshape(B, H_kv, G, S)
-    for g in range(G):
-        ai = ag[:, :, g]  # (B, H_kv, S)
-        o = torch.einsum("bhs,bhsd->bhd", ai, vf)  # (B, H_kv, D)
-        contrib = ai[..., None] * (vf - o[:, :, None])  # (B, H_kv, S, D)
-        num = block_reduce(contrib, blocks, n_blocks).norm(dim=-1)  # (B, H_kv, nb)
-        mass = block_reduce(ai, blocks, n_blocks)  # (B, H_kv, nb)
-        A.view(B, H_kv, G, n_blocks)[:, :, g] = mass
-        dO.view(B, H_kv, G, n_blocks)[:, :, g] = num / (1 - mass).clamp(min=eps)
+    for b in range(B):  # one row's float32 values at a time
+        vf = v[b : b + 1].float()  # (1, H_kv, S, D)
+        for g in range(G):
+            ai = ag[b : b + 1, :, g]  # (1, H_kv, S)
+            o = torch.einsum("bhs,bhsd->bhd", ai, vf)  # (1, H_kv, D)
+            contrib = ai[..., None] * (vf - o[:, :, None])  # (1, H_kv, S, D)
+            num = block_reduce(contrib, blocks[b : b + 1], n_blocks).norm(dim=-1)  # (1, H_kv, nb)
+            mass = block_reduce(ai, blocks[b : b + 1], n_blocks)  # (1, H_kv, nb)
+            A.view(B, H_kv, G, n_blocks)[b : b + 1, :, g] = mass
+            dO.view(B, H_kv, G, n_blocks)[b : b + 1, :, g] = num / (1 - mass).clamp(min=eps)
     return A, dO
 
 

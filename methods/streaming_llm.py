@@ -18,6 +18,12 @@ Choices the paper leaves open, and ours:
 - Positions stay absolute (keys are stored after RoPE with their original positions); the paper's
   re-indexing of positions inside the cache is not applied, so results match a model served
   with a standard RoPE cache.
+
+Fast path (``fused``, :class:`FusedStreamingStore`): the compacted layout is dense and the new token always
+goes to the ring's free slot, so the slots a decode step sees are a prefix of each row's buffer (sinks, the
+ring) and the dense flash-decoding kernel of ``full`` (:func:`methods.kernels.attention.decode_attention`)
+serves it with constant lengths: no ragged kernel is needed (every kv head of a row keeps the same tokens).
+Prefill chunks take ``full``'s fused prefill kernel; the decode step is captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -29,32 +35,39 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase
+from methods.kernels import FUSED_CHOICES, use_fused
 from methods.selectors import keep_count
-from methods.stores import DenseStore, attend
+from methods.stores import DenseStore, FusedDenseStore, attend
 
 
 @dataclass
 class StreamingLLM(MethodBase):
-    """Sinks + recent window; ``ratio`` in [0, 1) sets the kept fraction of the context."""
+    """Sinks + recent window; ``ratio`` in [0, 1) sets the kept fraction of the context. ``fused``: ``auto``
+    takes :class:`FusedStreamingStore` on CUDA, ``on`` insists (CPU: under ``TRITON_INTERPRET=1``), ``off``
+    keeps the reference store."""
 
     ratio: float = 0.5
     n_sink: int = 4
+    fused: str = "auto"
 
     family = "eviction"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # has a fused path; rows record the path that actually ran
     name = "streaming_llm"
 
     def __post_init__(self) -> None:
         if int(self.n_sink) < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
 
     def kept_tokens(self, n_context: int) -> int:
         """Tokens a row of ``n_context`` context tokens keeps (the family's budget function)."""
         return keep_count(n_context, self.ratio)
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> StreamingStore:
-        return StreamingStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        cls = FusedStreamingStore if use_fused(self.fused, device, FusedDenseStore.supports(layer)) else StreamingStore
+        return cls(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
 
 class StreamingStore(DenseStore):
@@ -142,3 +155,46 @@ class StreamingStore(DenseStore):
         if not self.compacted:
             return super().tokens_kept()
         return self._occupied().sum(1)[:, None].expand(self.batch, self.layer.n_kv_heads)
+
+
+class FusedStreamingStore(StreamingStore, FusedDenseStore):
+    """:class:`StreamingStore` with the fused path of ``full``: prefill chunks through
+    :class:`~methods.stores.FusedDenseStore` (the causal kernel while rows are unpadded), and decode steps through
+    the dense flash-decoding kernel over each row's first ``n_sink + window + 1`` slots (the sinks and the ring, the
+    new token written into the ring's free slot first). Decode changes device state in place and never syncs:
+    ``graph_safe``. Multi-token chunks after compaction take the reference path."""
+
+    kernel = "fused"
+    graph_safe = True
+    bookkeeping = (*StreamingStore.bookkeeping, "n_visible")
+
+    def end_of_context(self) -> None:
+        super().end_of_context()
+        self.n_visible = self.n_sink_row + self.ring_size  # (B,) slots every decode step reads
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        if not (self.compacted and k.shape[2] == 1):
+            return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+        from methods.kernels.attention import decode_attention
+
+        B, H_kv, _, D = k.shape
+        dest = self.n_sink_row + self.free_rel  # (B,) the ring's free slot
+        idx = dest[:, None, None, None].expand(B, H_kv, 1, D)
+        self.k.scatter_(2, idx, k.to(self.dtype))
+        self.v.scatter_(2, idx, v.to(self.dtype))
+        out = decode_attention(q[:, :, 0], self.k, self.v, self.n_visible, scaling=scaling)  # (B, H_q, D)
+        self.free_rel.copy_((self.free_rel + valid[:, 0].long()) % self.ring_size)  # finished rows do not advance
+        self.seen.add_(valid.sum(1))
+        return out[:, None]
+
+    # -- CUDA-graph protocol (harness.engine captures the decode step of graph_safe stores) -------
+    def graph_snapshot(self) -> tuple:
+        return self.free_rel.clone(), self.seen.clone()
+
+    def graph_restore(self, snap: tuple) -> None:
+        free_rel, seen = snap
+        self.free_rel.copy_(free_rel)
+        self.seen.copy_(seen)
+
+    def graph_advance(self, steps: int) -> None:
+        """Nothing on the host: the compacted ring keeps no host bound."""

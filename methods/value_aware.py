@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from methods.eviction import SnapKV
-from methods.ragged import EvictionStore
+from methods.ragged import RescoreInput, ScoreInput
 from methods.selectors import block_ids, dilate_blocks, group_reduce, leave_block_out, lex_scores, pool_scores
 
 SUPPORTS = ("prefill_window", "decode_queries")
@@ -138,15 +138,13 @@ class ValueAware(SnapKV):
         key = lex_scores(*keys, a_kv.float())  # blocks best first; inside a block by attention
         return key.masked_fill(~present, float("-inf"))
 
-    def scores(self, store: EvictionStore, n: Tensor) -> Tensor:
-        a = self.window_scores(store, n)  # (B, H_q, S)
-        S = store.hi
-        slots = torch.arange(S, device=n.device)
-        pos = slots.expand(store.batch, store.layer.n_kv_heads, S)
-        present = pos < n[:, None, None]
-        return self.rank(a, store.v[:, :, :S], pos, present)
+    def scores(self, inp: ScoreInput) -> Tensor:
+        B, H, S = inp.keys.shape[:3]
+        pos = inp.positions[:, None].expand(B, H, S)  # (B, H_kv, S)
+        present = pos < inp.n[:, None, None]
+        return self.rank(inp.window_attn, inp.values, pos, present)
 
-    def rescore(self, v: Tensor, present: Tensor, pos: Tensor, score: Tensor) -> Tensor:
-        a = score.masked_fill(~present, 0.0)
+    def rescore(self, inp: RescoreInput) -> Tensor:
+        a = inp.scores.masked_fill(~inp.present, 0.0)
         a = a / a.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, H_kv, S) decode-side attention
-        return self.rank(a, v, pos, present)
+        return self.rank(a, inp.values, inp.positions, inp.present)

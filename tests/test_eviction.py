@@ -188,10 +188,11 @@ def test_kept_counts_equal_the_budget_function_and_memory_is_physical(method, ti
     engine, state = prefill(tiny_llama, method, prompts)
     spec = ModelSpec.from_config(tiny_llama.config)
     H = spec.n_kv_heads
-    plans = [layer.method.plan(layer, layer.lengths.clone()) for layer in state.layers]
+    plans = [layer.method.plan(layer.score_input()) for layer in state.layers]
     state.end_of_context()
     per_layer = []
-    for layer, (keep, budget) in zip(state.layers, plans):
+    for layer, sel in zip(state.layers, plans):
+        keep, budget = sel.keep, sel.budget
         kept = layer.tokens_kept()  # (B, H)
         assert torch.equal(kept, keep.sum(-1)) and torch.equal(kept, budget)
         assert layer.k.dim() == 2 and layer.k.shape[0] == int(layer.sizes.sum())  # flat (N, D)
@@ -230,15 +231,16 @@ def test_decode_equals_dense_attention_with_evicted_tokens_masked(method, tiny_l
     prompts = random_prompts([30, 19])
     engine, state = prefill(tiny_llama, method, prompts)
     layer = state.layers[0]
-    keep, _ = method.plan(layer, layer.lengths.clone())  # (B, H, S)
+    keep = method.plan(layer.score_input()).keep  # (B, H, S)
     k_all, v_all = layer.k[:, :, : layer.hi].clone(), layer.v[:, :, : layer.hi].clone()
     state.end_of_context()
     g = torch.Generator().manual_seed(4)
     B, H, S, D = k_all.shape
     H_q = state.layers[0].layer.n_q_heads
     q, k, v = torch.randn(B, H_q, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
-    out = layer.extend(q, k, v, positions=torch.tensor([[30], [19]]), valid=torch.ones(B, 1, dtype=torch.bool),
-                       scaling=D**-0.5)
+    with torch.inference_mode():  # as the engine calls it
+        out = layer.extend(q, k, v, positions=torch.tensor([[30], [19]]), valid=torch.ones(B, 1, dtype=torch.bool),
+                           scaling=D**-0.5)
     mask = torch.cat([keep, torch.ones(B, H, 1, dtype=torch.bool)], dim=2)[:, :, None]  # (B, H, 1, S + 1)
     ref = attend(q, torch.cat([k_all, k], 2), torch.cat([v_all, v], 2), mask, scaling=D**-0.5)
     assert torch.allclose(out, ref, atol=1e-5)

@@ -1,6 +1,7 @@
 """LKV (paper 4): budget arithmetic, the differentiable top-k, RoPE un-rotation, the method in the
 engine (physical per-head budgets, ratio 0 = full), refusals, and the training / evaluation scripts."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -142,8 +143,10 @@ def test_the_kept_set_is_the_scorers_top_k_and_deterministic(tiny_llama, tmp_pat
         method = ready(LKV(ratio=0.5, weights=str(path), n_sink=0, window=0), tiny_llama)
         _, state = prefill(tiny_llama, method, batch)
         layer = state.layers[1]
-        scores = method.scores(layer, layer.lengths)
-        keep, budget = method.plan(layer, layer.lengths.clone())
+        inp = layer.score_input()
+        scores = method.scores(inp)
+        sel = method.plan(inp)
+        keep, budget = sel.keep, sel.budget
         for b in range(len(batch)):  # the budget's highest scores, nothing else
             for h in range(keep.shape[1]):
                 n = len(batch[b])
@@ -279,3 +282,24 @@ def test_length_generalization_smoke_prints_its_table_with_the_committed_weights
     for r in rows:
         if r["method"] != "full":
             assert abs(float(r["ratio_achieved"]) - 0.85) < 0.03, r
+
+
+def test_fused_store_scores_new_tokens_and_evicts_as_the_reference(interpret, tiny_llama, tmp_path):
+    """LKV on the fused store (the learned scorer of each decode token inside the step, the eviction arg-min on the
+    device) keeps and generates what the reference store does."""
+    from harness.engine import Engine, Prompt
+
+    path = tmp_path / "w.safetensors"
+    fake_weights(tiny_llama, path, ratios=(0.5,), n_sink=2, window=3)
+    prompts = [Prompt(context=p) for p in random_prompts([30, 30])]
+    outs = {}
+    for fused in ("off", "on"):
+        method = ready(LKV(ratio=0.5, weights=str(path), n_sink=2, window=3, evict_in_decode=True, fused=fused),
+                       tiny_llama)
+        engine = Engine(copy.deepcopy(tiny_llama), method, prefill_chunk=8)
+        outs[fused] = engine.generate(prompts, max_new_tokens=5, return_logits=True)
+        assert engine.kernel == ("fused" if fused == "on" else "reference")
+    assert outs["on"].tokens == outs["off"].tokens
+    for a, b in zip(outs["off"].logits, outs["on"].logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs["on"].stats_final.tokens_kept, outs["off"].stats_final.tokens_kept)
