@@ -143,9 +143,9 @@ def test_output_is_dense_attention_over_what_was_read(method, tiny_llama):
     checked = []
     orig = layer._select
 
-    def select(qg):
+    def select(qg):  # idx_end as the step sees it (Quest closes a filled page at the start of a step)
         sel = orig(qg)
-        checked.append(sel)
+        checked.append((sel, layer.idx_end.clone()))
         return sel
 
     layer._select = select
@@ -156,9 +156,9 @@ def test_output_is_dense_attention_over_what_was_read(method, tiny_llama):
         k = torch.randn(B, H, 1, D, generator=g)
         v = torch.randn(B, H, 1, D, generator=g)
         valid = torch.ones(B, 1, dtype=torch.bool)
-        lengths, idx_end = layer.lengths.clone(), layer.idx_end.clone()
+        lengths = layer.lengths.clone()
         out = layer.extend(q, k, v, positions=None, valid=valid, scaling=0.125)
-        sel = checked[-1]  # (B, H, G, S)
+        sel, idx_end = checked[-1]  # (B, H, G, S), (B,)
         slots = torch.arange(layer.capacity)
         indexed = slots[None] < idx_end[:, None]
         recent = (slots[None] >= idx_end[:, None]) & (slots[None] <= lengths[:, None])

@@ -114,9 +114,10 @@ def test_quest_scores_and_selection_match_reference(interpret, shape, group):
     got = sa.quest_page_scores(q, kmin, kmax, n_pages, group=group)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     budget = torch.tensor([max(1, math.ceil(0.3 * n)) for n in range(P + 1)], dtype=torch.int32)
-    bits = sa.quest_select(got, n_pages, budget, n_kv_heads=H_kv, groups=G)
     sel = sa.select_pages_reference(got, n_pages, budget)
-    assert torch.equal(bits, sa.page_bits_reference(sel, H_kv, G))
+    for rank in (True, False):  # counted ranks (few pages) and the k-th-largest bisection
+        bits = sa.quest_select(got, n_pages, budget, n_kv_heads=H_kv, groups=G, rank=rank)
+        assert torch.equal(bits, sa.page_bits_reference(sel, H_kv, G))
     assert torch.equal(sel.sum(-1), torch.minimum(budget[n_pages], n_pages)[:, None].expand(B, sel.shape[1]))
 
 
@@ -124,10 +125,11 @@ def test_selection_handles_ties_and_tiny_budgets(interpret):
     scores = torch.tensor([[[1.0, 3.0, 3.0, 3.0, -2.0, 0.0, 5.0, 3.0]]])
     budget = torch.tensor([0, 1, 1, 2, 3, 3, 3, 3, 3], dtype=torch.int32)
     n_pages = torch.tensor([8])
-    bits = sa.quest_select(scores, n_pages, budget, n_kv_heads=1, groups=1)
-    assert bits[0, 0].tolist() == [0, 1, 1, 0, 0, 0, 1, 0]  # 5, then the first two of the tied 3s
-    bits = sa.quest_select(scores, torch.tensor([0]), budget, n_kv_heads=1, groups=1)
-    assert bits.sum() == 0  # no page: nothing selected
+    for rank in (True, False):
+        bits = sa.quest_select(scores, n_pages, budget, n_kv_heads=1, groups=1, rank=rank)
+        assert bits[0, 0].tolist() == [0, 1, 1, 0, 0, 0, 1, 0]  # 5, then the first two of the tied 3s
+        bits = sa.quest_select(scores, torch.tensor([0]), budget, n_kv_heads=1, groups=1, rank=rank)
+        assert bits.sum() == 0  # no page: nothing selected
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -144,12 +146,14 @@ def test_grid_gate_params_match_reference(interpret, shape):
     kmax = torch.rand(B, H_kv, generator=g) + 1
     t, w_ref, thr_ref, qn_ref = sa.grid_gate_params_reference(q.reshape(B, H_kv, G, D), sample, sample_valid, kth,
                                                              lo, step, kmax, gate_eps=1e-3)
-    w, thr, qn = torch.empty(B, H_q, D), torch.empty(B, H_q), torch.empty(B, H_q)
-    sa.grid_gate_params(q, sample, sample_valid, kth, lo, step, kmax, gate_eps=1e-3, w=w, thr=thr, qn=qn)
-    torch.testing.assert_close(w, w_ref.reshape(B, H_q, D))
-    torch.testing.assert_close(qn, qn_ref.reshape(B, H_q))
-    torch.testing.assert_close(thr, thr_ref.reshape(B, H_q), atol=1e-5, rtol=1e-5)
-    assert torch.isinf(thr.reshape(B, H_kv, G)[-1, -1]).all()
+    for rank in (True, False):  # counted ranks (small samples) and the k-th-largest bisection
+        w, thr, qn = torch.empty(B, H_q, D), torch.empty(B, H_q), torch.empty(B, H_q)
+        sa.grid_gate_params(q, sample, sample_valid, kth, lo, step, kmax, gate_eps=1e-3, w=w, thr=thr, qn=qn,
+                            rank=rank)
+        torch.testing.assert_close(w, w_ref.reshape(B, H_q, D))
+        torch.testing.assert_close(qn, qn_ref.reshape(B, H_q))
+        torch.testing.assert_close(thr, thr_ref.reshape(B, H_q), atol=1e-5, rtol=1e-5)
+        assert torch.isinf(thr.reshape(B, H_kv, G)[-1, -1]).all()
     # t is the kth[m]-th largest sample score
     s = torch.einsum("bhgd,bhmd->bhgm", q.reshape(B, H_kv, G, D), sample).masked_fill(~sample_valid[:, :, None], -1e30)
     m = sample_valid.sum(-1)

@@ -156,13 +156,13 @@ def sparse_combine(MidO, MidL, MidC, Out, Lens, IdxEnd, Valid, Acc, n_splits, H_
 
 
 @triton.jit
-def quest_scores(Q, Kmin, Kmax, NPages, S, H_kv, P_cap,
+def quest_scores(Q, Kmin, Kmax, IdxEnd, S, H_kv, P_cap,
                  sqb, sqh, sqd, smb, smh, smp, smd, ssb, ssh, ssp,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
-                 IEEE: tl.constexpr, GROUP: tl.constexpr):
+                 IEEE: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr):
     """Upper bounds sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min of a block of pages for the query heads of
     one kv head: per query head (row h * G + g of S) or, GROUP, summed over the group (row h); -inf past the row's
-    pages."""
+    idx_end[b] // PAGE pages."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -171,7 +171,7 @@ def quest_scores(Q, Kmin, Kmax, NPages, S, H_kv, P_cap,
     offs_d = tl.arange(0, D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     g_ok = offs_g < G
-    n_pages = tl.load(NPages + b).to(tl.int32)
+    n_pages = (tl.load(IdxEnd + b) // PAGE).to(tl.int32)
     p_ok = offs_p < n_pages
     q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None],
                 other=0.0)
@@ -196,27 +196,32 @@ def quest_scores(Q, Kmin, Kmax, NPages, S, H_kv, P_cap,
 
 
 @triton.jit
-def quest_select(S, NPages, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, sbp,
-                 G: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+def quest_select(S, IdxEnd, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, sbp,
+                 G: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr, RANK: tl.constexpr):
     """Top Budget[n_pages] pages of each score row of kv head h (ROWS = G rows, one per query head, or 1 shared by
     the group); ties go to the lower page. Writes the selection as bits (bit g: query head g reads the page)."""
     pid = tl.program_id(0)
     b = pid // H_kv
     h = pid % H_kv
     offs_p = tl.arange(0, BLOCK_P)
-    n_pages = tl.load(NPages + b).to(tl.int32)
+    n_pages = (tl.load(IdxEnd + b) // PAGE).to(tl.int32)
     p_ok = offs_p < n_pages
     k = tl.minimum(tl.load(Budget + n_pages).to(tl.int64), n_pages.to(tl.int64))
     bits = tl.zeros([BLOCK_P], tl.int32)
     for r in range(ROWS):
         s = tl.load(S + b * ssb + (h * ROWS + r) * ssh + offs_p * ssp, mask=p_ok, other=0.0)
         key = tl.where(p_ok, _sortable(s), -2147483648)
-        tau = _kth_key(key, tl.maximum(k, 1), 0)
-        gt = p_ok & (key > tau)
-        eq = p_ok & (key == tau)
-        n_gt = tl.sum(gt.to(tl.int64), 0)
-        tie = tl.cumsum(eq.to(tl.int64), 0) - 1  # rank among the ties, lower pages first
-        sel = (gt | (eq & (tie < k - n_gt))) & ((tl.zeros([BLOCK_P], tl.int64) + k) > 0)
+        if RANK:  # few pages: each page's rank by counting the pages ahead of it (ties: the lower page ahead)
+            ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs_p[None, :] < offs_p[:, None]))
+            rank = tl.sum(ahead.to(tl.int64), 1)
+            sel = p_ok & (rank < k)
+        else:
+            tau = _kth_key(key, tl.maximum(k, 1), 0)
+            gt = p_ok & (key > tau)
+            eq = p_ok & (key == tau)
+            n_gt = tl.sum(gt.to(tl.int64), 0)
+            tie = tl.cumsum(eq.to(tl.int64), 0) - 1  # rank among the ties, lower pages first
+            sel = (gt | (eq & (tie < k - n_gt))) & ((tl.zeros([BLOCK_P], tl.int64) + k) > 0)
         if ROWS == 1:
             mask_r = (1 << G) - 1
         else:
@@ -229,7 +234,8 @@ def quest_select(S, NPages, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, 
 def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, gate_eps,
                      sqb, sqh, sqd, ssb, ssh, ssm, ssd, svb, svh, svm, slb, slh, sld, skb, skh,
                      swb, swh, swd, stb, sth,
-                     G: tl.constexpr, BLOCK_G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+                     G: tl.constexpr, BLOCK_G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+                     RANK: tl.constexpr):
     """Per query head of kv head h: the threshold t = the Kth[m]-th largest score of the m valid sample keys (-inf
     if none), and the grid gate's operands w = q * step, |q| and thr = t - gate_eps |q| kmax - q . lo."""
     pid = tl.program_id(0)
@@ -250,8 +256,14 @@ def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, g
     m = tl.sum(sv.to(tl.int32), 0)
     k = tl.load(Kth + m).to(tl.int64)
     key = tl.where(sv[None, :], _sortable(s), -2147483648)  # (BLOCK_G, M)
-    tau = _kth_key(key, tl.maximum(k, 1), 1)
-    t = tl.max(tl.where(key == tau[:, None], s, float("-inf")), 1)
+    if RANK:  # a small sample: the k-th largest is the key with exactly k - 1 keys ahead of it (ties by index)
+        ahead = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None])
+                                                        & (offs_m[None, None, :] < offs_m[None, :, None]))
+        rank = tl.sum(ahead.to(tl.int32), 2)  # (BLOCK_G, M)
+        t = tl.max(tl.where(sv[None, :] & (rank == k - 1), s, float("-inf")), 1)
+    else:
+        tau = _kth_key(key, tl.maximum(k, 1), 1)
+        t = tl.max(tl.where(key == tau[:, None], s, float("-inf")), 1)
     t = tl.where(m > 0, t, float("-inf"))
     qf = q.to(tl.float32)
     lo = tl.load(Lo + b * slb + h * slh + offs_d * sld)
@@ -268,16 +280,16 @@ def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, g
 @triton.jit
 def quest_append(Knew, Vnew, K, V, Lens, Seen, Valid, IdxEnd, Kmin, Kmax, H_kv, s_valid,
                  snb, snh, snd, svnb, svnh, svnd, skb, skh, sks, skd, svb, svh, svs, svd, smb, smh, smp, smd,
-                 BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, CLOSE: tl.constexpr):
-    """Row b (one program, every kv head): if its stored tokens fill whole pages (lengths % PAGE == 0, CLOSE) the
-    last full page gets its key min/max and idx_end = lengths (idempotent); then the new K/V go to slot lengths[b]
-    and lengths, seen advance by valid[b]."""
+                 BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, META: tl.constexpr):
+    """Row b (one program, every kv head): idx_end = the row's tokens in whole pages; if they fill whole pages
+    (lengths % PAGE == 0) the last one gets its key min/max (META; idempotent); then the new K/V go to slot
+    lengths[b] and lengths, seen advance by valid[b]."""
     b = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < H_kv
     n = tl.load(Lens + b)
-    if CLOSE:
+    if META:
         offs_t = tl.arange(0, PAGE)
         nh = tl.zeros([BLOCK_H], tl.int64) + n  # (the interpreter cannot mix scalar and vector masks)
         full = h_ok & (nh % PAGE == 0) & (nh > 0)  # (BLOCK_H,)
@@ -292,7 +304,7 @@ def quest_append(Knew, Vnew, K, V, Lens, Seen, Valid, IdxEnd, Kmin, Kmax, H_kv, 
         m2 = full[:, None] & (offs_d[None, :] >= 0)
         tl.store(Kmin + dst, mn.to(Kmin.dtype.element_ty), mask=m2)
         tl.store(Kmax + dst, mx.to(Kmax.dtype.element_ty), mask=m2)
-        tl.store(IdxEnd + b, (n // PAGE) * PAGE)
+    tl.store(IdxEnd + b, (n // PAGE) * PAGE)
     ok = h_ok[:, None]
     kk = tl.load(Knew + b * snb + offs_h[:, None] * snh + offs_d[None, :] * snd, mask=ok)
     vv = tl.load(Vnew + b * svnb + offs_h[:, None] * svnh + offs_d[None, :] * svnd, mask=ok)

@@ -96,17 +96,20 @@ def page_bits_reference(sel: Tensor, n_kv_heads: int, groups: int) -> Tensor:
 
 
 def quest_append_reference(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths: Tensor, seen: Tensor, valid: Tensor,
-                           idx_end: Tensor, kmin: Tensor, kmax: Tensor, *, page_size: int) -> None:
-    """Close the last full page of each row whose tokens fill whole pages (its key min/max; idx_end = lengths),
-    then append k, v (B, H_kv, D) at slot lengths[b]; lengths, seen += valid. In place."""
+                           idx_end: Tensor, kmin: Tensor | None, kmax: Tensor | None, *, page_size: int) -> None:
+    """idx_end = each row's tokens in whole pages; a row whose tokens fill whole pages (re)computes the key min/max
+    of its last page (kmin, kmax None: a dense layer, idx_end only); then k, v (B, H_kv, D) go to slot lengths[b]
+    and lengths, seen += valid. In place, no host sync."""
     B, H, D = k.shape
     n = lengths.long()
-    full = (n % page_size == 0) & (n > 0)  # (B,)
-    for b in torch.nonzero(full).flatten().tolist():
-        e = int(n[b])
-        page = K[b, :, e - page_size : e]  # (H_kv, ps, D)
-        kmin[b, :, e // page_size - 1] = page.amin(1).to(kmin.dtype)
-        kmax[b, :, e // page_size - 1] = page.amax(1).to(kmax.dtype)
+    if kmin is not None:
+        full = (n % page_size == 0) & (n > 0)  # (B,)
+        start = (n - page_size).clamp(min=0)
+        slots = start[:, None] + torch.arange(page_size, device=k.device)  # (B, ps)
+        page = K.gather(2, slots[:, None, :, None].expand(B, H, page_size, D))  # (B, H_kv, ps, D)
+        p = (n // page_size - 1).clamp(min=0)[:, None, None, None].expand(B, H, 1, D)
+        for meta, val in ((kmin, page.amin(2, keepdim=True)), (kmax, page.amax(2, keepdim=True))):
+            meta.scatter_(2, p, torch.where(full[:, None, None, None], val.to(meta.dtype), meta.gather(2, p)))
     idx_end.copy_((n // page_size) * page_size)
     bi = torch.arange(B, device=k.device)
     K[bi, :, n] = k.to(K.dtype)
@@ -237,10 +240,11 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, id
     return out
 
 
-def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, n_pages: Tensor, *, group: bool,
+def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, idx_end: Tensor, *, group: bool, page_size: int = 1,
                       out: Tensor | None = None, block_p: int = 64) -> Tensor:
-    """Page upper bounds: q (B, H_q, D); kmin, kmax (B, H_kv, P, D); n_pages (B,) -> (B, H_q, P) fp32 per query
-    head, or (B, H_kv, P) summed over each group (``group``); -inf past a row's pages."""
+    """Page upper bounds: q (B, H_q, D); kmin, kmax (B, H_kv, P, D); the first idx_end[b] // page_size pages of a
+    row are indexed -> (B, H_q, P) fp32 per query head, or (B, H_kv, P) summed over each group (``group``); -inf
+    past a row's pages."""
     B, H_q, D = q.shape
     H_kv, P = kmin.shape[1], kmin.shape[2]
     G = H_q // H_kv
@@ -248,32 +252,36 @@ def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, n_pages: Tensor, *,
     if out is None:
         out = torch.empty(B, rows, P, dtype=torch.float32, device=q.device)
     _kernels().quest_scores[(-(-P // block_p), B * H_kv)](
-        q, kmin, kmax, n_pages, out, H_kv, P, *q.stride(), *kmin.stride(), *out.stride(),
+        q, kmin, kmax, idx_end, out, H_kv, P, *q.stride(), *kmin.stride(), *out.stride(),
         G=G, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_P=block_p, D=D, IEEE=q.dtype == torch.float32,
-        GROUP=bool(group), **_launch(num_warps=4),
+        GROUP=bool(group), PAGE=int(page_size), **_launch(num_warps=4),
     )
     return out
 
 
-def quest_select(scores: Tensor, n_pages: Tensor, budget: Tensor, *, n_kv_heads: int, groups: int,
-                 out: Tensor | None = None) -> Tensor:
-    """Top ``budget[n_pages[b]]`` pages of each score row (B, R, P) as bits (B, H_kv, P) int32: R = H_kv * G rows
-    (bit g per query head) or R = H_kv (every bit of the group)."""
+def quest_select(scores: Tensor, idx_end: Tensor, budget: Tensor, *, n_kv_heads: int, groups: int,
+                 page_size: int = 1, out: Tensor | None = None, rank: bool | None = None) -> Tensor:
+    """Top ``budget[n]`` of the n = idx_end[b] // page_size pages of each score row (B, R, P) as bits
+    (B, H_kv, P) int32: R = H_kv * G rows (bit g per query head) or R = H_kv (the group's G bits). Up to 64 pages
+    (``rank`` None) a page's rank is counted directly, beyond by the k-th-largest bisection."""
     B, R, P = scores.shape
     rows = R // n_kv_heads
     if out is None:
         out = torch.empty(B, n_kv_heads, P, dtype=torch.int32, device=scores.device)
     block = max(16, triton_next_pow2(P))
     _kernels().quest_select[(B * n_kv_heads,)](
-        scores, n_pages, budget, out, n_kv_heads, P, *scores.stride(), *out.stride(),
-        G=groups, ROWS=rows, BLOCK_P=block, **_launch(num_warps=8 if block >= 2048 else 4),
+        scores, idx_end, budget, out, n_kv_heads, P, *scores.stride(), *out.stride(),
+        G=groups, ROWS=rows, BLOCK_P=block, PAGE=int(page_size), RANK=block <= 64 if rank is None else bool(rank),
+        **_launch(num_warps=8 if block >= 2048 else 4),
     )
     return out
 
 
 def grid_gate_params(q: Tensor, sample: Tensor, sample_valid: Tensor, kth: Tensor, lo: Tensor, step: Tensor,
-                     kmax: Tensor, *, gate_eps: float, w: Tensor, thr: Tensor, qn: Tensor) -> None:
-    """Fused :func:`grid_gate_params_reference` for q (B, H_q, D): writes w (B, H_q, D), thr, qn (B, H_q)."""
+                     kmax: Tensor, *, gate_eps: float, w: Tensor, thr: Tensor, qn: Tensor, rank: bool | None = None) -> None:
+    """Fused :func:`grid_gate_params_reference` for q (B, H_q, D): writes w (B, H_q, D), thr, qn (B, H_q). The
+    sample size M is a power of two; up to 32 keys (``rank`` None) their ranks are counted directly, beyond the
+    threshold comes from the k-th-largest bisection."""
     B, H_q, D = q.shape
     H_kv, M = sample.shape[1], sample.shape[2]
     G = H_q // H_kv
@@ -281,18 +289,22 @@ def grid_gate_params(q: Tensor, sample: Tensor, sample_valid: Tensor, kth: Tenso
         q, sample, sample_valid, kth, lo, step, kmax, w, thr, qn, H_kv, float(gate_eps),
         *q.stride(), *sample.stride(), *sample_valid.stride(), *lo.stride(), *kmax.stride(), *w.stride(),
         *thr.stride(),
-        G=G, BLOCK_G=max(16, triton_next_pow2(G)), M=M, D=D, IEEE=q.dtype == torch.float32, **_launch(num_warps=4),
+        G=G, BLOCK_G=max(16, triton_next_pow2(G)), M=M, D=D, IEEE=q.dtype == torch.float32,
+        RANK=M <= 32 if rank is None else bool(rank), **_launch(num_warps=4),
     )
 
 
 def quest_append(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths: Tensor, seen: Tensor, valid: Tensor,
-                 idx_end: Tensor, kmin: Tensor, kmax: Tensor, *, page_size: int, close: bool = True) -> None:
-    """Fused :func:`quest_append_reference` (``close`` False: append only, for a dense layer)."""
+                 idx_end: Tensor, kmin: Tensor | None, kmax: Tensor | None, *, page_size: int) -> None:
+    """Fused :func:`quest_append_reference` (kmin, kmax None: a dense layer, idx_end only)."""
     B, H_kv, D = k.shape
+    meta = kmin is not None
+    if not meta:
+        kmin = kmax = K
     _kernels().quest_append[(B,)](
         k, v, K, V, lengths, seen, valid, idx_end, kmin, kmax, H_kv, valid.stride(0),
         *k.stride(), *v.stride(), *K.stride(), *V.stride(), *kmin.stride(),
-        BLOCK_H=triton_next_pow2(H_kv), D=D, PAGE=int(page_size), CLOSE=bool(close), **_launch(num_warps=4),
+        BLOCK_H=triton_next_pow2(H_kv), D=D, PAGE=int(page_size), META=meta, **_launch(num_warps=4),
     )
 
 
