@@ -37,7 +37,7 @@ def _data(shape, seed, dtype=torch.float32, device="cpu"):
     return q, k, v, lengths, idx_end, g
 
 
-def _check_attention(shape, gate, seed=0, dtype=torch.float32, device="cpu", n_splits=None, tol=1e-5):
+def _check_attention(shape, gate, seed=0, dtype=torch.float32, device="cpu", n_splits=None, tol=1e-5, block_n=None):
     B, H_q, H_kv, D, S = shape
     G = H_q // H_kv
     q, k, v, lengths, idx_end, g = _data(shape, seed, dtype, device)
@@ -69,7 +69,7 @@ def _check_attention(shape, gate, seed=0, dtype=torch.float32, device="cpu", n_s
     want, n_read = sa.sparse_decode_attention_reference(q, torch.nan_to_num(k), torch.nan_to_num(v), lengths,
                                                         idx_end, read, scaling=D**-0.5)
     got = sa.sparse_decode_attention(q, k, v, lengths, idx_end, scaling=D**-0.5, gate=gate, acc=acc, valid=valid,
-                                     n_splits=n_splits, **kw)
+                                     n_splits=n_splits, block_n=block_n, **kw)
     assert got.shape == (B, H_q, D)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     book = torch.stack([n_read, (lengths - idx_end) * H_kv, idx_end * H_kv, torch.ones_like(lengths)], 1)
@@ -77,10 +77,12 @@ def _check_attention(shape, gate, seed=0, dtype=torch.float32, device="cpu", n_s
 
 
 @pytest.mark.parametrize("gate", ["pages", "grid", "dense"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_sparse_attention_matches_reference(interpret, shape, gate):
-    for n_splits in (None, 3):
-        _check_attention(shape, gate, n_splits=n_splits)
+@pytest.mark.parametrize("shape,config", [(SHAPES[0], {"n_splits": 3, "block_n": 16}), (SHAPES[1], {}),
+                                          (SHAPES[2], {"n_splits": 2, "block_n": 32})], ids=str)
+def test_sparse_attention_matches_reference(interpret, shape, config, gate):
+    """The interpreter's default (one tile of 256 slots) and small tiles over several ranges (a page of 4 slots
+    inside a tile of 16)."""
+    _check_attention(shape, gate, **config)
 
 
 def test_sparse_attention_with_nothing_indexed_is_dense_attention(interpret):

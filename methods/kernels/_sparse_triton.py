@@ -124,31 +124,39 @@ def sparse_split(Q, K, V, Lens, IdxEnd, MidO, MidL, MidC, Bits, Codes, Err, W, T
 
 
 @triton.jit
-def sparse_combine(MidO, MidL, MidC, Out, Lens, IdxEnd, Valid, Acc, n_splits, H_q, H_kv,
+def sparse_combine(MidO, MidL, MidC, Out, Lens, IdxEnd, Valid, Acc, n_splits, H_kv,
                    sob, soh, sos, sod, slb, slh, sls, scb, sch, scs, s_ob, s_oh, s_od, sab, sac, s_valid,
-                   NS: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the ranges of one (row, query head); the program of query head 0 also books the row's reads of this
-    step into Acc[b] = (indexed slots read, buffer slots read, indexed slots there, steps), if the row is valid."""
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """Merge the ranges of the query heads of one (row, kv head); the program of kv head 0 also books the row's
+    reads of this step into Acc[b] = (indexed slots read, buffer slots read, indexed slots there, steps), if the
+    row is valid."""
     pid = tl.program_id(0)
-    b = pid // H_q
-    hq = pid % H_q
+    b = pid // H_kv
+    h = pid % H_kv
+    offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, NS)
     offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
     s_ok = offs_s < n_splits
-    lse = tl.load(MidL + b * slb + hq * slh + offs_s * sls, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - m)
-    o = tl.load(MidO + b * sob + hq * soh + offs_s[:, None] * sos + offs_d[None, :] * sod, mask=s_ok[:, None],
-                other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(Out + b * s_ob + hq * s_oh + offs_d * s_od, out.to(Out.dtype.element_ty))
+    lse = tl.load(MidL + b * slb + heads[:, None] * slh + offs_s[None, :] * sls, mask=g_ok[:, None] & s_ok[None, :],
+                  other=float("-inf"))  # (BLOCK_G, NS)
+    m = tl.max(lse, 1)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty ranges weigh 0
+    o = tl.load(MidO + b * sob + heads[:, None, None] * soh + offs_s[None, :, None] * sos + offs_d[None, None, :] * sod,
+                mask=g_ok[:, None, None] & s_ok[None, :, None] & (offs_d[None, None, :] >= 0), other=0.0)
+    den = tl.sum(w, 1)
+    out = tl.sum(o * w[:, :, None], 1) / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(Out + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * s_od, out.to(Out.dtype.element_ty),
+             mask=g_ok[:, None])
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < H_kv * n_splits
     read = tl.sum(tl.load(MidC + b * scb + (offs_c // n_splits) * sch + (offs_c % n_splits) * scs, mask=c_ok,
                           other=0).to(tl.int64), 0)
     n_len = tl.load(Lens + b)
     n_idx = tl.load(IdxEnd + b)
-    book = (hq == 0) & (tl.load(Valid + b * s_valid) != 0)
+    book = (h == 0) & (tl.load(Valid + b * s_valid) != 0)
     tl.store(Acc + b * sab, tl.load(Acc + b * sab) + read, mask=book)
     tl.store(Acc + b * sab + sac, tl.load(Acc + b * sab + sac) + (n_len - n_idx) * H_kv, mask=book)
     tl.store(Acc + b * sab + 2 * sac, tl.load(Acc + b * sab + 2 * sac) + n_idx * H_kv, mask=book)

@@ -203,7 +203,7 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, id
     H_kv, S = k.shape[1], k.shape[2]
     G = H_q // H_kv
     mode = GATES[gate]
-    block_n = block_n or _block_n(D)
+    block_n = block_n or (256 if interpret_mode() else _block_n(D))  # the interpreter: few, large tiles
     if mode == 0:
         block_n = max(block_n, page_size) if page_size <= 128 else block_n
     ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n)
@@ -232,10 +232,11 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, id
         G=G, SPLIT=split, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_N=block_n, D=D, IEEE=q.dtype == torch.float32,
         GATE=mode, PAGE=int(page_size), **_launch(num_warps=num_warps, num_stages=num_stages),
     )
-    K.sparse_combine[(B * H_q,)](
-        mid_o, mid_l, mid_c, out, lengths, idx_end, valid, acc, ns, H_q, H_kv,
+    K.sparse_combine[(B * H_kv,)](
+        mid_o, mid_l, mid_c, out, lengths, idx_end, valid, acc, ns, H_kv,
         *mid_o.stride(), *mid_l.stride(), *mid_c.stride(), *out.stride(), *acc.stride(), valid.stride(0),
-        NS=max(2, triton_next_pow2(ns)), D=D, BLOCK_C=max(2, triton_next_pow2(H_kv * ns)), **_launch(num_warps=4),
+        G=G, BLOCK_G=triton_next_pow2(G), NS=max(2, triton_next_pow2(ns)), D=D,
+        BLOCK_C=max(2, triton_next_pow2(H_kv * ns)), **_launch(num_warps=4),
     )
     return out
 
