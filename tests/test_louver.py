@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.engine import Engine
+from harness.engine import Engine, Prompt
 from methods.full import Full
 from methods.louver import (
     Louver,
@@ -233,3 +233,199 @@ def test_bad_parameters_are_refused():
     spec = ModelSpec.from_config(tiny_config("llama"))
     assert any("divide" in r for r in Louver(n_subspaces=7).validate(spec))
     assert any("ratio" in r for r in Quest(ratio=1.0).validate(spec))
+
+
+# -- index=grid (the fused kernels' gate) -------------------------------------------------------------
+from methods.kernels import sparse_attention as sa  # noqa: E402
+from methods.louver import FusedLouverGridStore, LouverGridStore, grid_bounds, grid_kth  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_gate_has_no_false_negatives(seed):
+    k, g = _keys(seed, aniso=seed % 2 == 0)
+    B, H, N, D = k.shape
+    dtype = torch.bfloat16 if seed >= 3 else torch.float32
+    k = k.to(dtype)  # keys as a store keeps them
+    valid = torch.rand(B, N, generator=g) < 0.9
+    lo, inv, step = grid_bounds(k[:, :, :200], valid[:, :200])  # later keys fall outside the grid: err grows
+    codes, err = sa.grid_encode_reference(k, lo, inv, step)
+    kh = lo[:, :, None] + codes.float() * step[:, :, None]
+    assert ((k.float() - kh).norm(dim=-1) <= err * (1 + 1e-6)).all()
+    q = torch.randn(B, H, 3, D, generator=g) * 2
+    M = 64
+    kth = grid_kth("budget", [0.05, 0.1, 0.3][seed % 3], M)
+    sv = valid[:, None, :M].expand(B, H, M)
+    kmax = k.float().norm(dim=-1).amax(-1)
+    t, w, thr, qn = sa.grid_gate_params_reference(q, k[:, :, :M], sv, kth, lo, step, kmax, gate_eps=1e-5)
+    read = sa.grid_read_reference(w, thr, qn, codes, err)  # (B, H, G, N)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q, k.float())
+    must = exact >= t[..., None]
+    assert must.any() and not (must & ~read).any()
+    assert read.float().mean() < 0.7  # and it prunes
+
+
+def _grid(**kw):
+    base = {"ratio": 0.7, "index": "grid", "sample_size": 32, "merge_every": 3}
+    return Louver(**{**base, **kw})
+
+
+def test_grid_store_outputs_attention_over_what_it_reads(tiny_llama):
+    """The reference grid store: zero false negatives against the exact scores at every step (merges crossed),
+    and the codes of every stored key bound it."""
+    prompts = random_prompts([70, 45])
+    engine = Engine(copy.deepcopy(tiny_llama), _grid(), prefill_chunk=16)
+    state = engine.new_state(2, 100)
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    assert all(type(layer) is LouverGridStore for layer in state.layers)
+    missed, must_total = [0], [0]
+    for layer in state.layers:
+        orig = layer._select
+
+        def select(qg, layer=layer, orig=orig):
+            sel = orig(qg)
+            t, *_ = sa.grid_gate_params_reference(qg, layer.sample, layer.sample_valid, layer.kth, layer.lo,
+                                                  layer.step, layer.kmax, gate_eps=1e-5)
+            exact = torch.einsum("bhgd,bhnd->bhgn", qg, layer.k.float())
+            indexed = torch.arange(layer.capacity)[None] < layer.idx_end[:, None]
+            must = (exact >= t[..., None]) & indexed[:, None, None]
+            missed[0] += int((must & ~sel).sum())
+            must_total[0] += int(must.sum())
+            return sel
+
+        layer._select = select
+    for step in range(8):
+        tok = torch.randint(0, 256, (2, 1))
+        pos = torch.tensor([[70 + step], [45 + step]])
+        engine.forward(state, tok, pos, torch.ones(2, 1, dtype=torch.bool), logits_at=torch.zeros(2, dtype=torch.long))
+    assert must_total[0] > 0 and missed[0] == 0
+    layer = state.layers[0]
+    assert layer.idx_end.tolist() == [76, 51]  # merged after steps 3 and 6
+    for b, n in enumerate(layer.lengths.tolist()):  # every stored key (context, question, decode) is encoded
+        kh = layer.lo[b, :, None] + layer.codes[b, :, :n].float() * layer.step[b, :, None]
+        assert ((layer.k[b, :, :n] - kh).norm(dim=-1) <= layer.err[b, :, :n] * (1 + 1e-6) + 1e-6).all()
+    st = layer.stats()
+    assert st.bytes_read_per_step < st.bytes_stored
+
+
+@pytest.mark.parametrize("lengths", [[50, 50], [50, 33]], ids=["equal", "ragged"])
+def test_fused_grid_store_gives_the_reference_tokens_logits_and_reads(interpret, tiny_llama, lengths):
+    outs = {}
+    g = torch.Generator().manual_seed(0)
+    prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
+                      question=torch.randint(3, 250, (5,), generator=g).tolist()) for n in lengths]
+    for fused in ("off", "on"):
+        engine = Engine(copy.deepcopy(tiny_llama), _grid(fused=fused), prefill_chunk=16)
+        outs[fused] = engine.generate(prompts, max_new_tokens=7, return_logits=True)
+        assert engine.kernel == ("fused" if fused == "on" else "reference")
+    ref, fast = outs["off"], outs["on"]
+    assert fast.tokens == ref.tokens
+    for a, b in zip(ref.logits, fast.logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for s_ref, s_fast in ((ref.stats_context, fast.stats_context), (ref.stats_final, fast.stats_final)):
+        assert s_fast.bytes_stored == s_ref.bytes_stored
+        assert s_fast.bytes_read_per_step == s_ref.bytes_read_per_step
+    assert ref.stats_final.bytes_read_per_step < ref.stats_final.bytes_stored
+
+
+def test_fused_grid_device_path_has_no_false_negatives(interpret, tiny_llama):
+    """The kernels' own operands (threshold kernel, codes written by the append kernel) let through every key at
+    or above the threshold, and the attention kernel books exactly the keys the gate passes."""
+    prompts = random_prompts([60, 41])
+    engine = Engine(copy.deepcopy(tiny_llama), _grid(fused="on"), prefill_chunk=16)
+    state = engine.new_state(2, 80)
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    layer = state.layers[1]
+    assert type(layer) is FusedLouverGridStore
+    seen = {"must": 0, "missed": 0}
+    orig = layer._fused_decode
+
+    def decode(q, k, v, valid, scaling):
+        read0 = layer.acc[:, 0].clone()
+        out = orig(q, k, v, valid, scaling)
+        B, H_q, D = q.shape
+        H, G = layer.layer.n_kv_heads, layer.layer.n_groups
+        w, thr, qn = torch.empty(B, H_q, D), torch.empty(B, H_q), torch.empty(B, H_q)
+        sa.grid_gate_params(q, layer.sample, layer.sample_valid, layer.kth, layer.lo, layer.step, layer.kmax,
+                            gate_eps=1e-5, w=w, thr=thr, qn=qn)
+        qg = q.float().reshape(B, H, G, D)
+        t, *_ = sa.grid_gate_params_reference(qg, layer.sample, layer.sample_valid, layer.kth, layer.lo, layer.step,
+                                              layer.kmax, gate_eps=1e-5)
+        read = sa.grid_read_reference(w.reshape(B, H, G, D), thr.reshape(B, H, G), qn.reshape(B, H, G),
+                                      layer.codes, layer.err)
+        indexed = torch.arange(layer.capacity)[None] < layer.idx_end[:, None]
+        must = (torch.einsum("bhgd,bhnd->bhgn", qg, layer.k.float()) >= t[..., None]) & indexed[:, None, None]
+        seen["must"] += int(must.sum())
+        seen["missed"] += int((must & ~read).sum())
+        assert torch.equal(layer.acc[:, 0] - read0, (read & indexed[:, None, None]).any(2).sum((1, 2)))
+        return out
+
+    layer._fused_decode = decode
+    for step in range(7):
+        tok = torch.randint(0, 256, (2, 1))
+        pos = torch.tensor([[60 + step], [41 + step]])
+        engine.forward(state, tok, pos, torch.ones(2, 1, dtype=torch.bool), logits_at=torch.zeros(2, dtype=torch.long))
+    assert seen["must"] > 0 and seen["missed"] == 0
+    assert layer.idx_end.tolist() == [66, 47]  # the device counter merged the buffer after steps 3 and 6
+
+
+def test_grid_settings_are_checked(tiny_llama):
+    from harness.models import tiny_config
+    from methods.api import ModelSpec
+
+    spec = ModelSpec.from_config(tiny_config("llama"))
+    assert any("threshold" in r for r in Louver(index="grid", threshold="sample_gap").validate(spec))
+    assert Louver(index="grid", n_subspaces=7).validate(spec) == []  # subspaces belong to index=balls
+    with pytest.raises(ValueError, match="index"):
+        Louver(index="kd")
+    engine = Engine(copy.deepcopy(tiny_llama), Louver(index="grid"))
+    assert type(engine.new_state(1, 8).layers[0]) is LouverGridStore  # fused=auto: the reference on CPU
+    with pytest.raises(ValueError, match="index=balls has no fused kernel"):
+        Engine(copy.deepcopy(tiny_llama), Louver(fused="on")).new_state(1, 8)
+
+
+# -- GPU (pytest -m gpu on the GPU machine) ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[300, 300], [300, 170]], ids=["equal", "ragged"])
+def test_cuda_graph_louver_grid_gives_the_reference_tokens(tiny_llama, lengths):
+    g = torch.Generator().manual_seed(0)
+    prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
+                      question=torch.randint(3, 250, (7,), generator=g).tolist()) for n in lengths]
+    outs = {}
+    for fused, graph in (("off", False), ("on", False), ("on", True)):
+        engine = Engine(copy.deepcopy(tiny_llama).cuda(), _grid(fused=fused, sample_size=256, merge_every=16),
+                        prefill_chunk=128, cuda_graph=graph)
+        outs[fused, graph] = engine.generate(prompts, max_new_tokens=40, return_logits=True)
+        assert engine.graph_error is None
+        assert engine.kernel == ("fused" if fused == "on" else "reference")
+    ref = outs["off", False]
+    for key in (("on", False), ("on", True)):
+        assert outs[key].tokens == ref.tokens, key
+        for a, b in zip(ref.logits, outs[key].logits):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert outs[key].stats_final.bytes_read_per_step == ref.stats_final.bytes_read_per_step
+
+
+@pytest.mark.gpu
+def test_louver_grid_graph_decode_step_does_not_sync_with_host(tiny_llama):
+    engine = Engine(copy.deepcopy(tiny_llama).cuda(), _grid(sample_size=256, merge_every=2))
+    state = engine.new_state(2, 128)
+    engine.run_segment(state, random_prompts([70, 70]), [0, 0], chunk=None, want_last=[True, True], last_logits=None)
+    state.end_of_context()
+    assert all(type(layer) is FusedLouverGridStore for layer in state.layers)
+    step = engine._decode_step(state, 2)
+    tok = torch.tensor([1, 2], device="cuda")
+    pos = torch.tensor([70, 70], device="cuda")
+    valid = torch.ones(2, dtype=torch.bool, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(5):
+            step(tok, pos + i, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    step.finish()
+    layer = state.layers[0]
+    assert layer.lengths.tolist() == [75, 75] and layer.hi == 75 and layer.idx_end.tolist() == [74, 74]
