@@ -59,11 +59,11 @@ def _online_tile(q, k_base, v_base, offs_n, rows, allowed, offs_d, m_i, l_i, acc
 
 
 @triton.jit
-def sparse_split(Q, K, V, Lens, IdxEnd, MidO, MidL, MidC, Bits, Codes, Err, W, Thr, Qn, scale_log2, H_kv,
+def sparse_split(Q, K, V, Lens, IdxEnd, MidO, MidL, MidC, Bits, Codes, Err, W, Thr, Qn, scale_log2, H_kv, SPLIT,
                  sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  sob, soh, sos, sod, slb, slh, sls, scb, sch, scs,
                  sbb, sbh, sbp, scob, scoh, scos, scod, seb, seh, ses, swb, swh, swd, stb, sth,
-                 G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                  D: tl.constexpr, IEEE: tl.constexpr, GATE: tl.constexpr, PAGE: tl.constexpr):
     """One (slot range, row, kv head): flash-decoding over slots [pid_s * SPLIT, min(+SPLIT, lengths[b])) that
     reads an indexed slot (< idx_end[b]) only where the gate lets some query head of the group through, and every
@@ -126,37 +126,50 @@ def sparse_split(Q, K, V, Lens, IdxEnd, MidO, MidL, MidC, Bits, Codes, Err, W, T
 @triton.jit
 def sparse_combine(MidO, MidL, MidC, Out, Lens, IdxEnd, Valid, Acc, n_splits, H_kv,
                    sob, soh, sos, sod, slb, slh, sls, scb, sch, scs, s_ob, s_oh, s_od, sab, sac, s_valid,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
-    """Merge the ranges of the query heads of one (row, kv head); the program of kv head 0 also books the row's
-    reads of this step into Acc[b] = (indexed slots read, buffer slots read, indexed slots there, steps), if the
-    row is valid."""
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, CH: tl.constexpr, D: tl.constexpr):
+    """Merge the ranges of BLOCK_G query heads of one (row, kv head), CH ranges at a time; the row's first program
+    also books the row's reads of this step into Acc[b] = (indexed slots read, buffer slots read, indexed slots
+    there, steps), if the row is valid."""
     pid = tl.program_id(0)
-    b = pid // H_kv
-    h = pid % H_kv
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_s = tl.arange(0, NS)
+    n_gb = (G + BLOCK_G - 1) // BLOCK_G
+    b = pid // (H_kv * n_gb)
+    h = (pid // n_gb) % H_kv
+    gb = pid % n_gb
+    offs_g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, CH)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
     heads = h * G + offs_g
-    s_ok = offs_s < n_splits
-    lse = tl.load(MidL + b * slb + heads[:, None] * slh + offs_s[None, :] * sls, mask=g_ok[:, None] & s_ok[None, :],
-                  other=float("-inf"))  # (BLOCK_G, NS)
-    m = tl.max(lse, 1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty ranges weigh 0
-    o = tl.load(MidO + b * sob + heads[:, None, None] * soh + offs_s[None, :, None] * sos + offs_d[None, None, :] * sod,
-                mask=g_ok[:, None, None] & s_ok[None, :, None] & (offs_d[None, None, :] >= 0), other=0.0)
-    den = tl.sum(w, 1)
-    out = tl.sum(o * w[:, :, None], 1) / tl.where(den > 0, den, 1.0)[:, None]
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, CH):
+        s_ok = (s0 + offs_c) < n_splits
+        lse = tl.load(MidL + b * slb + heads[:, None] * slh + (s0 + offs_c)[None, :] * sls,
+                      mask=g_ok[:, None] & s_ok[None, :], other=float("-inf"))  # (BLOCK_G, CH)
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for s0 in range(0, n_splits, CH):
+        s_ok = (s0 + offs_c) < n_splits
+        lse = tl.load(MidL + b * slb + heads[:, None] * slh + (s0 + offs_c)[None, :] * sls,
+                      mask=g_ok[:, None] & s_ok[None, :], other=float("-inf"))
+        w = tl.exp2(lse - m[:, None])  # empty ranges weigh 0
+        den += tl.sum(w, 1)
+        o = tl.load(MidO + b * sob + heads[:, None, None] * soh + (s0 + offs_c)[None, :, None] * sos
+                    + offs_d[None, None, :] * sod,
+                    mask=g_ok[:, None, None] & s_ok[None, :, None] & (offs_d[None, None, :] >= 0), other=0.0)
+        acc += tl.sum(o * w[:, :, None], 1)
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(Out + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * s_od, out.to(Out.dtype.element_ty),
              mask=g_ok[:, None])
-    offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < H_kv * n_splits
-    read = tl.sum(tl.load(MidC + b * scb + (offs_c // n_splits) * sch + (offs_c % n_splits) * scs, mask=c_ok,
-                          other=0).to(tl.int64), 0)
+    read = tl.sum(tl.zeros([CH], tl.int64), 0)
+    for c0 in range(0, H_kv * n_splits, CH):
+        c = c0 + offs_c
+        read += tl.sum(tl.load(MidC + b * scb + (c // n_splits) * sch + (c % n_splits) * scs,
+                               mask=c < H_kv * n_splits, other=0).to(tl.int64), 0)
     n_len = tl.load(Lens + b)
     n_idx = tl.load(IdxEnd + b)
-    book = (h == 0) & (tl.load(Valid + b * s_valid) != 0)
+    book = (h == 0) & (gb == 0) & (tl.load(Valid + b * s_valid) != 0)
     tl.store(Acc + b * sab, tl.load(Acc + b * sab) + read, mask=book)
     tl.store(Acc + b * sab + sac, tl.load(Acc + b * sab + sac) + (n_len - n_idx) * H_kv, mask=book)
     tl.store(Acc + b * sab + 2 * sac, tl.load(Acc + b * sab + 2 * sac) + n_idx * H_kv, mask=book)

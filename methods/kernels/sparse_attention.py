@@ -39,6 +39,7 @@ from . import interpret_mode, interpreter_compat
 from .attention import HEAD_DIMS, LOG2E, _block_n, decode_splits, triton_next_pow2
 
 GATES = {"pages": 0, "grid": 1, "dense": 2}
+SPARSE_CONFIG = {"block_n": 64, "per_sm": 8, "num_warps": 4, "num_stages": 2}  # scripts/bench_sparse.py --tune
 LEVELS = 255  # grid codes: 8 bits per channel
 
 
@@ -194,19 +195,23 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, id
                             gate: str, acc: Tensor, valid: Tensor, page_size: int = 16, bits: Tensor | None = None,
                             codes: Tensor | None = None, err: Tensor | None = None, w: Tensor | None = None,
                             thr: Tensor | None = None, qn: Tensor | None = None, n_splits: int | None = None,
-                            block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                            block_n: int | None = None, per_sm: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None, combine_heads: int | None = None,
+                            combine_chunk: int = 64) -> Tensor:
     """Fused sparse-read decode attention (module docstring): q (B, H_q, D); k, v (B, H_kv, S, D); lengths, idx_end
-    (B,) int64; acc (B, 4) int64 books (indexed slots read, buffer slots read, indexed slots there, steps) for
-    ``valid`` (B,) rows. ``pages``: bits (B, H_kv, P) int32, pages of ``page_size`` slots; ``grid``: codes
-    (B, H_kv, S, D) uint8, err (B, H_kv, S) fp32, w (B, H_q, D), thr and qn (B, H_q) fp32. -> (B, H_q, D)."""
+    (B,) int64 (unit stride); acc (B, 4) int64 books (indexed slots read, buffer slots read, indexed slots there,
+    steps) for ``valid`` (B,) rows. ``pages``: bits (B, H_kv, P) int32, pages of ``page_size`` slots; ``grid``:
+    codes (B, H_kv, S, D) uint8, err (B, H_kv, S) fp32, w (B, H_q, D), thr and qn (B, H_q) fp32. -> (B, H_q, D).
+    The tunables default to ``SPARSE_CONFIG``; the grid depends on shapes and capacity only."""
     B, H_q, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     G = H_q // H_kv
     mode = GATES[gate]
-    block_n = block_n or (256 if interpret_mode() else _block_n(D))  # the interpreter: few, large tiles
+    cfg = SPARSE_CONFIG
+    block_n = block_n or (256 if interpret_mode() else cfg["block_n"] if D <= 128 else 32)  # interpreter: few tiles
     if mode == 0:
-        block_n = max(block_n, page_size) if page_size <= 128 else block_n
-    ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n)
+        block_n = max(block_n, min(page_size, 128))
+    ns = n_splits or decode_splits(B, H_kv, S, q.device, block_n, per_sm or cfg["per_sm"])
     split = -(-S // ns)
     split = -(-split // block_n) * block_n
     ns = -(-S // split)
@@ -227,16 +232,17 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, id
     K = _kernels()
     K.sparse_split[(ns, B * H_kv)](
         q, k, v, lengths, idx_end, mid_o, mid_l, mid_c, bits, codes, err, w, thr, qn, float(scaling) * LOG2E, H_kv,
-        *q.stride(), *k.stride(), *v.stride(), *mid_o.stride(), *mid_l.stride(), *mid_c.stride(),
+        split, *q.stride(), *k.stride(), *v.stride(), *mid_o.stride(), *mid_l.stride(), *mid_c.stride(),
         *bits.stride(), *codes.stride(), *err.stride(), *w.stride(), *thr.stride(),
-        G=G, SPLIT=split, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_N=block_n, D=D, IEEE=q.dtype == torch.float32,
-        GATE=mode, PAGE=int(page_size), **_launch(num_warps=num_warps, num_stages=num_stages),
+        G=G, BLOCK_G=max(16, triton_next_pow2(G)), BLOCK_N=block_n, D=D, IEEE=q.dtype == torch.float32,
+        GATE=mode, PAGE=int(page_size),
+        **_launch(num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"]),
     )
-    K.sparse_combine[(B * H_kv,)](
+    bg = combine_heads or (triton_next_pow2(G) if interpret_mode() else 1)  # GPU: a program per query head
+    K.sparse_combine[(B * H_kv * -(-G // bg),)](
         mid_o, mid_l, mid_c, out, lengths, idx_end, valid, acc, ns, H_kv,
         *mid_o.stride(), *mid_l.stride(), *mid_c.stride(), *out.stride(), *acc.stride(), valid.stride(0),
-        G=G, BLOCK_G=triton_next_pow2(G), NS=max(2, triton_next_pow2(ns)), D=D,
-        BLOCK_C=max(2, triton_next_pow2(H_kv * ns)), **_launch(num_warps=4),
+        G=G, BLOCK_G=bg, CH=combine_chunk, D=D, **_launch(num_warps=4),
     )
     return out
 
