@@ -63,6 +63,31 @@ Prefill and the question attend densely (the paper sparsifies decode only). rati
 and equals ``full``. A kv head's bytes read count each key once however many of its query heads
 select it; the gate reads every parent's centre and radius, every indexed key's parent ids and the
 sample.
+
+``index=grid`` (issue 21): the gate a GPU can stream, and the one the fused kernels run. The ball index above
+(``index=balls``, the default) bounds a key by the sum over 32 subspaces of its parents' bounds: a decode step
+gathers, per key, 32 parent ids and 32 ball bounds from tables of N/4 parents, random accesses that cost a GPU
+more than reading the key itself (at D = 64 the ids alone are 60 of a key's 128 K bytes), so no kernel of it
+beats dense flash-decoding. The grid keeps Louver's contract (a per-key upper bound of q.k against the sampled
+threshold, zero false negatives, exact attention over the survivors and the buffer) with cells that need no
+table: each channel d of a kv head is cut into 255 equal steps between the context keys' min lo_d and max
+(``grid_bounds``), a key stores its 8-bit cell per channel (code = round((k_d - lo_d) / step_d), clamped) and
+err = |k - k^| (fp32), its distance to its grid point k^ = lo + code * step. Then
+    q.k = q.k^ + q.(k - k^) <= q.k^ + |q| err        (Cauchy-Schwarz, per key),
+and q.k^ = q.lo + sum_d (q_d step_d) code_d: one dot product with the codes, streamed like a quantized key.
+A key survives iff that bound reaches t - gate_eps |q| kmax; so every key with q.k >= t survives, whatever
+the grid (keys outside the context's range clamp and carry a larger err). It is the paper's PQ-subspace
+clustering (an ablation of theirs) at one dimension per subspace with uniform cells, bounded per key. Keys are
+encoded as they are written (the question, every decode token); ``merge_every`` still decides when the buffer
+of recent tokens joins the gated keys. The threshold sample is the context's (a reservoir of ``sample_size``
+keys at ``end_of_context``; the ball index keeps sampling at merges). Thresholds ``budget`` and
+``sample_max``. Measured by scripts/index_recall.py on the tiny model (niah_multikey, 2 x 4096 tokens,
+f = 0.1): 0 false negatives, recall@10 1.00, 0.109 of the keys scanned per query head (balls: 0.148), reads
+per step 0.41 of the dense K/V index included (balls: 0.52), index 154 KB per (layer, kv head) (balls:
+194 KB), built in 1.9 s on CPU (balls: 60 s). Per step the gate reads every indexed key's code and err (D + 4
+bytes), the grid (lo, step) and the sample. ``fused`` (auto: on CUDA) runs it on the sparse-read kernels
+(``FusedLouverGridStore``, CUDA-graph safe; methods/kernels/sparse_attention.py); ``index=balls`` always takes
+the reference path.
 """
 
 from __future__ import annotations

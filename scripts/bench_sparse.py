@@ -178,8 +178,9 @@ def stores_for(K, V, *, ratio: float, gqa: str, spec: LayerSpec, device, sample_
     return out
 
 
-def decode_fns(q_list, K, V, lengths, stores, scaling):
-    """Per method, one decode-attention call per query (state unchanged between calls)."""
+def decode_fns(q_list, K, V, lengths, stores, scaling, **config):
+    """Per method, one decode-attention call per query (state unchanged between calls); ``config``: the sparse
+    kernel's tunables (block_n, per_sm, num_warps)."""
     lou, qst = stores["louver"][0], stores["quest"][0]
     valid = torch.ones(1, dtype=torch.bool, device=K.device)
 
@@ -196,7 +197,7 @@ def decode_fns(q_list, K, V, lengths, stores, scaling):
                                 gate_eps=float(lou.method.gate_eps), w=w, thr=thr, qn=qn)
             return sa.sparse_decode_attention(q, lou.k, lou.v, lou.lengths, lou.idx_end, scaling=scaling, gate="grid",
                                               acc=lou.acc, valid=valid, codes=lou.codes, err=lou.err, w=w, thr=thr,
-                                              qn=qn)
+                                              qn=qn, **config)
         return f
 
     def quest(q):
@@ -206,11 +207,24 @@ def decode_fns(q_list, K, V, lengths, stores, scaling):
             bits = sa.quest_select(scores, qst.idx_end, qst.budget, n_kv_heads=qst.layer.n_kv_heads,
                                    groups=qst.layer.n_groups, page_size=qst.ps)
             return sa.sparse_decode_attention(q, qst.k, qst.v, qst.lengths, qst.idx_end, scaling=scaling,
-                                              gate="pages", bits=bits, page_size=qst.ps, acc=qst.acc, valid=valid)
+                                              gate="pages", bits=bits, page_size=qst.ps, acc=qst.acc, valid=valid,
+                                              **config)
         return f
 
     return {"dense": [dense(q) for q in q_list], "louver": [louver(q) for q in q_list],
             "quest": [quest(q) for q in q_list]}
+
+
+def tune(q_list, K, V, lengths, stores, scaling, device, iters) -> dict:
+    """The sparse kernel's tunables swept on one layer: (block_n, per_sm, num_warps) -> {louver, quest} ms."""
+    out = {}
+    for block_n in (32, 64, 128):
+        for per_sm in (4, 8, 16, 32):
+            for warps in (4, 8) if block_n == 128 else (4,):
+                cfg = {"block_n": block_n, "per_sm": per_sm, "num_warps": warps}
+                fns = decode_fns(q_list, K, V, lengths, stores, scaling, **cfg)
+                out[(block_n, per_sm, warps)] = {n: timed(fns[n], device, iters) for n in ("louver", "quest")}
+    return out
 
 
 # -- quality -----------------------------------------------------------------------------------------------
@@ -319,6 +333,8 @@ def real_keys(args, device, dtype) -> tuple[list[str], dict]:
                 build_index(K, torch.ones(1, N, dtype=torch.bool, device=device), n_subspaces=32, branching=4)
                 _sync(device)
                 balls_ms = 1000 * (time.perf_counter() - t0)
+            if args.tune and layer == 0:
+                tuned = tune(q_list, K, V, lengths, stores, D**-0.5, device, args.iters)
             qual = quality(Q, K, stores, fraction=f, balls=args.balls)
             row = {"layer": layer, "ms": ms, "build_ms": {"louver": stores["louver"][1], "quest": stores["quest"][1],
                                                           "balls": balls_ms}, "quality": qual}
@@ -340,6 +356,12 @@ def real_keys(args, device, dtype) -> tuple[list[str], dict]:
                       f"{qst:.4f} ms ({dense / qst:.2f}x). Louver false negatives {fn} (of "
                       f"{sum(r['quality']['must_read'] for r in rows)} keys at or above the threshold). Louver grid "
                       f"build, all layers: {build:.1f} ms vs the contexts' prefill {1000 * prefill_s:.0f} ms.", ""]
+        if args.tune:
+            lines += [f"Tuning on layer 0 (default {sa.SPARSE_CONFIG}; block_n, per_sm, num_warps -> ms):", "",
+                      "| config | louver ms | quest ms |", "|---|---:|---:|"]
+            lines += [f"| {c} | {t['louver']:.4f} | {t['quest']:.4f} |" for c, t in tuned.items()]
+            lines += [""]
+            summary.setdefault("tune", {})[str(N)] = {str(c): t for c, t in tuned.items()}
         lines += ["Targets (issue 21, real keys):",
                   f"- per-layer decode attention faster than dense: {'met' if lou < dense else 'NOT met'} "
                   f"({lou:.4f} vs {dense:.4f} ms);",
@@ -437,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-balls", dest="balls", action="store_false", help="skip index=balls (build and recall)")
     ap.add_argument("--shape8b", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep the sparse kernel's tunables on layer 0")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
