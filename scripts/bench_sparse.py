@@ -2,7 +2,7 @@
 
     python scripts/bench_sparse.py                               # tiny model, 131072 keys per layer, GPU
     python scripts/bench_sparse.py --tokens 32768,131072 --out results/bench/sparse.md
-    python scripts/bench_sparse.py --shape8b                     # + the Llama-3.1-8B shape on random keys
+    python scripts/bench_sparse.py --shape8b --parity --tune     # + the 8B shape, fused-vs-reference parity, tuning
     TRITON_INTERPRET=1 python scripts/bench_sparse.py --device cpu --tokens 2048 --context 512   # smoke test
 
 **Real keys at 32K-128K from a model whose window is 8,704 tokens.** The embedded model (models/kvbench-tiny)
@@ -36,6 +36,10 @@ prefill the contexts.
 keys (isotropic: no index can prune them; Quest still reads its budget): one layer at 8 x 32768 (the issue's
 probe) and the index build at 1 x 131072 against ``prefill_attention`` of that layer over the 131072 tokens
 (the attention part of one layer's prefill: a lower bound of the layer's prefill time).
+
+``--parity``: the fused stores (CUDA graph) against their reference stores on 16 samples of the tiny model's
+tasks in bf16: how many greedy continuations are identical, and the largest logit difference. ``--tune``: the
+sparse kernel's tunables swept on layer 0.
 
 Prints markdown tables and a JSON line; ``--out FILE`` also writes the markdown there. Imports neither lm-eval,
 wandb nor Hydra.
@@ -448,6 +452,46 @@ def shape8b(args, device) -> tuple[list[str], dict]:
     return lines, out
 
 
+def parity(args, device) -> tuple[list[str], dict]:
+    """Fused (CUDA graph) vs reference (eager) store on the tiny model's tasks in bf16: greedy tokens, logits."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.engine import Engine, Prompt
+    from tasks.synthetic import make_sample, token_counter
+
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, local_files_only=True).to(device)
+    prompts = []
+    for task in TASKS[:4]:
+        for i in range(args.parity_n):
+            s = make_sample(task, count_tokens=token_counter(tok), context_length=args.parity_len, seed=0, index=i)
+            n_c = len(tok(s["context"], add_special_tokens=False)["input_ids"])
+            ids = tok(s["context"] + s["question"], add_special_tokens=False)["input_ids"]
+            prompts.append(Prompt(context=ids[:n_c], question=ids[n_c:]))
+    lines = [f"## Fused vs reference store, {len(prompts)} samples of the tiny model's tasks at {args.parity_len} "
+             f"tokens, bf16, 12 greedy tokens (fused: CUDA graph)", "",
+             "| method | identical greedy tokens | max logit diff | first-step logit diff |", "|---|---:|---:|---:|"]
+    out = {}
+    for label, make in ((f"quest:{args.ratio}", lambda f: Quest(ratio=args.ratio, fused=f)),
+                        (f"quest:{args.ratio}:gqa=group", lambda f: Quest(ratio=args.ratio, gqa="group", fused=f)),
+                        (f"louver:{args.ratio}:index=grid", lambda f: Louver(ratio=args.ratio, index="grid", fused=f))):
+        res = {}
+        for fused in ("off", "on"):
+            eng = Engine(copy.deepcopy(model), make(fused), prefill_chunk=1024, cuda_graph=fused == "on")
+            res[fused] = eng.generate(prompts, max_new_tokens=12, return_logits=True)
+            assert eng.kernel == ("fused" if fused == "on" else "reference"), eng.kernel
+        a, b = res["off"], res["on"]
+        same = sum(x == y for x, y in zip(a.tokens, b.tokens))
+        n = [min(len(x), len(y)) for x, y in zip(a.logits, b.logits)]
+        mx = max(float((x[:k].float() - y[:k].float()).abs().max()) for x, y, k in zip(a.logits, b.logits, n) if k)
+        first = max(float((x[0].float() - y[0].float()).abs().max()) for x, y in zip(a.logits, b.logits))
+        lines.append(f"| {label} | {same}/{len(prompts)} | {mx:.2e} | {first:.2e} |")
+        out[label] = {"identical": same, "n": len(prompts), "max_logit_diff": mx, "first_logit_diff": first}
+    return lines + [""], out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/kvbench-tiny")
@@ -460,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-balls", dest="balls", action="store_false", help="skip index=balls (build and recall)")
     ap.add_argument("--shape8b", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep the sparse kernel's tunables on layer 0")
+    ap.add_argument("--parity", action="store_true", help="fused vs reference store on the tiny model's tasks (bf16)")
+    ap.add_argument("--parity-n", type=int, default=4, help="samples per task (4 tasks)")
+    ap.add_argument("--parity-len", type=int, default=2048)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -474,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += body
     if args.shape8b:
         body, summary["shape8b"] = shape8b(args, device)
+        lines += body
+    if args.parity:
+        body, summary["parity"] = parity(args, device)
         lines += body
     text = "\n".join(lines)
     print(text)

@@ -20,8 +20,19 @@ SHAPES = [  # (B, H_q, H_kv, D, S): GQA group of 3, MHA, MQA with a group of 8
 ]
 
 
-def _dev():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def test_kernel_module_has_no_plain_globals():
+    """Compiled Triton reads a module global only if it is a ``tl.constexpr(...)`` instance (the interpreter takes
+    anything): a GPU-only compile error the CPU suite would otherwise miss."""
+    import types
+
+    import triton.language as tl
+
+    from methods.kernels import _sparse_triton as K
+
+    for name, value in vars(K).items():
+        if name.startswith("__") or isinstance(value, (types.ModuleType, type)) or callable(value):
+            continue
+        assert isinstance(value, tl.constexpr), f"{name} = {value!r} must be tl.constexpr(...)"
 
 
 def _data(shape, seed, dtype=torch.float32, device="cpu"):

@@ -5,9 +5,9 @@ and documentation live in sparse_attention.py."""
 import triton
 import triton.language as tl
 
-GATE_PAGES = 0  # indexed slots read where their page's selection bit (one per query head) is set
-GATE_GRID = 1  # indexed slots read where the key's grid bound reaches the query's threshold
-GATE_DENSE = 2  # every slot read
+# GATE (sparse_split): 0 = pages (a slot is read where its page's bit for the query head is set), 1 = grid (where
+# the key's grid bound reaches the query head's threshold), 2 = dense (every slot). Module globals stay out of the
+# kernels: compiled Triton reads a global only if it is a tl.constexpr instance.
 
 
 @triton.jit
