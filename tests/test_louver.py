@@ -374,7 +374,7 @@ def test_fused_grid_on_the_trained_model_gives_the_reference_tokens(interpret):
     """The embedded model on its own task at ratio 0.9 (index=grid): greedy tokens identical, logits within 1e-3."""
     from tests.test_quest_fused import _trained, _trained_prompts
 
-    prompts = _trained_prompts("niah_single", 1, 320)
+    prompts = _trained_prompts("niah_single", 2, 352, ragged=True)
     outs = {}
     for fused in ("off", "on"):
         engine = Engine(_trained(), _grid(ratio=0.9, fused=fused, merge_every=2), prefill_chunk=512)

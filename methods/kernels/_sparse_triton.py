@@ -219,83 +219,78 @@ def quest_scores(Q, Kmin, Kmax, IdxEnd, S, H_kv, P_cap,
 @triton.jit
 def quest_select(S, IdxEnd, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, sbp,
                  G: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr, RANK: tl.constexpr):
-    """Top Budget[n_pages] pages of each score row of kv head h (ROWS = G rows, one per query head, or 1 shared by
-    the group); ties go to the lower page. Writes the selection as bits (bit g: query head g reads the page)."""
+    """Top Budget[n_pages] pages of score row r of kv head h (ROWS = G rows, one per query head, or 1 shared by the
+    group), one program per row; ties go to the lower page. ORs the selection into the bits (bit g: query head g
+    reads the page; zeroed by the caller when ROWS > 1)."""
     pid = tl.program_id(0)
-    b = pid // H_kv
-    h = pid % H_kv
+    b = pid // (H_kv * ROWS)
+    h = (pid // ROWS) % H_kv
+    r = pid % ROWS
     offs_p = tl.arange(0, BLOCK_P)
     n_pages = (tl.load(IdxEnd + b) // PAGE).to(tl.int32)
     p_ok = offs_p < n_pages
     k = tl.minimum(tl.load(Budget + n_pages).to(tl.int64), n_pages.to(tl.int64))
-    bits = tl.zeros([BLOCK_P], tl.int32)
-    for r in range(ROWS):
-        s = tl.load(S + b * ssb + (h * ROWS + r) * ssh + offs_p * ssp, mask=p_ok, other=0.0)
-        key = tl.where(p_ok, _sortable(s), -2147483648)
-        if RANK:  # few pages: each page's rank by counting the pages ahead of it (ties: the lower page ahead)
-            ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs_p[None, :] < offs_p[:, None]))
-            rank = tl.sum(ahead.to(tl.int64), 1)
-            sel = p_ok & (rank < k)
-        else:
-            tau = _kth_key(key, tl.maximum(k, 1), 0)
-            gt = p_ok & (key > tau)
-            eq = p_ok & (key == tau)
-            n_gt = tl.sum(gt.to(tl.int64), 0)
-            tie = tl.cumsum(eq.to(tl.int64), 0) - 1  # rank among the ties, lower pages first
-            sel = (gt | (eq & (tie < k - n_gt))) & ((tl.zeros([BLOCK_P], tl.int64) + k) > 0)
-        if ROWS == 1:
-            mask_r = (1 << G) - 1
-        else:
-            mask_r = 1 << r
-        bits = bits | tl.where(sel, mask_r, 0)
-    tl.store(Bits + b * sbb + h * sbh + offs_p * sbp, bits, mask=offs_p < P_cap)
+    s = tl.load(S + b * ssb + (h * ROWS + r) * ssh + offs_p * ssp, mask=p_ok, other=0.0)
+    key = tl.where(p_ok, _sortable(s), -2147483648)
+    if RANK:  # few pages: each page's rank by counting the pages ahead of it (ties: the lower page ahead)
+        ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs_p[None, :] < offs_p[:, None]))
+        rank = tl.sum(ahead.to(tl.int64), 1)
+        sel = p_ok & (rank < k)
+    else:
+        tau = _kth_key(key, tl.maximum(k, 1), 0)
+        gt = p_ok & (key > tau)
+        eq = p_ok & (key == tau)
+        n_gt = tl.sum(gt.to(tl.int64), 0)
+        tie = tl.cumsum(eq.to(tl.int64), 0) - 1  # rank among the ties, lower pages first
+        sel = (gt | (eq & (tie < k - n_gt))) & ((tl.zeros([BLOCK_P], tl.int64) + k) > 0)
+    if ROWS == 1:
+        tl.store(Bits + b * sbb + h * sbh + offs_p * sbp, tl.where(sel, (1 << G) - 1, 0), mask=offs_p < P_cap)
+    else:
+        tl.atomic_or(Bits + b * sbb + h * sbh + offs_p * sbp, tl.where(sel, 1 << r, 0), mask=sel & (offs_p < P_cap))
 
 
 @triton.jit
 def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, gate_eps,
                      sqb, sqh, sqd, ssb, ssh, ssm, ssd, svb, svh, svm, slb, slh, sld, skb, skh,
                      swb, swh, swd, stb, sth,
-                     G: tl.constexpr, BLOCK_G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-                     RANK: tl.constexpr):
-    """Per query head of kv head h: the threshold t = the Kth[m]-th largest score of the m valid sample keys (-inf
-    if none), and the grid gate's operands w = q * step, |q| and thr = t - gate_eps |q| kmax - q . lo."""
+                     G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, KTH: tl.constexpr):
+    """One query head (program): the threshold t = the Kth[m]-th largest score of its kv head's m valid sample
+    keys (-inf if none; KTH 0: counted ranks, 1: bisection, 2: a sort), and the grid gate's operands w = q * step,
+    |q| and thr = t - gate_eps |q| kmax - q . lo."""
     pid = tl.program_id(0)
-    b = pid // H_kv
-    h = pid % H_kv
-    offs_g = tl.arange(0, BLOCK_G)
+    H_q = H_kv * G
+    b = pid // H_q
+    hq = pid % H_q
+    h = hq // G
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, M)
-    g_ok = offs_g < G
-    heads = h * G + offs_g
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
-    smp = tl.load(Sample + b * ssb + h * ssh + offs_m[:, None] * ssm + offs_d[None, :] * ssd)
-    sv = tl.load(SValid + b * svb + h * svh + offs_m * svm) != 0
-    if IEEE:
-        s = tl.dot(q, tl.trans(smp), input_precision="ieee")
-    else:
-        s = tl.dot(q.to(smp.dtype), tl.trans(smp))
+    q = tl.load(Q + b * sqb + hq * sqh + offs_d * sqd).to(tl.float32)  # (D,)
+    smp = tl.load(Sample + b * ssb + h * ssh + offs_m[:, None] * ssm + offs_d[None, :] * ssd).to(tl.float32)
+    sv = tl.load(SValid + b * svb + h * svh + offs_m * svm) != 0  # (M,)
+    s = tl.sum(smp * q[None, :], 1)  # (M,) fp32 scores
     m = tl.sum(sv.to(tl.int32), 0)
-    k = tl.load(Kth + m).to(tl.int64)
-    key = tl.where(sv[None, :], _sortable(s), -2147483648)  # (BLOCK_G, M)
-    if RANK:  # a small sample: the k-th largest is the key with exactly k - 1 keys ahead of it (ties by index)
-        ahead = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None])
-                                                        & (offs_m[None, None, :] < offs_m[None, :, None]))
-        rank = tl.sum(ahead.to(tl.int32), 2)  # (BLOCK_G, M)
-        t = tl.max(tl.where(sv[None, :] & (rank == k - 1), s, float("-inf")), 1)
+    k = tl.maximum(tl.load(Kth + m).to(tl.int64), 1)
+    if KTH == 0:  # a small sample: the k-th largest is the key with exactly k - 1 keys ahead of it (ties by index)
+        key = tl.where(sv, _sortable(s), -2147483648)
+        ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (offs_m[None, :] < offs_m[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), 1)
+        t = tl.max(tl.where(sv & (rank == k - 1), s, float("-inf")), 0)
+    elif KTH == 1:
+        key = tl.where(sv, _sortable(s), -2147483648)
+        tau = _kth_key(key, k, 0)
+        t = tl.max(tl.where(key == tau, s, float("-inf")), 0)
     else:
-        tau = _kth_key(key, tl.maximum(k, 1), 1)
-        t = tl.max(tl.where(key == tau[:, None], s, float("-inf")), 1)
+        srt = tl.sort(tl.where(sv, s, float("-inf")), 0, descending=True)
+        t = tl.max(tl.where(offs_m == k - 1, srt, float("-inf")), 0)
     t = tl.where(m > 0, t, float("-inf"))
-    qf = q.to(tl.float32)
     lo = tl.load(Lo + b * slb + h * slh + offs_d * sld)
     step = tl.load(Step + b * slb + h * slh + offs_d * sld)
-    qn = tl.sqrt(tl.sum(qf * qf, 1))
-    c0 = tl.sum(qf * lo[None, :], 1)
+    qn = tl.sqrt(tl.sum(q * q, 0))
+    c0 = tl.sum(q * lo, 0)
     kmax = tl.load(Kmax + b * skb + h * skh)
-    thr = t - gate_eps * qn * kmax - c0
-    tl.store(W + b * swb + heads[:, None] * swh + offs_d[None, :] * swd, qf * step[None, :], mask=g_ok[:, None])
-    tl.store(Thr + b * stb + heads * sth, thr, mask=g_ok)
-    tl.store(Qn + b * stb + heads * sth, qn, mask=g_ok)
+    tl.store(W + b * swb + hq * swh + offs_d * swd, q * step)
+    tl.store(Thr + b * stb + hq * sth, t - gate_eps * qn * kmax - c0)
+    tl.store(Qn + b * stb + hq * sth, qn)
 
 
 @triton.jit

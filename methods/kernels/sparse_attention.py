@@ -269,14 +269,16 @@ def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, idx_end: Tensor, *,
 def quest_select(scores: Tensor, idx_end: Tensor, budget: Tensor, *, n_kv_heads: int, groups: int,
                  page_size: int = 1, out: Tensor | None = None, rank: bool | None = None) -> Tensor:
     """Top ``budget[n]`` of the n = idx_end[b] // page_size pages of each score row (B, R, P) as bits
-    (B, H_kv, P) int32: R = H_kv * G rows (bit g per query head) or R = H_kv (the group's G bits). Up to 64 pages
-    (``rank`` None) a page's rank is counted directly, beyond by the k-th-largest bisection."""
+    (B, H_kv, P) int32: R = H_kv * G rows (bit g per query head) or R = H_kv (the group's G bits). A program per
+    row; up to 64 pages (``rank`` None) a page's rank is counted directly, beyond by the k-th-largest bisection."""
     B, R, P = scores.shape
     rows = R // n_kv_heads
     if out is None:
-        out = torch.empty(B, n_kv_heads, P, dtype=torch.int32, device=scores.device)
+        out = (torch.zeros if rows > 1 else torch.empty)(B, n_kv_heads, P, dtype=torch.int32, device=scores.device)
+    elif rows > 1:
+        out.zero_()
     block = max(16, triton_next_pow2(P))
-    _kernels().quest_select[(B * n_kv_heads,)](
+    _kernels().quest_select[(B * R,)](
         scores, idx_end, budget, out, n_kv_heads, P, *scores.stride(), *out.stride(),
         G=groups, ROWS=rows, BLOCK_P=block, PAGE=int(page_size), RANK=block <= 64 if rank is None else bool(rank),
         **_launch(num_warps=8 if block >= 2048 else 4),
@@ -285,19 +287,20 @@ def quest_select(scores: Tensor, idx_end: Tensor, budget: Tensor, *, n_kv_heads:
 
 
 def grid_gate_params(q: Tensor, sample: Tensor, sample_valid: Tensor, kth: Tensor, lo: Tensor, step: Tensor,
-                     kmax: Tensor, *, gate_eps: float, w: Tensor, thr: Tensor, qn: Tensor, rank: bool | None = None) -> None:
-    """Fused :func:`grid_gate_params_reference` for q (B, H_q, D): writes w (B, H_q, D), thr, qn (B, H_q). The
-    sample size M is a power of two; up to 32 keys (``rank`` None) their ranks are counted directly, beyond the
-    threshold comes from the k-th-largest bisection."""
+                     kmax: Tensor, *, gate_eps: float, w: Tensor, thr: Tensor, qn: Tensor,
+                     method: str | None = None) -> None:
+    """Fused :func:`grid_gate_params_reference` for q (B, H_q, D): writes w (B, H_q, D), thr, qn (B, H_q); a
+    program per query head. The sample size M is a power of two; its k-th largest score by counted ranks
+    (``method="rank"``, the default up to 64 keys), a sort (``"sort"``, the default beyond) or bisection
+    (``"bisect"``)."""
     B, H_q, D = q.shape
     H_kv, M = sample.shape[1], sample.shape[2]
-    G = H_q // H_kv
-    _kernels().grid_gate_params[(B * H_kv,)](
+    method = method or ("rank" if M <= 64 else "sort")
+    _kernels().grid_gate_params[(B * H_q,)](
         q, sample, sample_valid, kth, lo, step, kmax, w, thr, qn, H_kv, float(gate_eps),
         *q.stride(), *sample.stride(), *sample_valid.stride(), *lo.stride(), *kmax.stride(), *w.stride(),
-        *thr.stride(),
-        G=G, BLOCK_G=max(16, triton_next_pow2(G)), M=M, D=D, IEEE=q.dtype == torch.float32,
-        RANK=M <= 32 if rank is None else bool(rank), **_launch(num_warps=4),
+        *thr.stride(), G=H_q // H_kv, M=M, D=D, KTH={"rank": 0, "bisect": 1, "sort": 2}[method],
+        **_launch(num_warps=4),
     )
 
 
