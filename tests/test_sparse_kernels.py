@@ -133,8 +133,8 @@ def test_quest_scores_and_selection_match_reference(interpret, shape, group):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     budget = torch.tensor([max(1, math.ceil(0.3 * n)) for n in range(P + 1)], dtype=torch.int32)
     sel = sa.select_pages_reference(got, n_pages, budget)
-    for rank in (True, False):  # counted ranks (few pages) and the k-th-largest bisection
-        bits = sa.quest_select(got, n_pages, budget, n_kv_heads=H_kv, groups=G, rank=rank)
+    for rank, radix in ((True, 4), (False, 4)):  # counted ranks (few pages), radix search
+        bits = sa.quest_select(got, n_pages, budget, n_kv_heads=H_kv, groups=G, rank=rank, radix_bits=radix)
         assert torch.equal(bits, sa.page_bits_reference(sel, H_kv, G))
     assert torch.equal(sel.sum(-1), torch.minimum(budget[n_pages], n_pages)[:, None].expand(B, sel.shape[1]))
 
@@ -143,10 +143,11 @@ def test_selection_handles_ties_and_tiny_budgets(interpret):
     scores = torch.tensor([[[1.0, 3.0, 3.0, 3.0, -2.0, 0.0, 5.0, 3.0]]])
     budget = torch.tensor([0, 1, 1, 2, 3, 3, 3, 3, 3], dtype=torch.int32)
     n_pages = torch.tensor([8])
-    for rank in (True, False):
-        bits = sa.quest_select(scores, n_pages, budget, n_kv_heads=1, groups=1, rank=rank)
+    for rank, radix in ((True, 4), (False, 4), (False, 2), (False, 1)):  # ranks; radix 16, 4; bisection
+        bits = sa.quest_select(scores, n_pages, budget, n_kv_heads=1, groups=1, rank=rank, radix_bits=radix)
         assert bits[0, 0].tolist() == [0, 1, 1, 0, 0, 0, 1, 0]  # 5, then the first two of the tied 3s
-        bits = sa.quest_select(scores, torch.tensor([0]), budget, n_kv_heads=1, groups=1, rank=rank)
+        bits = sa.quest_select(scores, torch.tensor([0]), budget, n_kv_heads=1, groups=1, rank=rank,
+                               radix_bits=radix)
         assert bits.sum() == 0  # no page: nothing selected
 
 

@@ -18,18 +18,19 @@ def _sortable(x):
 
 
 @triton.jit
-def _kth_key(key, k, AXIS: tl.constexpr):
-    """The k-th largest of ``key`` along AXIS (int64 from _sortable; entries at -2**31 never count): bisection
-    over the 2**32 key values, 32 rounds of counting. ``k`` broadcasts against the reduced shape; k >= 1 and
-    at most the number of real entries."""
-    lo = tl.sum(key * 0, AXIS) - 2147483648  # (reduced shape) int64: count(key >= lo) = everything
-    hi = lo + 4294967295
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((key >= tl.expand_dims(mid, AXIS)).to(tl.int64), AXIS)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+def _kth_key(key, k, BITS: tl.constexpr):
+    """The k-th largest of the 1-D int64 ``key`` (from _sortable; entries at -2**31 never count): a radix search
+    over the 2**32 key values, BITS bits a round (2**BITS counts a round, 32 / BITS rounds). k >= 1 and at most
+    the number of real entries."""
+    R: tl.constexpr = 1 << BITS
+    offs_r = tl.arange(0, R).to(tl.int64)
+    lo = tl.sum(key * 0, 0) - 2147483648  # count(key >= lo) = everything
+    for rnd in tl.static_range(32 // BITS):
+        shift = 32 - BITS * (rnd + 1)
+        c = lo + (offs_r << shift)  # (R,) candidate thresholds above lo
+        cnt = tl.sum((key[None, :] >= c[:, None]).to(tl.int64), 1)  # (R,)
+        j = tl.max(tl.where(cnt >= k, offs_r, 0), 0)  # the largest candidate that keeps k keys
+        lo = lo + (j << shift)
     return lo
 
 
@@ -218,7 +219,8 @@ def quest_scores(Q, Kmin, Kmax, IdxEnd, S, H_kv, P_cap,
 
 @triton.jit
 def quest_select(S, IdxEnd, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, sbp,
-                 G: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr, RANK: tl.constexpr):
+                 G: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr, RANK: tl.constexpr,
+                 BITS: tl.constexpr):
     """Top Budget[n_pages] pages of score row r of kv head h (ROWS = G rows, one per query head, or 1 shared by the
     group), one program per row; ties go to the lower page. ORs the selection into the bits (bit g: query head g
     reads the page; zeroed by the caller when ROWS > 1)."""
@@ -237,7 +239,7 @@ def quest_select(S, IdxEnd, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, 
         rank = tl.sum(ahead.to(tl.int64), 1)
         sel = p_ok & (rank < k)
     else:
-        tau = _kth_key(key, tl.maximum(k, 1), 0)
+        tau = _kth_key(key, tl.maximum(k, 1), BITS)
         gt = p_ok & (key > tau)
         eq = p_ok & (key == tau)
         n_gt = tl.sum(gt.to(tl.int64), 0)
@@ -253,7 +255,7 @@ def quest_select(S, IdxEnd, Budget, Bits, H_kv, P_cap, ssb, ssh, ssp, sbb, sbh, 
 def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, gate_eps,
                      sqb, sqh, sqd, ssb, ssh, ssm, ssd, svb, svh, svm, slb, slh, sld, skb, skh,
                      swb, swh, swd, stb, sth,
-                     G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, KTH: tl.constexpr):
+                     G: tl.constexpr, M: tl.constexpr, D: tl.constexpr, KTH: tl.constexpr, BITS: tl.constexpr):
     """One query head (program): the threshold t = the Kth[m]-th largest score of its kv head's m valid sample
     keys (-inf if none; KTH 0: counted ranks, 1: bisection, 2: a sort), and the grid gate's operands w = q * step,
     |q| and thr = t - gate_eps |q| kmax - q . lo."""
@@ -277,7 +279,7 @@ def grid_gate_params(Q, Sample, SValid, Kth, Lo, Step, Kmax, W, Thr, Qn, H_kv, g
         t = tl.max(tl.where(sv & (rank == k - 1), s, float("-inf")), 0)
     elif KTH == 1:
         key = tl.where(sv, _sortable(s), -2147483648)
-        tau = _kth_key(key, k, 0)
+        tau = _kth_key(key, k, BITS)
         t = tl.max(tl.where(key == tau, s, float("-inf")), 0)
     else:
         srt = tl.sort(tl.where(sv, s, float("-inf")), 0, descending=True)

@@ -267,10 +267,11 @@ def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, idx_end: Tensor, *,
 
 
 def quest_select(scores: Tensor, idx_end: Tensor, budget: Tensor, *, n_kv_heads: int, groups: int,
-                 page_size: int = 1, out: Tensor | None = None, rank: bool | None = None) -> Tensor:
+                 page_size: int = 1, out: Tensor | None = None, rank: bool | None = None, radix_bits: int = 4) -> Tensor:
     """Top ``budget[n]`` of the n = idx_end[b] // page_size pages of each score row (B, R, P) as bits
     (B, H_kv, P) int32: R = H_kv * G rows (bit g per query head) or R = H_kv (the group's G bits). A program per
-    row; up to 64 pages (``rank`` None) a page's rank is counted directly, beyond by the k-th-largest bisection."""
+    row; up to 64 pages (``rank`` None) a page's rank is counted directly, beyond by a radix search for the k-th
+    largest score (``radix_bits`` a round, 1: bisection)."""
     B, R, P = scores.shape
     rows = R // n_kv_heads
     if out is None:
@@ -281,18 +282,18 @@ def quest_select(scores: Tensor, idx_end: Tensor, budget: Tensor, *, n_kv_heads:
     _kernels().quest_select[(B * R,)](
         scores, idx_end, budget, out, n_kv_heads, P, *scores.stride(), *out.stride(),
         G=groups, ROWS=rows, BLOCK_P=block, PAGE=int(page_size), RANK=block <= 64 if rank is None else bool(rank),
-        **_launch(num_warps=8 if block >= 2048 else 4),
+        BITS=int(radix_bits), **_launch(num_warps=8 if block >= 2048 else 4),
     )
     return out
 
 
 def grid_gate_params(q: Tensor, sample: Tensor, sample_valid: Tensor, kth: Tensor, lo: Tensor, step: Tensor,
                      kmax: Tensor, *, gate_eps: float, w: Tensor, thr: Tensor, qn: Tensor,
-                     method: str | None = None) -> None:
+                     method: str | None = None, radix_bits: int = 4) -> None:
     """Fused :func:`grid_gate_params_reference` for q (B, H_q, D): writes w (B, H_q, D), thr, qn (B, H_q); a
     program per query head. The sample size M is a power of two; its k-th largest score by counted ranks
-    (``method="rank"``, the default up to 64 keys), a sort (``"sort"``, the default beyond) or bisection
-    (``"bisect"``)."""
+    (``method="rank"``, the default up to 64 keys), a sort (``"sort"``, the default beyond) or a radix search
+    (``"bisect"``, ``radix_bits`` a round)."""
     B, H_q, D = q.shape
     H_kv, M = sample.shape[1], sample.shape[2]
     method = method or ("rank" if M <= 64 else "sort")
@@ -300,7 +301,7 @@ def grid_gate_params(q: Tensor, sample: Tensor, sample_valid: Tensor, kth: Tenso
         q, sample, sample_valid, kth, lo, step, kmax, w, thr, qn, H_kv, float(gate_eps),
         *q.stride(), *sample.stride(), *sample_valid.stride(), *lo.stride(), *kmax.stride(), *w.stride(),
         *thr.stride(), G=H_q // H_kv, M=M, D=D, KTH={"rank": 0, "bisect": 1, "sort": 2}[method],
-        **_launch(num_warps=4),
+        BITS=int(radix_bits), **_launch(num_warps=8 if M * D > 8192 else 4),
     )
 
 
