@@ -365,7 +365,9 @@ class SparseReadStore(DenseStore):
       not a formula.
     - ``dense_decode`` (ratio 0, or a layer a method leaves dense) reads every slot and no index.
     The reference path computes all scores and masks them; the byte accounting is what a gather
-    kernel reading the selected slots would move.
+    kernel reading the selected slots would move. Hooks: ``_before_decode_step`` (index upkeep before the
+    new token is written) and ``_after_chunk`` (after the question). The fused stores
+    (methods/sparse_fused.py, issue 21) keep the same layout and index and read only the selected slots.
     """
 
     bookkeeping = ("lengths", "seen", "idx_end", "read_bytes", "read_steps", "read_keys", "indexed_keys")
