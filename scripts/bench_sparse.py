@@ -66,32 +66,39 @@ from methods.kernels import sparse_attention as sa  # noqa: E402
 from methods.kernels.attention import decode_attention, prefill_attention  # noqa: E402
 from methods.louver import Louver, build_index, survivors, thresholds  # noqa: E402
 from methods.quest import Quest  # noqa: E402
-from methods.stores import DenseStore  # noqa: E402
+from methods.stores import DenseStore, FusedDenseStore  # noqa: E402
 
 TASKS = ("niah_multikey", "niah_single", "variable_tracking", "kv_retrieval", "niah_multivalue")
 
 
 # -- capture ---------------------------------------------------------------------------------------------
-class _CaptureStore(DenseStore):
-    """A full cache that records the queries arriving after ``end_of_context``."""
+def _capture_cls(base: type) -> type:
+    class _CaptureStore(base):
+        """A full cache (the fused one on CUDA: the prefill time is full's) that records the queries arriving
+        after ``end_of_context``; not graph safe, so decode steps run eagerly and are recorded."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.n_context = 0
-        self.queries: list[torch.Tensor] = []  # each (T, H_q, D)
+        graph_safe = False
 
-    def end_of_context(self) -> None:
-        self.n_context = self.hi
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.n_context = 0
+            self.queries: list[torch.Tensor] = []  # each (T, H_q, D)
 
-    def extend(self, q, k, v, *, positions, valid, scaling):
-        if self.n_context:
-            self.queries.append(q[0].transpose(0, 1).clone())  # (T, H_q, D)
-        return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+        def end_of_context(self) -> None:
+            self.n_context = self.hi
+
+        def extend(self, q, k, v, *, positions, valid, scaling):
+            if self.n_context:
+                self.queries.append(q[0].transpose(0, 1).clone())  # (T, H_q, D)
+            return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+
+    return _CaptureStore
 
 
 class _Capture(Full):
     def new_layer(self, layer, *, batch, capacity, device, dtype):
-        store = _CaptureStore(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        base = FusedDenseStore if torch.device(device).type == "cuda" else DenseStore
+        store = _capture_cls(base)(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
         if layer.layer_idx == 0:
             self.stores = []
         self.stores.append(store)
@@ -101,7 +108,7 @@ class _Capture(Full):
 def capture(model_path: str, n_tokens: int, context: int, device: torch.device, dtype: torch.dtype, seed: int,
             max_new: int = 16, query_contexts: int = 2):
     """Per layer: keys, values (1, H_kv, n_tokens, D) of concatenated contexts; queries (T, H_q, D). Also the
-    seconds the model took to prefill the contexts and the number of contexts."""
+    seconds the model took to prefill the contexts (``full``'s fused prefill on CUDA) and the number of contexts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.engine import Engine, Prompt
