@@ -143,3 +143,37 @@ def test_cuda_graph_quest_on_the_trained_model_gives_the_reference_tokens(gqa):
     ref, fast = _both(_trained(), {"ratio": 0.9, "gqa": gqa}, prompts, n_new=12, device="cuda", graph=True,
                       chunk=1024)
     _same(ref, fast, 1e-3)
+
+
+@pytest.mark.parametrize("make", [lambda: Quest(fused="on", ratio=0.7, page_size=4, dense_layers=1),
+                                  lambda: __import__("methods.louver", fromlist=["Louver"]).Louver(
+                                      fused="on", index="grid", ratio=0.7, sample_size=32, merge_every=2)],
+                         ids=["quest", "louver_grid"])
+def test_fused_decode_step_reads_nothing_back_to_the_host(interpret, tiny_llama, monkeypatch, make):
+    """The fused stores' decode step never turns a tensor into a Python value (what a CUDA graph cannot replay and
+    what would synchronise with the GPU): bool(), int(), float(), .item() and .tolist() raise inside it."""
+    engine = Engine(copy.deepcopy(tiny_llama), make(), prefill_chunk=16)
+    state = engine.new_state(2, 48)
+    prompts = [p.context for p in _prompts([30, 30])]
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    assert state.graph_safe
+
+    def refuse(*a, **k):
+        raise AssertionError("host sync in the fused decode step")
+
+    for layer in state.layers:
+        orig = layer._fused_decode
+
+        def decode(*a, orig=orig, **k):
+            with monkeypatch.context() as m:
+                for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+                    m.setattr(torch.Tensor, name, refuse)
+                return orig(*a, **k)
+
+        layer._fused_decode = decode
+    for step in range(3):
+        tok = torch.tensor([[5], [7]])
+        pos = torch.full((2, 1), 30 + step)
+        engine.forward(state, tok, pos, torch.ones(2, 1, dtype=torch.bool), logits_at=torch.zeros(2, dtype=torch.long))
+    assert state.layers[1].lengths.tolist() == [33, 33]
