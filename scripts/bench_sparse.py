@@ -362,7 +362,7 @@ def real_keys(args, device, dtype) -> tuple[list[str], dict]:
                 f"{qual['louver']['union']:.3f} | {qual['quest']['union']:.3f} | {qual['louver']['read_frac']:.3f} | "
                 f"{qual['quest']['read_frac']:.3f} | {lb.get('read_frac', float('nan')):.3f} |")
             del stores, fns
-        mean = lambda f_: sum(f_(r) for r in rows) / len(rows)  # noqa: E731
+        mean = lambda f_, rows=rows: sum(f_(r) for r in rows) / len(rows)  # noqa: E731
         dense, lou, qst = (mean(lambda r, n=n: r["ms"][n]) for n in ("dense", "louver", "quest"))
         build = sum(r["build_ms"]["louver"] for r in rows)
         fn = sum(r["quality"]["louver"]["false_negatives"] for r in rows)
@@ -397,7 +397,7 @@ def shape8b(args, device) -> tuple[list[str], dict]:
              "| cell | dense ms | louver ms | quest ms (per_head) | quest ms (group) | louver union | quest union "
              "(per_head) |", "|---" * 7 + "|"]
     out = {}
-    B, N = 8, 32768
+    B, N = (int(x) for x in args.shape8b_decode.split("x"))
     K = torch.randn(B, H, N, D, generator=g, device=device, dtype=dt)
     V = torch.randn(B, H, N, D, generator=g, device=device, dtype=dt)
     q_list = [torch.randn(B, H_q, D, generator=g, device=device, dtype=dt) for _ in range(4)]
@@ -433,7 +433,7 @@ def shape8b(args, device) -> tuple[list[str], dict]:
     out[f"{B}x{N}"] = ms
     del K, V
     # index build at 1 x 131072 vs the layer's prefill attention
-    N = 131072
+    N = int(args.shape8b_build)
     K = torch.randn(1, H, N + 16, D, generator=g, device=device, dtype=dt)
     V = torch.randn(1, H, N + 16, D, generator=g, device=device, dtype=dt)
     stores_for(K[:, :, :N], V[:, :, :N], ratio=args.ratio, gqa="per_head", spec=spec, device=device)  # warm-up
@@ -446,18 +446,18 @@ def shape8b(args, device) -> tuple[list[str], dict]:
         _sync(device)
         balls = 1000 * (time.perf_counter() - t0)
     q = torch.randn(1, H_q, N, D, generator=g, device=device, dtype=dt)
-    prefill_attention(q[:, :, :4096], K, V, start=0, scaling=D**-0.5)  # compile
+    prefill_attention(q[:, :, : min(N, 4096)], K, V, start=0, scaling=D**-0.5)  # compile
     _sync(device)
     t0 = time.perf_counter()
     prefill_attention(q, K, V, start=0, scaling=D**-0.5)
     _sync(device)
     pre = 1000 * (time.perf_counter() - t0)
-    lines += ["", "| 1 x 131072, one layer | ms |", "|---|---:|",
+    lines += ["", f"| 1 x {N}, one layer | ms |", "|---|---:|",
               f"| louver index=grid build (end_of_context) | {stores['louver'][1]:.1f} |",
               f"| quest pages build (end_of_context) | {stores['quest'][1]:.1f} |",
               f"| louver index=balls build (methods.louver.build_index) | {balls:.0f} |",
-              f"| prefill_attention over the 131072 tokens (lower bound of the layer's prefill) | {pre:.0f} |", ""]
-    out["build_1x131072"] = {"louver_grid_ms": stores["louver"][1], "quest_ms": stores["quest"][1], "balls_ms": balls,
+              f"| prefill_attention over the {N} tokens (lower bound of the layer's prefill) | {pre:.0f} |", ""]
+    out[f"build_1x{N}"] = {"louver_grid_ms": stores["louver"][1], "quest_ms": stores["quest"][1], "balls_ms": balls,
                              "prefill_attention_ms": pre}
     return lines, out
 
@@ -513,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-balls", dest="balls", action="store_false", help="skip index=balls (build and recall)")
     ap.add_argument("--shape8b", action="store_true")
+    ap.add_argument("--shape8b-decode", default="8x32768", help="batch x keys of the 8B-shape decode cell")
+    ap.add_argument("--shape8b-build", type=int, default=131072, help="keys of the 8B-shape index-build cell")
     ap.add_argument("--tune", action="store_true", help="sweep the sparse kernel's tunables on layer 0")
     ap.add_argument("--parity", action="store_true", help="fused vs reference store on the tiny model's tasks (bf16)")
     ap.add_argument("--parity-n", type=int, default=4, help="samples per task (4 tasks)")

@@ -43,7 +43,11 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from methods.full import Full  # noqa: E402
-from methods.kernels.sparse_attention import grid_encode_reference, grid_gate_params_reference, grid_read_reference  # noqa: E402,E501
+from methods.kernels.sparse_attention import (  # noqa: E402,E501
+    grid_encode_reference,
+    grid_gate_params_reference,
+    grid_read_reference,
+)
 from methods.louver import build_index, grid_bounds, id_bits, survivors, thresholds  # noqa: E402
 from methods.quest import page_scores, top_pages  # noqa: E402
 from methods.stores import DenseStore  # noqa: E402

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import interpret_mode, interpreter_compat
-from .attention import HEAD_DIMS, LOG2E, _block_n, decode_splits, triton_next_pow2
+from .attention import HEAD_DIMS, LOG2E, decode_splits, triton_next_pow2
 
 GATES = {"pages": 0, "grid": 1, "dense": 2}
 SPARSE_CONFIG = {"block_n": 64, "per_sm": 8, "num_warps": 4, "num_stages": 2}  # scripts/bench_sparse.py --tune
