@@ -63,6 +63,31 @@ Prefill and the question attend densely (the paper sparsifies decode only). rati
 and equals ``full``. A kv head's bytes read count each key once however many of its query heads
 select it; the gate reads every parent's centre and radius, every indexed key's parent ids and the
 sample.
+
+``index=grid`` (issue 21): the gate a GPU can stream, and the one the fused kernels run. The ball index above
+(``index=balls``, the default) bounds a key by the sum over 32 subspaces of its parents' bounds: a decode step
+gathers, per key, 32 parent ids and 32 ball bounds from tables of N/4 parents, random accesses that cost a GPU
+more than reading the key itself (at D = 64 the ids alone are 60 of a key's 128 K bytes), so no kernel of it
+beats dense flash-decoding. The grid keeps Louver's contract (a per-key upper bound of q.k against the sampled
+threshold, zero false negatives, exact attention over the survivors and the buffer) with cells that need no
+table: each channel d of a kv head is cut into 255 equal steps between the context keys' min lo_d and max
+(``grid_bounds``), a key stores its 8-bit cell per channel (code = round((k_d - lo_d) / step_d), clamped) and
+err = |k - k^| (fp32), its distance to its grid point k^ = lo + code * step. Then
+    q.k = q.k^ + q.(k - k^) <= q.k^ + |q| err        (Cauchy-Schwarz, per key),
+and q.k^ = q.lo + sum_d (q_d step_d) code_d: one dot product with the codes, streamed like a quantized key.
+A key survives iff that bound reaches t - gate_eps |q| kmax; so every key with q.k >= t survives, whatever
+the grid (keys outside the context's range clamp and carry a larger err). It is the paper's PQ-subspace
+clustering (an ablation of theirs) at one dimension per subspace with uniform cells, bounded per key. Keys are
+encoded as they are written (the question, every decode token); ``merge_every`` still decides when the buffer
+of recent tokens joins the gated keys. The threshold sample is the context's (a reservoir of ``sample_size``
+keys at ``end_of_context``; the ball index keeps sampling at merges). Thresholds ``budget`` and
+``sample_max``. Measured by scripts/index_recall.py on the tiny model (niah_multikey, 2 x 4096 tokens,
+f = 0.1): 0 false negatives, recall@10 1.00, 0.109 of the keys scanned per query head (balls: 0.148), reads
+per step 0.41 of the dense K/V index included (balls: 0.52), index 154 KB per (layer, kv head) (balls:
+194 KB), built in 1.9 s on CPU (balls: 60 s). Per step the gate reads every indexed key's code and err (D + 4
+bytes), the grid (lo, step) and the sample. ``fused`` (auto: on CUDA) runs it on the sparse-read kernels
+(``FusedLouverGridStore``, CUDA-graph safe; methods/kernels/sparse_attention.py); ``index=balls`` always takes
+the reference path.
 """
 
 from __future__ import annotations
@@ -75,9 +100,14 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, MethodBase, ModelSpec
+from methods.kernels import FUSED_CHOICES, use_fused
+from methods.sparse_fused import FusedSparseRead
 from methods.stores import SparseReadStore
 
 THRESHOLDS = ("budget", "sample_max", "sample_mean_max", "sample_gap")
+INDEXES = ("balls", "grid")
+GRID_THRESHOLDS = ("budget", "sample_max")
+GRID_LEVELS = 255  # 8-bit codes
 
 
 # -- the index: pure tensor functions (the store, tests and scripts/index_recall.py use them) --------
@@ -282,15 +312,21 @@ class Louver(MethodBase):
     power_iters: int = 4
     gate_eps: float = 1e-5
     seed: int = 0
+    index: str = "balls"
+    fused: str = "auto"
 
     family = "sparse"
     memory = "physical"
-    kernel = "reference"
+    kernel = "fused"  # index=grid has a fused path; rows record the path that actually ran
     name = "louver"
 
     def __post_init__(self) -> None:
         if self.threshold not in THRESHOLDS:
             raise ValueError(f"unknown threshold {self.threshold!r}; use one of {THRESHOLDS}")
+        if self.index not in INDEXES:
+            raise ValueError(f"unknown index {self.index!r}; use one of {INDEXES}")
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
         for knob in ("n_subspaces", "branching", "sample_size", "merge_every"):
             if int(getattr(self, knob)) < 1:
                 raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
@@ -299,12 +335,33 @@ class Louver(MethodBase):
 
     def validate(self, model: ModelSpec) -> list[str]:
         reasons = super().validate(model)  # the ratio's range: MethodBase.ratio_reasons
-        if model.head_dim % int(self.n_subspaces):
+        if self.index == "balls" and model.head_dim % int(self.n_subspaces):
             reasons.append(f"n_subspaces={self.n_subspaces} does not divide head_dim {model.head_dim}")
+        if self.index == "grid" and self.threshold not in GRID_THRESHOLDS:
+            reasons.append(f"index=grid takes threshold {' or '.join(GRID_THRESHOLDS)}, got {self.threshold!r}")
         return reasons
 
+    def unsupported(self, layer: LayerSpec) -> str | None:
+        """Why the fused kernels cannot serve this layer with these settings, or None."""
+        from methods.kernels.sparse_attention import supports
+
+        if self.index != "grid":
+            return ("index=balls has no fused kernel: its gate sums, per key, the bounds of the key's parents in "
+                    f"{self.n_subspaces} subspaces (random gathers a GPU cannot stream); index=grid is the kernel's")
+        if float(self.ratio) == 0.0:
+            return "ratio 0 reads everything (the reference path equals full)"
+        m = int(self.sample_size)
+        if m & (m - 1) or m < 16:
+            return f"sample_size {m} is not a power of two >= 16"
+        return supports(layer.head_dim, layer.n_q_heads, layer.n_kv_heads)
+
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> LouverStore:
-        return LouverStore(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        cls: type[LouverStore] = LouverStore
+        if self.index == "grid":
+            cls = FusedLouverGridStore if use_fused(self.fused, device, self.unsupported(layer)) else LouverGridStore
+        elif self.fused == "on":
+            use_fused(self.fused, device, self.unsupported(layer))  # raises with the reason
+        return cls(layer, self, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
 
 class LouverStore(SparseReadStore):
@@ -407,3 +464,159 @@ class LouverStore(SparseReadStore):
             words = (self.idx_end * self.parent_bits + 31) // 32  # (B,)
             return int(words.sum()) * t.shape[1] * t.shape[2] * elem
         return t.numel() * elem
+
+
+# -- index=grid: the GPU-friendly gate ------------------------------------------------------------
+def grid_bounds(keys: Tensor, valid: Tensor, *, chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel grid of keys (B, H_kv, N, D) over the valid slots (B, N): lo, step = (max - lo) / 255 and
+    inv = 1 / step, each (B, H_kv, D) fp32, computed in slot chunks (no fp32 copy of all keys)."""
+    B, H, N, D = keys.shape
+    lo = torch.full((B, H, D), float("inf"), device=keys.device)
+    hi = torch.full((B, H, D), float("-inf"), device=keys.device)
+    for s in range(0, N, chunk):
+        k = keys[:, :, s : s + chunk].float()  # (B, H_kv, c, D)
+        v = valid[:, None, s : s + chunk, None]  # (B, 1, c, 1)
+        lo = torch.minimum(lo, torch.where(v, k, float("inf")).amin(2))
+        hi = torch.maximum(hi, torch.where(v, k, float("-inf")).amax(2))
+    empty = ~torch.isfinite(lo)  # a row without valid keys
+    lo = torch.where(empty, 0.0, lo)
+    step = torch.where(empty, 1.0, (hi - lo) / GRID_LEVELS).clamp(min=1e-30)
+    return lo, 1.0 / step, step
+
+
+def grid_kth(threshold: str, fraction: float, sample_size: int) -> Tensor:
+    """The rank of the threshold among m valid sample scores, m = 0 .. sample_size (``thresholds``' rule):
+    budget: max(1, ceil(f m)); sample_max: 1."""
+    if threshold == "sample_max":
+        return torch.ones(sample_size + 1, dtype=torch.int32)
+    return torch.tensor([max(1, math.ceil(fraction * m)) for m in range(sample_size + 1)], dtype=torch.int32)
+
+
+class LouverGridStore(LouverStore):
+    """``index=grid``: dense K/V plus 8-bit per-channel grid codes of every key and the norm of each key's
+    distance to its grid point; the gate is one dot product per key (module docstring)."""
+
+    index_fields = ("codes", "err", "lo", "inv", "step", "sample", "sample_valid", "kmax")
+    bookkeeping = (*LouverStore.bookkeeping, "kth")
+
+    def __init__(self, layer: LayerSpec, method: Louver, *, batch: int, capacity: int, device: Any, dtype: Any):
+        super().__init__(layer, method, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.kth = grid_kth(method.threshold, 1.0 - float(method.ratio), int(method.sample_size)).to(self.device)
+
+    def _index_reset(self) -> None:
+        B, H, D, dev = self.batch, self.layer.n_kv_heads, self.layer.head_dim, self.device
+        M = int(self.method.sample_size)
+        self.codes = torch.zeros(B, H, self.capacity, D, dtype=torch.uint8, device=dev)  # (B, H_kv, S, D)
+        self.err = torch.zeros(B, H, self.capacity, dtype=torch.float32, device=dev)  # (B, H_kv, S)
+        self.lo = torch.zeros(B, H, D, dtype=torch.float32, device=dev)  # (B, H_kv, D) grid origin
+        self.inv = torch.ones(B, H, D, dtype=torch.float32, device=dev)  # 1 / step
+        self.step = torch.ones(B, H, D, dtype=torch.float32, device=dev)  # grid step per channel
+        self.sample = torch.zeros(B, H, M, D, dtype=self.dtype, device=dev)  # (B, H_kv, M, D)
+        self.sample_valid = torch.zeros(B, H, M, dtype=torch.bool, device=dev)
+        self.kmax = torch.zeros(B, H, dtype=torch.float32, device=dev)  # (B, H_kv) max key norm
+        self.res_seen = torch.zeros(B, dtype=torch.long, device=dev)
+
+    def _encode(self, slots: Tensor, valid: Tensor, *, chunk: int = 8192) -> None:
+        """Grid codes and errors of the stored keys at slots (B, W); kmax grows with the valid ones' norms."""
+        from methods.kernels.sparse_attention import grid_encode_reference
+
+        B, H, _, D = self.k.shape
+        for s in range(0, slots.shape[1], chunk):
+            sl, ok = slots[:, s : s + chunk], valid[:, s : s + chunk]  # (B, c)
+            idx = sl[:, None, :, None].expand(B, H, sl.shape[1], D)
+            keys = self.k.gather(2, idx)  # (B, H_kv, c, D) as stored
+            code, err = grid_encode_reference(keys, self.lo, self.inv, self.step)
+            self.codes.scatter_(2, idx, code)
+            self.err.scatter_(2, sl[:, None, :].expand(B, H, sl.shape[1]), err)
+            norms = keys.float().norm(dim=-1).masked_fill(~ok[:, None, :], 0.0)  # (B, H_kv, c)
+            self.kmax.copy_(torch.maximum(self.kmax, norms.amax(-1)))
+
+    def _index_add(self, keys: Tensor, valid: Tensor, slots: Tensor) -> None:
+        if self.n_merges == 0:  # the context: the grid, every key's code, the threshold sample
+            self._build(slots, valid)
+        # later merges move idx_end only: keys are encoded as they are written, the sample stays the context's
+
+    def _build(self, slots: Tensor, valid: Tensor) -> None:
+        n = slots.shape[1]
+        self.lo, self.inv, self.step = grid_bounds(self.k[:, :, :n], valid)
+        self._encode(slots, valid)
+        self._reservoir(self.k[:, :, :n], valid)
+
+    def end_of_context(self) -> None:
+        if self.built:
+            return
+        if not self.dense_decode:  # index the context in place (no fp32 copy of its keys)
+            self._index_reset()
+            slots = torch.arange(self.hi, device=self.device)[None].expand(self.batch, self.hi)  # (B, N)
+            self._build(slots, slots < self.lengths[:, None])
+        self.idx_end = self.lengths.clone()
+        self.buf_hi = 0
+        self.steps_since_merge = 0
+        self.n_merges += 1
+        self.built = True
+
+    def _write_valid(self, dest: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        self._write(dest, k, v)
+        if self.built and not self.dense_decode:
+            self._encode(dest, valid)
+
+    def _select(self, qg: Tensor) -> Tensor:
+        from methods.kernels.sparse_attention import grid_gate_params_reference, grid_read_reference
+
+        _, w, thr, qn = grid_gate_params_reference(qg, self.sample, self.sample_valid, self.kth, self.lo, self.step,
+                                                   self.kmax, gate_eps=float(self.method.gate_eps))
+        return grid_read_reference(w, thr, qn, self.codes, self.err)
+
+    def _gate_bytes(self) -> int:
+        """Index bytes a step reads besides the indexed keys' codes and errors (all kv heads): lo and step (fp32),
+        the sample (nominal dtype), kmax."""
+        H, D, M = self.layer.n_kv_heads, self.layer.head_dim, int(self.method.sample_size)
+        return H * (2 * D * 4 + M * D * self._nominal_size() + 4)
+
+    def _index_read_bytes(self) -> Tensor:
+        per_key = self.layer.head_dim + 4  # a code byte per channel, the fp32 error
+        return self.idx_end.to(torch.float64) * self.layer.n_kv_heads * per_key + self._gate_bytes()
+
+    def _index_stored_bytes(self, root: str, t: Tensor, elem: int) -> int:
+        n = int(self.lengths.sum()) * self.layer.n_kv_heads  # keys encoded (context, question, decode)
+        if root == "codes":
+            return n * self.layer.head_dim
+        if root == "err":
+            return n * 4
+        if root in ("lo", "inv", "step", "kmax"):
+            return t.numel() * 4
+        if root == "sample_valid":
+            return t.numel()
+        return t.numel() * self._nominal_size()  # the sample
+
+
+class FusedLouverGridStore(FusedSparseRead, LouverGridStore):
+    """:class:`LouverGridStore` on the sparse-read kernels: the append encodes the new key and moves idx_end every
+    ``merge_every`` steps (a device counter), one kernel sets each query head's threshold and gate operands, and
+    the sparse flash-decoding kernel reads the survivors (module docstring)."""
+
+    bookkeeping = (*LouverGridStore.bookkeeping, "acc", "steps")
+    graph_state = (*FusedSparseRead.graph_state, "steps", "kmax")
+
+    def __init__(self, layer: LayerSpec, method: Louver, *, batch: int, capacity: int, device: Any, dtype: Any):
+        super().__init__(layer, method, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self._fused_init()
+        self.steps = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) decode steps since the context
+
+    def _fused_decode(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        from methods.kernels import sparse_attention as sa
+
+        sa.grid_append(k, v, self.k, self.v, self.lengths, self.seen, valid, self.idx_end, self.steps, self.codes,
+                       self.err, self.lo, self.inv, self.step, self.kmax, merge_every=int(self.method.merge_every))
+        B, H_q, D = q.shape
+        w = torch.empty(B, H_q, D, dtype=torch.float32, device=self.device)
+        thr = torch.empty(B, H_q, dtype=torch.float32, device=self.device)
+        qn = torch.empty(B, H_q, dtype=torch.float32, device=self.device)
+        sa.grid_gate_params(q, self.sample, self.sample_valid, self.kth, self.lo, self.step, self.kmax,
+                            gate_eps=float(self.method.gate_eps), w=w, thr=thr, qn=qn)
+        return sa.sparse_decode_attention(q, self.k, self.v, self.lengths, self.idx_end, scaling=scaling, gate="grid",
+                                          acc=self.acc, valid=valid, codes=self.codes, err=self.err, w=w, thr=thr,
+                                          qn=qn)
+
+    def _index_bytes_booked(self, indexed: Tensor, steps: Tensor) -> Tensor:
+        return indexed * (self.layer.head_dim + 4) + steps * self._gate_bytes()

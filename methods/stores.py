@@ -365,7 +365,9 @@ class SparseReadStore(DenseStore):
       not a formula.
     - ``dense_decode`` (ratio 0, or a layer a method leaves dense) reads every slot and no index.
     The reference path computes all scores and masks them; the byte accounting is what a gather
-    kernel reading the selected slots would move.
+    kernel reading the selected slots would move. Hooks: ``_before_decode_step`` (index upkeep before the
+    new token is written) and ``_after_chunk`` (after the question). The fused stores
+    (methods/sparse_fused.py, issue 21) keep the same layout and index and read only the selected slots.
     """
 
     bookkeeping = ("lengths", "seen", "idx_end", "read_bytes", "read_steps", "read_keys", "indexed_keys")
@@ -408,6 +410,15 @@ class SparseReadStore(DenseStore):
         """Bytes of index tensor ``root`` in use (called for names in ``index_fields``)."""
         return t.numel() * elem
 
+    def _after_chunk(self) -> None:
+        """Index upkeep after a multi-token chunk that followed ``end_of_context`` (the question)."""
+        return None
+
+    def _before_decode_step(self) -> None:
+        """Index upkeep at the start of a decode step, before the new token is written (Quest closes the page
+        its rows' tokens filled). Must not synchronise with the host."""
+        return None
+
     # -- the store ------------------------------------------------------------------------------
     def _nominal_size(self) -> int:
         return torch.empty((), dtype=torch_dtype(self.layer.nominal_dtype)).element_size()
@@ -440,12 +451,14 @@ class SparseReadStore(DenseStore):
             out = super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
             if self.built:
                 self.buf_hi += T
+                self._after_chunk()
             return out
         if self.hi + 1 > self.capacity:
             raise RuntimeError(f"KV store capacity {self.capacity} exceeded ({self.hi} slots used + 1 new); "
                                "the engine sizes capacity as context + question + max_new_tokens")
         dest = slot_destinations(self.lengths, valid)  # (B, 1)
-        self._write(dest, k, v)
+        self._before_decode_step()
+        self._write_valid(dest, k, v, valid)
         lengths_new = self.lengths + valid.sum(1)  # (B,)
         slots = torch.arange(self.capacity, device=self.device)  # (S,)
         indexed = slots[None] < self.idx_end[:, None]  # (B, S)

@@ -11,6 +11,9 @@ picks the context keys it reads at a read budget f of the keys:
 - ``louver``: the ball index of ``methods.louver`` (S subspaces, ~4 keys per parent), threshold t from a
   uniform sample of 256 keys (the ceil(f * 256)-th largest score), survivors = keys whose summed
   Cauchy-Schwarz bound reaches t;
+- ``louver_grid``: Louver's ``index=grid`` (the fused kernels' gate): 8-bit per-channel grid codes of each key
+  plus the norm of its distance to its grid point; a key is read where q . grid point + |q| err reaches the same
+  threshold t (same sample);
 - ``quest``: pages of 16 keys with min/max, the top ceil(f * N / 16) pages by upper-bound score;
 - ``streaming_llm``: 4 sink keys + the most recent f * N - 4;
 - ``random``: f * N keys uniformly at random.
@@ -40,12 +43,17 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from methods.full import Full  # noqa: E402
-from methods.louver import build_index, id_bits, survivors, thresholds  # noqa: E402
+from methods.kernels.sparse_attention import (  # noqa: E402,E501
+    grid_encode_reference,
+    grid_gate_params_reference,
+    grid_read_reference,
+)
+from methods.louver import build_index, grid_bounds, id_bits, survivors, thresholds  # noqa: E402
 from methods.quest import page_scores, top_pages  # noqa: E402
 from methods.stores import DenseStore  # noqa: E402
 
 BF16 = 2  # bytes per element at the nominal dtype
-METHODS = ("louver", "quest", "streaming_llm", "random")
+METHODS = ("louver", "louver_grid", "quest", "streaming_llm", "random")
 
 
 class CaptureStore(DenseStore):
@@ -104,8 +112,8 @@ def evaluate(data: list[list[tuple[Tensor, Tensor]]], *, fraction: float, n_subs
     g = torch.Generator().manual_seed(seed)
     acc: dict[str, dict[str, float]] = {m: {"false_negatives": 0, "hits10": 0, "hits100": 0, "scanned": 0.0,
                                             "read": 0.0, "n": 0} for m in METHODS}
-    index_bytes = {"louver": 0.0, "quest": 0.0}
-    build_ms = {"louver": 0.0, "quest": 0.0}
+    index_bytes = {"louver": 0.0, "louver_grid": 0.0, "quest": 0.0}
+    build_ms = {"louver": 0.0, "louver_grid": 0.0, "quest": 0.0}
     n_heads = 0
     for layers in data:
         for keys, queries in layers:
@@ -136,6 +144,18 @@ def evaluate(data: list[list[tuple[Tensor, Tensor]]], *, fraction: float, n_subs
             lbytes = (P * n_subspaces * (D // n_subspaces + 1) + sample.shape[2] * D) * BF16 + math.ceil(
                 N * n_subspaces * id_bits(P) / 8)
             index_bytes["louver"] += lbytes
+            # louver, index=grid: the same threshold t, the grid bound
+            t0 = time.perf_counter()
+            ones = torch.ones(1, N, dtype=torch.bool)
+            lo, inv, step = grid_bounds(keys_bf[None], ones)
+            codes, err = grid_encode_reference(keys_bf[None], lo, inv, step)
+            build_ms["louver_grid"] += 1000 * (time.perf_counter() - t0)
+            kth = torch.tensor([max(1, math.ceil(fraction * m)) for m in range(sample.shape[2] + 1)])
+            _, w, thr, qn = grid_gate_params_reference(queries[None], sample, torch.ones(sample.shape[:3], dtype=torch.bool),
+                                                       kth, lo, step, kmax, gate_eps=1e-5)
+            sel["louver_grid"] = grid_read_reference(w, thr, qn, codes, err)[0]
+            gbytes = N * (D + 4) + 2 * D * 4 + sample.shape[2] * D * BF16 + 4  # codes, errors, grid, sample, kmax
+            index_bytes["louver_grid"] += gbytes
             # quest
             t0 = time.perf_counter()
             n_pages = math.ceil(N / page_size)
@@ -157,7 +177,8 @@ def evaluate(data: list[list[tuple[Tensor, Tensor]]], *, fraction: float, n_subs
             rnd = torch.zeros(H, Q, N, dtype=torch.bool)
             rnd.scatter_(-1, torch.rand(H, Q, N, generator=g).argsort(-1)[..., :n_keep], True)
             sel["random"] = rnd
-            gate = {"louver": lbytes, "quest": n_pages * 2 * D * BF16, "streaming_llm": 0, "random": 0}
+            gate = {"louver": lbytes, "louver_grid": gbytes, "quest": n_pages * 2 * D * BF16, "streaming_llm": 0,
+                    "random": 0}
             for name, s in sel.items():
                 a = acc[name]
                 a["false_negatives"] += int((in_range & ~s).sum())

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.engine import Engine
+from harness.engine import Engine, Prompt
 from methods.full import Full
 from methods.louver import (
     Louver,
@@ -143,9 +143,9 @@ def test_output_is_dense_attention_over_what_was_read(method, tiny_llama):
     checked = []
     orig = layer._select
 
-    def select(qg):
+    def select(qg):  # idx_end as the step sees it (Quest closes a filled page at the start of a step)
         sel = orig(qg)
-        checked.append(sel)
+        checked.append((sel, layer.idx_end.clone()))
         return sel
 
     layer._select = select
@@ -156,9 +156,9 @@ def test_output_is_dense_attention_over_what_was_read(method, tiny_llama):
         k = torch.randn(B, H, 1, D, generator=g)
         v = torch.randn(B, H, 1, D, generator=g)
         valid = torch.ones(B, 1, dtype=torch.bool)
-        lengths, idx_end = layer.lengths.clone(), layer.idx_end.clone()
+        lengths = layer.lengths.clone()
         out = layer.extend(q, k, v, positions=None, valid=valid, scaling=0.125)
-        sel = checked[-1]  # (B, H, G, S)
+        sel, idx_end = checked[-1]  # (B, H, G, S), (B,)
         slots = torch.arange(layer.capacity)
         indexed = slots[None] < idx_end[:, None]
         recent = (slots[None] >= idx_end[:, None]) & (slots[None] <= lengths[:, None])
@@ -233,3 +233,213 @@ def test_bad_parameters_are_refused():
     spec = ModelSpec.from_config(tiny_config("llama"))
     assert any("divide" in r for r in Louver(n_subspaces=7).validate(spec))
     assert any("ratio" in r for r in Quest(ratio=1.0).validate(spec))
+
+
+# -- index=grid (the fused kernels' gate) -------------------------------------------------------------
+from methods.kernels import sparse_attention as sa  # noqa: E402
+from methods.louver import FusedLouverGridStore, LouverGridStore, grid_bounds, grid_kth  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_gate_has_no_false_negatives(seed):
+    k, g = _keys(seed, aniso=seed % 2 == 0)
+    B, H, N, D = k.shape
+    dtype = torch.bfloat16 if seed >= 3 else torch.float32
+    k = k.to(dtype)  # keys as a store keeps them
+    valid = torch.rand(B, N, generator=g) < 0.9
+    lo, inv, step = grid_bounds(k[:, :, :200], valid[:, :200])  # later keys fall outside the grid: err grows
+    codes, err = sa.grid_encode_reference(k, lo, inv, step)
+    kh = lo[:, :, None] + codes.float() * step[:, :, None]
+    assert ((k.float() - kh).norm(dim=-1) <= err * (1 + 1e-6)).all()
+    q = torch.randn(B, H, 3, D, generator=g) * 2
+    M = 64
+    kth = grid_kth("budget", [0.05, 0.1, 0.3][seed % 3], M)
+    sv = valid[:, None, :M].expand(B, H, M)
+    kmax = k.float().norm(dim=-1).amax(-1)
+    t, w, thr, qn = sa.grid_gate_params_reference(q, k[:, :, :M], sv, kth, lo, step, kmax, gate_eps=1e-5)
+    read = sa.grid_read_reference(w, thr, qn, codes, err)  # (B, H, G, N)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q, k.float())
+    must = exact >= t[..., None]
+    assert must.any() and not (must & ~read).any()
+    assert read.float().mean() < 0.7  # and it prunes
+
+
+def _grid(**kw):
+    base = {"ratio": 0.7, "index": "grid", "sample_size": 32, "merge_every": 3}
+    return Louver(**{**base, **kw})
+
+
+def test_grid_store_outputs_attention_over_what_it_reads(tiny_llama):
+    """The reference grid store: zero false negatives against the exact scores at every step (merges crossed),
+    and the codes of every stored key bound it."""
+    prompts = random_prompts([70, 45])
+    engine = Engine(copy.deepcopy(tiny_llama), _grid(), prefill_chunk=16)
+    state = engine.new_state(2, 100)
+    engine.run_segment(state, prompts, [0, 0], chunk=16, want_last=[False, False], last_logits=None)
+    state.end_of_context()
+    assert all(type(layer) is LouverGridStore for layer in state.layers)
+    missed, must_total = [0], [0]
+    for layer in state.layers:
+        orig = layer._select
+
+        def select(qg, layer=layer, orig=orig):
+            sel = orig(qg)
+            t, *_ = sa.grid_gate_params_reference(qg, layer.sample, layer.sample_valid, layer.kth, layer.lo,
+                                                  layer.step, layer.kmax, gate_eps=1e-5)
+            exact = torch.einsum("bhgd,bhnd->bhgn", qg, layer.k.float())
+            indexed = torch.arange(layer.capacity)[None] < layer.idx_end[:, None]
+            must = (exact >= t[..., None]) & indexed[:, None, None]
+            missed[0] += int((must & ~sel).sum())
+            must_total[0] += int(must.sum())
+            return sel
+
+        layer._select = select
+    for step in range(8):
+        tok = torch.randint(0, 256, (2, 1))
+        pos = torch.tensor([[70 + step], [45 + step]])
+        engine.forward(state, tok, pos, torch.ones(2, 1, dtype=torch.bool), logits_at=torch.zeros(2, dtype=torch.long))
+    assert must_total[0] > 0 and missed[0] == 0
+    layer = state.layers[0]
+    assert layer.idx_end.tolist() == [76, 51]  # merged after steps 3 and 6
+    for b, n in enumerate(layer.lengths.tolist()):  # every stored key (context, question, decode) is encoded
+        kh = layer.lo[b, :, None] + layer.codes[b, :, :n].float() * layer.step[b, :, None]
+        assert ((layer.k[b, :, :n] - kh).norm(dim=-1) <= layer.err[b, :, :n] * (1 + 1e-6) + 1e-6).all()
+    st = layer.stats()
+    assert st.bytes_read_per_step < st.bytes_stored
+
+
+def _gate_check(layer, seen):
+    """Wrap a FusedLouverGridStore's decode: with the kernels' own operands (the threshold kernel, the codes the
+    append kernel wrote) every indexed key at or above the threshold passes the gate, and the attention kernel
+    books exactly the keys the gate passes."""
+    orig = layer._fused_decode
+
+    def decode(q, k, v, valid, scaling):
+        read0 = layer.acc[:, 0].clone()
+        out = orig(q, k, v, valid, scaling)
+        B, H_q, D = q.shape
+        H, G = layer.layer.n_kv_heads, layer.layer.n_groups
+        w, thr, qn = torch.empty(B, H_q, D), torch.empty(B, H_q), torch.empty(B, H_q)
+        sa.grid_gate_params(q, layer.sample, layer.sample_valid, layer.kth, layer.lo, layer.step, layer.kmax,
+                            gate_eps=1e-5, w=w, thr=thr, qn=qn)
+        qg = q.float().reshape(B, H, G, D)
+        t, *_ = sa.grid_gate_params_reference(qg, layer.sample, layer.sample_valid, layer.kth, layer.lo, layer.step,
+                                              layer.kmax, gate_eps=1e-5)
+        read = sa.grid_read_reference(w.reshape(B, H, G, D), thr.reshape(B, H, G), qn.reshape(B, H, G),
+                                      layer.codes, layer.err)
+        indexed = torch.arange(layer.capacity)[None] < layer.idx_end[:, None]
+        must = (torch.einsum("bhgd,bhnd->bhgn", qg, layer.k.float()) >= t[..., None]) & indexed[:, None, None]
+        seen["must"] += int(must.sum())
+        seen["missed"] += int((must & ~read).sum())
+        booked = layer.acc[:, 0] - read0
+        seen["booked"] &= bool(torch.equal(booked, torch.where(valid, (read & indexed[:, None, None]).any(2).sum((1, 2)), 0)))
+        return out
+
+    layer._fused_decode = decode
+
+
+def test_fused_grid_store_gives_the_reference_tokens_logits_and_reads(interpret, tiny_llama):
+    """A ragged batch (reference prefill, fused decode; merges after steps 3 and 6): the reference's tokens, logits,
+    bytes stored and read; on the device path no key at or above the threshold is missed."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
+                      question=torch.randint(3, 250, (5,), generator=g).tolist()) for n in (50, 33)]
+    outs, seen = {}, {"must": 0, "missed": 0, "booked": True}
+    for fused in ("off", "on"):
+        engine = Engine(copy.deepcopy(tiny_llama), _grid(fused=fused), prefill_chunk=16)
+        if fused == "on":
+            engine._new_state = engine.new_state
+
+            def new_state(*a, engine=engine, **kw):
+                state = engine._new_state(*a, **kw)
+                assert all(type(layer) is FusedLouverGridStore for layer in state.layers)
+                _gate_check(state.layers[1], seen)
+                return state
+
+            engine.new_state = new_state
+        outs[fused] = engine.generate(prompts, max_new_tokens=7, return_logits=True)
+        assert engine.kernel == ("fused" if fused == "on" else "reference")
+    ref, fast = outs["off"], outs["on"]
+    assert fast.tokens == ref.tokens
+    for a, b in zip(ref.logits, fast.logits):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for s_ref, s_fast in ((ref.stats_context, fast.stats_context), (ref.stats_final, fast.stats_final)):
+        assert s_fast.bytes_stored == s_ref.bytes_stored
+        assert s_fast.bytes_read_per_step == s_ref.bytes_read_per_step
+    assert ref.stats_final.bytes_read_per_step < ref.stats_final.bytes_stored
+    assert seen["must"] > 0 and seen["missed"] == 0 and seen["booked"]
+
+
+def test_fused_grid_on_the_trained_model_gives_the_reference_tokens(interpret):
+    """The embedded model on its own task at ratio 0.9 (index=grid): greedy tokens identical, logits within 1e-3."""
+    from tests.test_quest_fused import _trained, _trained_prompts
+
+    prompts = _trained_prompts("niah_single", 2, 352, ragged=True)
+    outs = {}
+    for fused in ("off", "on"):
+        engine = Engine(_trained(), _grid(ratio=0.9, fused=fused, merge_every=2), prefill_chunk=512)
+        outs[fused] = engine.generate(prompts, max_new_tokens=4, return_logits=True)
+    assert outs["on"].tokens == outs["off"].tokens
+    for a, b in zip(outs["off"].logits, outs["on"].logits):
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+
+
+def test_grid_settings_are_checked(tiny_llama):
+    from harness.models import tiny_config
+    from methods.api import ModelSpec
+
+    spec = ModelSpec.from_config(tiny_config("llama"))
+    assert any("threshold" in r for r in Louver(index="grid", threshold="sample_gap").validate(spec))
+    assert Louver(index="grid", n_subspaces=7).validate(spec) == []  # subspaces belong to index=balls
+    with pytest.raises(ValueError, match="index"):
+        Louver(index="kd")
+    engine = Engine(copy.deepcopy(tiny_llama), Louver(index="grid"))
+    assert type(engine.new_state(1, 8).layers[0]) is LouverGridStore  # fused=auto: the reference on CPU
+    with pytest.raises(ValueError, match="index=balls has no fused kernel"):
+        Engine(copy.deepcopy(tiny_llama), Louver(fused="on")).new_state(1, 8)
+
+
+# -- GPU (pytest -m gpu on the GPU machine) ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[300, 300], [300, 170]], ids=["equal", "ragged"])
+def test_cuda_graph_louver_grid_gives_the_reference_tokens(tiny_llama, lengths):
+    g = torch.Generator().manual_seed(0)
+    prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
+                      question=torch.randint(3, 250, (7,), generator=g).tolist()) for n in lengths]
+    outs = {}
+    for fused, graph in (("off", False), ("on", False), ("on", True)):
+        engine = Engine(copy.deepcopy(tiny_llama).cuda(), _grid(fused=fused, sample_size=256, merge_every=16),
+                        prefill_chunk=128, cuda_graph=graph)
+        outs[fused, graph] = engine.generate(prompts, max_new_tokens=40, return_logits=True)
+        assert engine.graph_error is None
+        assert engine.kernel == ("fused" if fused == "on" else "reference")
+    ref = outs["off", False]
+    for key in (("on", False), ("on", True)):
+        assert outs[key].tokens == ref.tokens, key
+        for a, b in zip(ref.logits, outs[key].logits):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert outs[key].stats_final.bytes_read_per_step == ref.stats_final.bytes_read_per_step
+
+
+@pytest.mark.gpu
+def test_louver_grid_graph_decode_step_does_not_sync_with_host(tiny_llama):
+    engine = Engine(copy.deepcopy(tiny_llama).cuda(), _grid(sample_size=256, merge_every=2))
+    state = engine.new_state(2, 128)
+    engine.run_segment(state, random_prompts([70, 70]), [0, 0], chunk=None, want_last=[True, True], last_logits=None)
+    state.end_of_context()
+    assert all(type(layer) is FusedLouverGridStore for layer in state.layers)
+    step = engine._decode_step(state, 2)
+    tok = torch.tensor([1, 2], device="cuda")
+    pos = torch.tensor([70, 70], device="cuda")
+    valid = torch.ones(2, dtype=torch.bool, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(5):
+            step(tok, pos + i, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    step.finish()
+    layer = state.layers[0]
+    assert layer.lengths.tolist() == [75, 75] and layer.hi == 75 and layer.idx_end.tolist() == [74, 74]
