@@ -111,7 +111,7 @@ def test_every_documented_command_runs_as_written():
 
     cmds = documented_commands()
     assert len(cmds) > 30, "the extraction found too few commands"
-    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), flags=re.M))
+    targets = set(re.findall(r"^([a-z][a-z0-9_-]*):", (REPO / "Makefile").read_text(), flags=re.M))
     scripts = sorted({w for _, _, words in cmds for w in words[1:2] if w.endswith(".py")}
                      | set(SCRIPT_OF_TARGET.values()))
     helps = _help_texts(scripts)
