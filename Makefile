@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run test sweep table regress regress-update bench lint clean
+.PHONY: help install run test test-slow sweep table regress regress-update bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ run: install  ## the default job: full + one method per family on the embedded t
 	$(PYTHON) -m harness.sweep --default $(ARGS)
 	@$(MAKE) --no-print-directory table
 
-test: install  ## run the test suite (CPU, offline)
-	$(PYTHON) -m pytest -q
+test: install  ## run the test suite (CPU, offline, one worker per core; the slow end-to-end tests: make test-slow)
+	$(PYTHON) -m pytest -q -n auto -m "not gpu and not slow"
+
+test-slow: install  ## the end-to-end script and launcher tests left out of make test (CI runs both)
+	$(PYTHON) -m pytest -q -n auto -m "slow and not gpu"
 
 sweep: install  ## sweep one method over its family's ratios x the default tasks: make sweep METHOD=streaming_llm
 	@test -n "$(METHOD)" || { echo "usage: make sweep METHOD=<name>  (one of: $$(ls conf/method | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_smoke_writes_csv_markdown_and_a_json_last_line(tmp_path):
     code = ("import sys; import scripts.fixed_contract as fc; "
             "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), 'GPU scripts import none of these'; "

@@ -236,6 +236,7 @@ def test_protected_tokens_must_match_training(tiny_llama, tmp_path):
 NO_GPU_IMPORTS = "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), sorted({'lm_eval', 'wandb', 'hydra'} & set(sys.modules))"
 
 
+@pytest.mark.slow
 def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_falling_curve(tmp_path):
     w, c, w2 = tmp_path / "w.safetensors", tmp_path / "curve.json", tmp_path / "again.safetensors"
     args = "'--smoke', '--ratios', '0.5', '--variants', 'joint'"
@@ -269,6 +270,7 @@ def test_held_out_tasks_cannot_be_trained_on():
     assert out.returncode == 2 and "held out" in out.stderr
 
 
+@pytest.mark.slow
 def test_length_generalization_smoke_prints_its_table_with_the_committed_weights(tmp_path):
     code = (f"import sys; import scripts.lkv_length_generalization as g; g.main(['--smoke', '--out', {str(tmp_path)!r}]); "
             f"{NO_GPU_IMPORTS}")

@@ -190,6 +190,7 @@ def test_wandb_offline_run_holds_the_row(tmp_path, capsys):
     assert {"model", "method", "task", "ratio"} <= config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
 def test_multirun_through_launchers(tmp_path, launcher):
     p = cli("-m", f"hydra/launcher={launcher}", "method=full", "seed=0,1", *SMALL, "bench.enabled=false",
