@@ -58,6 +58,14 @@ def unpack_codes(packed: Tensor, bits: int) -> Tensor:
     return (stream << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
 
 
+def div_exact(x: Tensor, d: float) -> Tensor:
+    """x / d correctly rounded on every device. PyTorch's CUDA division by a Python scalar multiplies by the
+    reciprocal (one ulp off for d = 15 or 448), its CPU division does not; the fused quantize kernels divide
+    exactly (``tl.math.div_rn``). Dividing by a 0-dim tensor of x's device takes the true division on both,
+    so references and kernels agree bit for bit on CPU and GPU (tests/test_quant_kernels.py)."""
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 @dataclass(frozen=True)
 class UniformQuantizer:
     """Asymmetric (min/max) uniform INT-``bits`` quantization in groups of ``group_size``
@@ -97,7 +105,7 @@ class UniformQuantizer:
         lo = xg.amin(-1) * self.clip_ratio  # (..., D/G)
         hi = xg.amax(-1) * self.clip_ratio
         levels = (1 << self.bits) - 1
-        scale = ((hi - lo) / levels).to(meta_dtype)  # (..., D/G)
+        scale = div_exact(hi - lo, levels).to(meta_dtype)  # (..., D/G)
         zero = lo.to(meta_dtype)  # (..., D/G)
         s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]  # (..., D/G, 1)
         q = torch.round((xg - zero.float()[..., None]) / s).clamp_(0, levels)  # (..., D/G, G)
@@ -160,7 +168,7 @@ class Fp8TokenQuantizer:
         return {"codes": (dim, torch.uint8), "scale": (1, None)}
 
     def encode_fields(self, x: Tensor, *, meta_dtype: torch.dtype) -> dict[str, Tensor]:
-        scale = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).to(meta_dtype)  # (..., 1)
+        scale = div_exact(x.float().abs().amax(-1, keepdim=True), FP8_MAX).to(meta_dtype)  # (..., 1)
         return {"codes": fp8_encode(x, scale), "scale": scale}
 
     def decode_fields(self, parts: dict[str, Tensor], *, dtype: torch.dtype) -> Tensor:
