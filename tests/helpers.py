@@ -76,3 +76,18 @@ def read_wandb_offline(path):
         elif kind == "run":
             config.update(item.key for item in rec.run.config.update)
     return summary, config, kinds
+
+
+def logits_error_until_divergence(ref, fast) -> float:
+    """Largest relative logit difference (over each row's largest |logit|) between two generations, taken per
+    row over the steps up to and including the first step whose greedy tokens differ: after that the two rows
+    continue from different tokens and their logits are not comparable. In bf16 a near-tie can flip a token
+    (the fused kernels dequantize in fp32 where the reference rounds K/V to bf16); the count of rows with
+    identical tokens is asserted beside this."""
+    worst = 0.0
+    for a, b, ta, tb in zip(ref.logits, fast.logits, ref.tokens, fast.tokens):
+        n = min(len(a), len(b))
+        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), n - 1)
+        n = min(n, first + 1)
+        worst = max(worst, float((a[:n] - b[:n]).abs().max() / a[:n].abs().max()))
+    return worst

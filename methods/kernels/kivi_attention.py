@@ -259,7 +259,7 @@ def kivi_append(k_new: Tensor, v_new: Tensor, fields: dict[str, Tensor], lengths
         v_new.stride(0), v_new.stride(1), *_strides(fields),
         D=D, GS=group_size, R=residual_length, K_BITS=k_bits, V_BITS=v_bits, V_CPW=vl.codes_per_word,
         V_WB=vl.word_bytes, V_WBP=triton_next_pow2(vl.word_bytes), META=_meta(fields["k_scale"].dtype),
-        **_launch(num_warps=4),
+        **_launch(num_warps=4, enable_fp_fusion=False),  # no FMA contraction: codes as the reference's
     )
 
 

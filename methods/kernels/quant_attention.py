@@ -400,7 +400,7 @@ def scalar_append(k: Tensor, v: Tensor, k_fields: tuple, v_fields: tuple, heads:
           if rotation is not None else (0,) * 6),
         G=G, BLOCK_R=max(16, triton_next_pow2(G + 1)), D=D, DECODE=decode, ROT=rotation is not None,
         **k_layout.consts("K", D, None, 0, 0, append=True), **v_layout.consts("V", D, None, 0, 0, append=True),
-        META=_meta_code(ks.dtype), **_launch(num_warps=4),
+        META=_meta_code(ks.dtype), **_launch(num_warps=4, enable_fp_fusion=False),  # codes as the reference's
     )
 
 
@@ -418,7 +418,7 @@ def scalar_dequant(fields: tuple, heads: Tensor, out: Tensor, *, n_slots: int, l
         *_strides3(z, sc), *out.stride(), BLOCK_N=bn, D=D,
         **{k[2:]: v for k, v in layout.consts("X", D, None, 0, 0, append=True).items()
            if k[2:] in ("NG", "GS", "FMT", "BITS", "CPW", "WB", "ZERO")},
-        **_launch(num_warps=4),
+        **_launch(num_warps=4, enable_fp_fusion=False),  # code x scale + zero as two roundings, as the reference
     )
     return out
 

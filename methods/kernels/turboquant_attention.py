@@ -196,7 +196,8 @@ def _prepare(q: Tensor | None, k: Tensor | None, v: Tensor | None, k_fields: dic
         KB=k_codec.mse_bits, KM=k_codec.qjl_dim, KNB=triton_next_pow2(max(2, (1 << k_codec.mse_bits) - 1)),
         VB=v_codec.mse_bits, VM=v_codec.qjl_dim, VNB=triton_next_pow2(max(2, (1 << v_codec.mse_bits) - 1)),
         ROT=bool(k_codec.rotate), QUERIES=q is not None, APPEND=append, DECODE=decode, MDT=_tl_dtype(kn.dtype),
-        CH=min(32, D), LOG_D=D.bit_length() - 1, INV_SQRT_D=1.0 / math.sqrt(D), **_launch(num_warps=4),
+        CH=min(32, D), LOG_D=D.bit_length() - 1, INV_SQRT_D=1.0 / math.sqrt(D),
+        **_launch(num_warps=4, enable_fp_fusion=False),  # no FMA contraction: codes as the reference's
     )
     return qr, sq
 
@@ -308,7 +309,7 @@ def turboquant_dequantize(k: dict[str, Tensor], v: dict[str, Tensor], n_slots: i
         *out_k.stride()[:3], *out_v.stride()[:3],
         D=D, BLOCK_N=block_n, KB=k_codec.mse_bits, KM=k_codec.qjl_dim, VB=v_codec.mse_bits, VM=v_codec.qjl_dim,
         ROT=bool(k_codec.rotate), CH=min(32, D), MDT=_tl_dtype(out_k.dtype), INV_SQRT_D=1.0 / math.sqrt(D),
-        **_launch(num_warps=4),
+        **_launch(num_warps=4, enable_fp_fusion=False),  # no FMA contraction: the reference's roundings
     )
 
 
