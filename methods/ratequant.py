@@ -14,8 +14,19 @@ bisection (without clipping b_u = B + log_beta(w_u a_u) - mean_j log_beta(w_j a_
 widths are rounded to supported widths keeping the budget exact: every unit starts at the widest
 supported width <= b_u, then the leftover bits go one step at a time to the unit with the largest
 gain per bit w_u a_u (beta^-b - beta^-b') / (b' - b). Each unit is stored by the base quantizer's
-own store at its width (one store per kv head), so memory is physical; the per-unit bit table
-(int8) is counted in ``bytes_stored``.
+own store at its width, so memory is physical; the per-unit bit table (int8) is counted in ``bytes_stored``.
+
+Decode (``fused``: auto = the base's fused kernels on CUDA, on, off): a layer's kv heads are grouped by
+their (K width, V width) pair and each group is one store of the base over those heads, so a step launches
+kernels per width pair, not per head, and every base decodes fused and CUDA-graph captured (where its
+kernels serve the layer's shape):
+- uniform_int, quarot (per-token CodecStores, ``base.codecs``): :class:`GroupedCodecStore`, each group's
+  append and split kernels, one combine for the layer;
+- kivi, turboquant_kqv (their own layouts): :class:`GroupedStore`, each group's store with the base's own
+  fused decode (KIVI: attention, the step's writes, the combine), queries and outputs gathered and scattered
+  by head index on the device (no host sync), the graph protocol delegated to the groups.
+The reference path (``fused=off``, or CPU under auto) keeps one base store per kv head (the oracle the fused
+path is tested against). The row's ``kernel`` is ``fused`` only when every group's store ran its kernels.
 
 Choices the paper leaves open, and ours (knobs):
 - ``base``: kivi | quarot | uniform_int | turboquant_kqv, with ``base_params`` for its knobs.
@@ -216,7 +227,7 @@ class RateQuant(MethodBase):
 
     family = "quantization"
     memory = "physical"
-    kernel = "fused"  # over bases whose codecs declare a fused kernel; rows record the path that ran
+    kernel = "fused"  # every base has fused stores (grouped by width); rows record the path that ran
     name = "ratequant"
 
     def __post_init__(self) -> None:
