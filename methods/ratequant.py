@@ -14,8 +14,19 @@ bisection (without clipping b_u = B + log_beta(w_u a_u) - mean_j log_beta(w_j a_
 widths are rounded to supported widths keeping the budget exact: every unit starts at the widest
 supported width <= b_u, then the leftover bits go one step at a time to the unit with the largest
 gain per bit w_u a_u (beta^-b - beta^-b') / (b' - b). Each unit is stored by the base quantizer's
-own store at its width (one store per kv head), so memory is physical; the per-unit bit table
-(int8) is counted in ``bytes_stored``.
+own store at its width, so memory is physical; the per-unit bit table (int8) is counted in ``bytes_stored``.
+
+Decode (``fused``: auto = the base's fused kernels on CUDA, on, off): a layer's kv heads are grouped by
+their (K width, V width) pair and each group is one store of the base over those heads, so a step launches
+kernels per width pair, not per head, and every base decodes fused and CUDA-graph captured (where its
+kernels serve the layer's shape):
+- uniform_int, quarot (per-token CodecStores, ``base.codecs``): :class:`GroupedCodecStore`, each group's
+  append and split kernels, one combine for the layer;
+- kivi, turboquant_kqv (their own layouts): :class:`GroupedStore`, each group's store with the base's own
+  fused decode (KIVI: attention, the step's writes, the combine), queries and outputs gathered and scattered
+  by head index on the device (no host sync), the graph protocol delegated to the groups.
+The reference path (``fused=off``, or CPU under auto) keeps one base store per kv head (the oracle the fused
+path is tested against). The row's ``kernel`` is ``fused`` only when every group's store ran its kernels.
 
 Choices the paper leaves open, and ours (knobs):
 - ``base``: kivi | quarot | uniform_int | turboquant_kqv, with ``base_params`` for its knobs.
@@ -216,7 +227,7 @@ class RateQuant(MethodBase):
 
     family = "quantization"
     memory = "physical"
-    kernel = "fused"  # over bases whose codecs declare a fused kernel; rows record the path that ran
+    kernel = "fused"  # every base has fused stores (grouped by width); rows record the path that ran
     name = "ratequant"
 
     def __post_init__(self) -> None:
@@ -367,8 +378,8 @@ class RateQuant(MethodBase):
                                           dtype=dtype)
         if grouped is not None:
             return grouped
-        return PerHeadStore(layer, self.base_method, bits, batch=batch,
-                            capacity=capacity, device=device, dtype=dtype)
+        return GroupedStore.build(layer, self.base_method, bits, batch=batch, capacity=capacity, device=device,
+                                  dtype=dtype)
 
 
 def _fingerprint(model: Any) -> str:
@@ -380,38 +391,112 @@ def _fingerprint(model: Any) -> str:
     return h.hexdigest()[:12]
 
 
-class PerHeadStore:
-    """One layer as one base-quantizer store per kv head, each at its own K and V widths.
-    ``bits`` (H_kv, 2) int8 is the layer's slice of the per-unit bit table (counted in bytes)."""
+class GroupedStore:
+    """One layer as one base-quantizer store per (K width, V width) group of its kv heads, each built by the base's
+    own ``store`` for a sub-layer of those heads (``n_kv_heads`` = the group's heads, ``n_q_heads`` = their query
+    heads), so every base's layout, kernels and byte accounting serve RateQuant unchanged (KIVI's packed codes and
+    rings, TurboQuant's codebooks and sketches; a layer whose heads all share one width is one store, as the base
+    alone). ``bits`` (H_kv, 2) int8 is the layer's slice of the per-unit bit table (counted in bytes).
 
-    def __init__(self, layer: LayerSpec, base: Any, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype):
-        self.layer = layer
-        self.bits = bits  # (H_kv, 2) int8
-        sub = LayerSpec(layer_idx=layer.layer_idx, n_layers=layer.n_layers, n_q_heads=layer.n_groups, n_kv_heads=1,
-                        head_dim=layer.head_dim, nominal_dtype=layer.nominal_dtype)
-        self.heads = [base.store(sub, k_bits=int(kb), v_bits=int(vb), batch=batch, capacity=capacity, device=device,
-                                 dtype=dtype) for kb, vb in bits.tolist()]
+    ``extend`` gathers each group's query heads and kv heads (``index_select``), runs the group's store and
+    scatters its output into the layer's (``index_copy_``): device ops only, no host sync. So the layer runs
+    fused kernels (``kernel = "fused"``) when every group's store does, and its decode step is graph-safe when
+    every group's is: the CUDA-graph protocol (``graph_snapshot`` / ``graph_restore`` / ``graph_advance``)
+    delegates to each group. A decode step launches each group's kernels (KIVI: 3 per group), not 3 per head.
+
+    Where a group's store takes the reference path (``fused=off``, CPU under ``auto``, a layout the kernels
+    cannot serve), :meth:`build` keeps one store per head instead: the reference's numbers do not depend on
+    which heads share a width (batching heads in one attention call moves fp32 sums by an ulp), and the
+    per-store constants (QuaRot's sign vectors, TurboQuant's rotation and QJL projection) are counted per head
+    as before. The fused path's bytes can be lower by those constants, held once per width pair.
+    Bases whose stores are :class:`~methods.stores.CodecStore` s with fused kernels take
+    :class:`GroupedCodecStore` instead (one combine per layer)."""
+
+    @classmethod
+    def build(cls, layer: LayerSpec, base: Any, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype: Any
+              ) -> GroupedStore:
+        """Heads grouped by width pair where the base's stores run fused kernels; one group per head where they
+        take the reference path (the oracle: its numbers and bytes do not depend on how heads share widths)."""
+        rows = [(int(kb), int(vb)) for kb, vb in bits.tolist()]
+        by_width = [[h for h, r in enumerate(rows) if r == pair] for pair in sorted(set(rows))]
+        kw = dict(batch=batch, capacity=capacity, device=device, dtype=dtype)
+        stores = []
+        for heads in by_width:
+            st = cls._store(layer, base, heads, rows[heads[0]], **kw)
+            if getattr(st, "kernel", "reference") != "fused" and len(by_width) < len(rows):
+                del st, stores
+                return cls(layer, base, bits, [[h] for h in range(len(rows))], **kw)
+            stores.append(st)
+        return cls(layer, base, bits, by_width, stores=stores, **kw)
+
+    @staticmethod
+    def _store(layer: LayerSpec, base: Any, heads: list[int], pair: tuple[int, int], **kw: Any) -> Any:
+        """The base's store for a sub-layer of ``heads`` (their query heads in order) at widths ``pair``."""
+        sub = LayerSpec(layer_idx=layer.layer_idx, n_layers=layer.n_layers, n_q_heads=len(heads) * layer.n_groups,
+                        n_kv_heads=len(heads), head_dim=layer.head_dim, nominal_dtype=layer.nominal_dtype)
+        return base.store(sub, k_bits=pair[0], v_bits=pair[1], **kw)
+
+    def __init__(self, layer: LayerSpec, base: Any, bits: Tensor, groups: list[list[int]], *, batch: int,
+                 capacity: int, device: Any, dtype: Any, stores: list | None = None):
+        """``groups``: the layer's kv heads partitioned into groups of one width pair each (``stores``: their
+        stores, if already built)."""
+        self.layer, self.bits = layer, bits  # bits (H_kv, 2) int8
+        g = layer.n_groups
+        rows = [(int(kb), int(vb)) for kb, vb in bits.tolist()]
+        kw = dict(batch=batch, capacity=capacity, device=device, dtype=dtype)
+        self.groups = stores or [self._store(layer, base, heads, rows[heads[0]], **kw) for heads in groups]
+        self.head_idx, self.qhead_idx = [], []
+        for heads in groups:
+            idx = torch.tensor(heads, dtype=torch.long, device=device)
+            self.head_idx.append(idx)  # (n,) the layer's kv heads this group holds, in order
+            self.qhead_idx.append((idx[:, None] * g + torch.arange(g, device=device)).reshape(-1))  # (n g,)
+        self.whole = len(self.groups) == 1  # one group: the base's store as it is, no gather
+        self.kernel = "fused" if all(getattr(st, "kernel", "reference") == "fused" for st in self.groups) else "reference"
+        self.graph_safe = all(getattr(st, "graph_safe", False) for st in self.groups)
 
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
-        g = self.layer.n_groups
-        outs = [st.extend(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], positions=positions, valid=valid,
-                          scaling=scaling) for h, st in enumerate(self.heads)]  # each (B, T, g, D)
-        return torch.cat(outs, dim=2)  # (B, T, H_q, D)
+        if self.whole:
+            return self.groups[0].extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
+        B, H_q, T, D = q.shape
+        out = None
+        for st, h, qh in zip(self.groups, self.head_idx, self.qhead_idx):
+            o = st.extend(q.index_select(1, qh), k.index_select(1, h), v.index_select(1, h), positions=positions,
+                          valid=valid, scaling=scaling)  # (B, T, n g, D)
+            if out is None:
+                out = o.new_empty(B, T, H_q, D)  # (B, T, H_q, D)
+            out.index_copy_(2, qh, o)
+        return out
 
     def end_of_context(self) -> None:
-        for st in self.heads:
+        for st in self.groups:
             st.end_of_context()
 
-    def fork(self) -> PerHeadStore:
-        new = object.__new__(PerHeadStore)
-        new.layer, new.bits = self.layer, self.bits.clone()
-        new.heads = [st.fork() for st in self.heads]
+    def fork(self) -> GroupedStore:
+        new = object.__new__(GroupedStore)
+        new.__dict__.update(self.__dict__)
+        new.bits = self.bits.clone()
+        new.groups = [st.fork() for st in self.groups]
         return new
 
+    # -- CUDA-graph protocol (graph_safe: every group's store implements it) -------------------------
+    def graph_snapshot(self) -> list:
+        return [st.graph_snapshot() for st in self.groups]
+
+    def graph_restore(self, snap: list) -> None:
+        for st, s in zip(self.groups, snap):
+            st.graph_restore(s)
+
+    def graph_advance(self, steps: int) -> None:
+        for st in self.groups:
+            st.graph_advance(steps)
+
     def stats(self) -> KVStats:
-        parts = [st.stats() for st in self.heads]
+        parts = [st.stats() for st in self.groups]
+        kept = torch.zeros(parts[0].tokens_kept.shape[0], self.layer.n_kv_heads, dtype=torch.long)
+        for p, h in zip(parts, self.head_idx):
+            kept[:, h.cpu()] = p.tokens_kept
         return KVStats(
-            tokens_kept=torch.cat([p.tokens_kept for p in parts], dim=1),  # (B, H_kv)
+            tokens_kept=kept,  # (B, H_kv) in the layer's head order
             tokens_seen=parts[0].tokens_seen,
             bytes_stored=sum(p.bytes_stored for p in parts) + self.bits.numel(),
             bytes_allocated=sum(p.bytes_allocated for p in parts) + self.bits.numel(),
@@ -429,9 +514,9 @@ class GroupedCodecStore:
     layer's ``lengths`` / ``seen`` (advanced once, by the combine) and, for a rotated base (QuaRot: one sign
     vector per layer and K|V, whatever the width), the rotated q/k/v workspace. Prefill chunks of unpadded
     batches: each group quantizes its heads and dequantizes its past into one buffer, then one dense prefill
-kernel for the layer (methods.kernels.quant_attention.prefill_layer). Otherwise
+    kernel for the layer (methods.kernels.quant_attention.prefill_layer). Otherwise
     (padded chunks) every group takes the reference path of its CodecStore. Bytes: the groups' plus the bit
-    table, as :class:`PerHeadStore`."""
+    table, as :class:`GroupedStore`."""
 
     kernel = "fused"
     graph_safe = True
@@ -440,7 +525,8 @@ kernel for the layer (methods.kernels.quant_attention.prefill_layer). Otherwise
     def build(cls, layer: LayerSpec, base: Any, bits: Tensor, *, batch: int, capacity: int, device: Any, dtype: Any
               ) -> GroupedCodecStore | None:
         """The grouped store, or None where the base has no CodecStore codecs or its fused kernels are off or
-        cannot serve (then :class:`PerHeadStore`, the reference)."""
+        cannot serve (then :class:`GroupedStore`: the base's own stores, one per width pair, fused where the
+        base's are)."""
         from methods.kernels import use_fused
         from methods.stores import CodecStore
 
@@ -576,5 +662,5 @@ kernel for the layer (methods.kernels.quant_attention.prefill_layer). Otherwise
         )
 
 
-__all__ = ["RateQuant", "Capture", "GroupedCodecStore", "water_fill", "round_to_widths", "fit_distortion", "measure_distortion",
+__all__ = ["RateQuant", "Capture", "GroupedStore", "GroupedCodecStore", "water_fill", "round_to_widths", "fit_distortion", "measure_distortion",
            "uniform_widths", "make_base"]
