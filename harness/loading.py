@@ -128,28 +128,17 @@ def load(model_cfg: dict[str, Any], *, device: str | None = "auto", split_over: 
     ``split_over`` (``device=split``: ``all``, a GPU count or a list of devices) splits the decoder layers over
     several devices with an accelerate ``device_map`` (:func:`harness.devices.split_map`); ``Loaded.device`` is
     then the first one, where the inputs and the embedding live."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if split_over is not None:
         return _load_split(model_cfg, device=device, split_over=split_over)
     dev = resolve_device(device)
-    if model_cfg.get("gguf"):  # converted once from the GGUF a registry package ships (harness/pretrained.py)
-        from .pretrained import ensure_converted
-
-        model_cfg = {**model_cfg, "path": str(ensure_converted(str(model_cfg["name"]), model_cfg["gguf"]))}
-    path = _local(str(model_cfg["path"]))
-    revision = model_cfg.get("revision")
-    random_init = bool(model_cfg.get("random_init", False))
-    tok_path = _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))
-    offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE", "1") != "0" else {}
-    key = (path, revision, random_init, model_cfg.get("random_seed"), str(dev), model_cfg.get("dtype"), tok_path)
+    src = _source(model_cfg)
+    path, revision, random_init, offline = src.path, src.revision, src.random_init, src.offline
+    key = (*src.key, str(dev))
     if key in _CACHE:
         return _CACHE[key]
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision, **offline)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=None if tok_path != path else revision, **offline)
-    except (OSError, ValueError) as e:
-        raise _not_found(path, revision, e) from e
+    config, tokenizer = _config_and_tokenizer(src)
     dtype = resolve_dtype(model_cfg.get("dtype"), dev, config)
     if random_init:
         torch.manual_seed(int(model_cfg.get("random_seed") or 0))
@@ -172,29 +161,60 @@ def load(model_cfg: dict[str, Any], *, device: str | None = "auto", split_over: 
     return loaded
 
 
-def _load_split(model_cfg: dict[str, Any], *, device: str | None, split_over: Any) -> Loaded:
-    """:func:`load` with the layers split over ``split_over`` (harness/devices.py): trained weights stream
-    from the checkpoint straight onto each layer's device (``from_pretrained(device_map=...)``); random
-    weights are built on the meta device and initialised block by block on their devices."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class _Source:
+    """Where a model config's weights and tokenizer come from (both loaders read it the same way)."""
 
-    from .devices import build_random_split, dispatch, split_devices, split_map
+    path: str
+    revision: str | None
+    random_init: bool
+    tok_path: str
+    offline: dict
+    key: tuple  # the cache key without the device(s)
 
-    devices = split_devices(split_over, device if device not in (None, "auto") else "cuda")
-    dev = torch.device(devices[0])
+
+def _source(model_cfg: dict[str, Any]) -> _Source:
+    if model_cfg.get("gguf"):  # converted once from the GGUF a registry package ships (harness/pretrained.py)
+        from .pretrained import ensure_converted
+
+        model_cfg = {**model_cfg, "path": str(ensure_converted(str(model_cfg["name"]), model_cfg["gguf"]))}
     path = _local(str(model_cfg["path"]))
     revision = model_cfg.get("revision")
     random_init = bool(model_cfg.get("random_init", False))
     tok_path = _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))
     offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE", "1") != "0" else {}
-    key = (path, revision, random_init, model_cfg.get("random_seed"), tuple(devices), model_cfg.get("dtype"), tok_path)
+    key = (path, revision, random_init, model_cfg.get("random_seed"), model_cfg.get("dtype"), tok_path)
+    return _Source(path, revision, random_init, tok_path, offline, key)
+
+
+def _config_and_tokenizer(src: _Source) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(src.path, revision=src.revision, **src.offline)
+        tokenizer = AutoTokenizer.from_pretrained(
+            src.tok_path, revision=None if src.tok_path != src.path else src.revision, **src.offline)
+    except (OSError, ValueError) as e:
+        raise _not_found(src.path, src.revision, e) from e
+    return config, tokenizer
+
+
+def _load_split(model_cfg: dict[str, Any], *, device: str | None, split_over: Any) -> Loaded:
+    """:func:`load` with the layers split over ``split_over`` (harness/devices.py): trained weights stream
+    from the checkpoint straight onto each layer's device (``from_pretrained(device_map=...)``); random
+    weights are built on the meta device and initialised block by block on their devices."""
+    from transformers import AutoModelForCausalLM
+
+    from .devices import build_random_split, dispatch, split_devices, split_map
+
+    devices = split_devices(split_over, device if device not in (None, "auto") else "cuda")
+    dev = torch.device(devices[0])
+    src = _source(model_cfg)
+    path, revision, random_init, offline = src.path, src.revision, src.random_init, src.offline
+    key = (*src.key, tuple(devices))
     if key in _CACHE:
         return _CACHE[key]
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision, **offline)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=None if tok_path != path else revision, **offline)
-    except (OSError, ValueError) as e:
-        raise _not_found(path, revision, e) from e
+    config, tokenizer = _config_and_tokenizer(src)
     dtype = resolve_dtype(model_cfg.get("dtype"), dev, config)
     with torch.device("meta"):  # shapes only: where each block goes
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
