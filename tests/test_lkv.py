@@ -265,7 +265,7 @@ def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_
 
 
 def test_held_out_tasks_cannot_be_trained_on():
-    out = subprocess.run([sys.executable, "scripts/train_lkv.py", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "scripts.train_lkv", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "held out" in out.stderr
 

@@ -149,7 +149,7 @@ def test_table_from_rows(tmp_path):
     job(tmp_path, "method=full", "bench.enabled=false")
     job(tmp_path, "method=streaming_llm", "ratio=0.75", "bench.enabled=false")
     job(tmp_path, "method=uniform_int", "ratio=0.8125")  # skipped
-    p = subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path)], cwd=REPO, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path)], cwd=REPO, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     import pandas as pd
@@ -167,7 +167,7 @@ def test_table_from_rows(tmp_path):
     rev = row["model_revision"]
     row.update(run_id="0" * 16, model_revision="local:other")
     (tmp_path / "runs" / f"{row['run_id']}.json").write_text(json.dumps(row))
-    subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path), "--quiet"], cwd=REPO, env=ENV,
+    subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path), "--quiet"], cwd=REPO, env=ENV,
                    check=True)
     md = (tmp_path / "summary.md").read_text()
     assert f"@ {rev} ·" in md and "@ local:other ·" in md
