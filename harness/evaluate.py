@@ -122,18 +122,17 @@ class Evaluator:
         if path.exists():
             rec = json.loads(path.read_text())
             return rec["scores"], rec["kv"]
-        from harness.engine import Engine, Prompt
-        from methods.api import CalibrationContext, ModelSpec
+        from harness.engine import Prompt
+        from harness.session import Unsupported, open_session
         from tasks.synthetic import score
 
         cfg, loaded, stops = self.load(model_name)
-        spec = ModelSpec.from_config(loaded.model.config)
-        reasons = method.validate(spec)
-        if reasons:
-            raise ValueError(f"{label}: " + "; ".join(reasons))
-        method.calibrate(CalibrationContext(model=loaded.model, spec=spec, samples=[], device=loaded.device,
-                                            dtype=loaded.dtype, seed=int(self.args.seed)))
-        engine = Engine(loaded.model, method, prefill_chunk=self.args.prefill_chunk)
+        try:  # validate -> calibrate -> engine, as the runner does (harness/session.py)
+            engine = open_session(model=loaded.model, tokenizer=loaded.tokenizer, method=method, device=loaded.device,
+                                  dtype=loaded.dtype, seed=int(self.args.seed),
+                                  prefill_chunk=self.args.prefill_chunk).engine
+        except Unsupported as e:
+            raise ValueError(f"{label}: {e}") from e
         items = self.samples(model_name, task, ctx)
         out: list[float] = []
         kv_full = kv_stored = 0

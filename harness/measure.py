@@ -7,8 +7,8 @@
   ``/proc/self/clear_refs`` at the phase start, i.e. this run's own peak, not the lifetime
   ``ru_maxrss``. Where the reset is not permitted, a sampling thread measures the peak instead.
 - The throughput probe runs after the accuracy pass on random tokens of a fixed shape
-  (``bench.batch_size`` x ``bench.context_length``, ``bench.decode_steps`` greedy steps with no
-  stop), so speed columns are comparable across tasks.
+  (the run's ``batch_size``, or ``bench.batch_size`` when set, x ``bench.context_length``,
+  ``bench.decode_steps`` greedy steps with no stop), so speed columns are comparable across tasks.
 """
 
 from __future__ import annotations

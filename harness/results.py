@@ -41,7 +41,7 @@ ENV_COLUMNS = [
     "git_sha", "git_dirty", "python", "torch", "transformers", "lm_eval", "device", "driver", "hostname",
     "started_at", "finished_at",
 ]
-EXTRA_COLUMNS = ["n_truncated", "probe_batch_size", "probe_context_length", "probe_decode_steps", "config"]
+EXTRA_COLUMNS = ["n_truncated", "probe_batch_size", "probe_batch_from", "probe_context_length", "probe_decode_steps", "config"]
 COLUMNS = KEY_COLUMNS + ACCURACY_COLUMNS + MEMORY_COLUMNS + SPEED_COLUMNS + ENV_COLUMNS + EXTRA_COLUMNS
 STATUSES = ("ok", "skipped", "failed")
 

@@ -327,15 +327,16 @@ def _wandb(logger_cfg: Any, config: dict, row: dict, samples: list[dict], path: 
         _log(f"W&B logging failed ({type(e).__name__}: {e}); the row is in {path}")
 
 
-def _probe_key(cfg: Any) -> str:
-    """What the throughput probe depends on: the run's config without the task and the accuracy pass's knobs."""
+def _probe_key(cfg: Any, batch: int) -> str:
+    """What the throughput probe depends on: the run's config without the task and the accuracy pass's knobs,
+    and the probe's batch (``batch``: the run's batch_size unless bench.batch_size is set)."""
     from omegaconf import OmegaConf
 
     from .results import NON_IDENTITY_KEYS, canonical
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    return canonical({k: v for k, v in c.items() if k not in (*NON_IDENTITY_KEYS, "task", "limit", "batch_size",
-                                                             "ppl_chunk")})
+    return canonical({**{k: v for k, v in c.items() if k not in (*NON_IDENTITY_KEYS, "task", "limit", "batch_size",
+                                                                "ppl_chunk")}, "probe_batch": batch})
 
 
 def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
@@ -343,13 +344,13 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     import torch
     from omegaconf import OmegaConf
 
-    from methods.api import CalibrationContext, ModelSpec
+    from methods.api import ModelSpec
 
     from . import settings as S
     from .devices import pin_error
-    from .engine import Engine, UnsupportedModel
     from .loading import load
     from .measure import nominal_weights_bytes, throughput_probe
+    from .session import Unsupported, open_session, probe_batch
 
     out: dict[str, Any] = {}
     if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
@@ -366,24 +367,15 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     cannot = S.fit_problems(config, max_pos=spec.max_position_embeddings or None, source="the loaded config")
     if cannot:  # the check before loading could not read the model's config.json (a hub id not cached)
         raise _Skip("; ".join(cannot))
-    reasons = method.validate(spec)
-    if reasons:
-        raise _Skip("; ".join(reasons))
-    try:
-        engine = Engine(model, method, prefill_chunk=cfg.prefill_chunk)
-    except UnsupportedModel as e:
+    try:  # validate -> calibrate (in the run's prefill_chunk) -> engine, as every evaluation does
+        session = open_session(model=model, tokenizer=tok, method=method, device=loaded.device, dtype=loaded.dtype,
+                               seed=int(cfg.seed), prefill_chunk=cfg.prefill_chunk)
+    except Unsupported as e:
         raise _Skip(str(e)) from e
+    engine = session.engine
     nominal = torch.empty((), dtype=getattr(torch, spec.nominal_dtype)).element_size()
     out["weights_bytes"] = nominal_weights_bytes(model, nominal)
-
-    tc = time.perf_counter()
-    from .calibration import calibration_samples, engine_runner
-
-    method.calibrate(CalibrationContext(
-        model=model, spec=spec, samples=[], device=loaded.device, dtype=loaded.dtype, seed=int(cfg.seed),
-        run=engine_runner(model),
-        make_samples=lambda n, length: calibration_samples(tok, n=n, length=length, seed=int(cfg.seed))))
-    out["calibrate_ms"] = 1000 * (time.perf_counter() - tc)
+    out["calibrate_ms"] = session.calibrate_ms
     _log(f"model ready in {time.perf_counter() - t0:.1f}s; evaluating {cfg.task.name} "
          f"({'all' if cfg.limit is None else cfg.limit} samples, {cfg.context_length} tokens)")
 
@@ -391,16 +383,18 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     out["kernel"] = engine.kernel  # the path that ran: fused kernels (CUDA) or the reference
 
     if cfg.bench.enabled:
-        key = None if probe_cache is None else _probe_key(cfg)
+        batch, batch_from = probe_batch(config)  # the run's batch_size unless bench.batch_size is set
+        out["probe_batch_from"] = batch_from
+        key = None if probe_cache is None else _probe_key(cfg, batch)
         if key is not None and key in probe_cache:
             _log("throughput probe: measured earlier in this process for the same model, method and ratio")
             probe = dict(probe_cache[key])
         else:
-            _log(f"throughput probe: {cfg.bench.batch_size} x {cfg.bench.context_length} random tokens, "
+            _log(f"throughput probe: {batch} ({batch_from}) x {cfg.bench.context_length} random tokens, "
                  f"{cfg.bench.decode_steps} decode steps (after a short warm-up)")
             tp = time.perf_counter()
             probe = throughput_probe(
-                engine, batch_size=int(cfg.bench.batch_size), context_length=int(cfg.bench.context_length),
+                engine, batch_size=batch, context_length=int(cfg.bench.context_length),
                 decode_steps=int(cfg.bench.decode_steps), vocab_size=spec.vocab_size, seed=int(cfg.seed),
             )
             _log(f"throughput probe done in {time.perf_counter() - tp:.1f}s")

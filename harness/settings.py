@@ -73,7 +73,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("progress", "true or false", _is_bool),
     Setting("results_dir", "a directory path", lambda v: isinstance(v, str) and bool(v.strip())),
     Setting("bench.enabled", "true or false", _is_bool),
-    Setting("bench.batch_size", "an integer >= 1", _int_at_least(1)),
+    Setting("bench.batch_size", "an integer >= 1, or null (the run's batch_size)", _int_at_least(1), nullable=True),
     Setting("bench.context_length", "an integer >= 1 (tokens)", _int_at_least(1)),
     Setting("bench.decode_steps", "an integer >= 1", _int_at_least(1)),
     Setting("device.name", "auto, cpu, cuda or cuda:<index>", lambda v: isinstance(v, str) and bool(DEVICES.match(v))),

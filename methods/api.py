@@ -214,6 +214,7 @@ class CalibrationContext:
     artifacts_dir: str = "results/calibration"
     run: Callable[..., Any] | None = None  # run(method, samples) -> per-sample outputs (engine)
     make_samples: Callable[[int, int], Sequence[Tensor]] | None = None  # (n, length) -> held-out token ids
+    prefill_chunk: int | None = None  # tokens per prefill pass of ``run`` (the run's prefill_chunk; None = whole)
 
 
 @runtime_checkable

@@ -63,7 +63,7 @@ __all__ = ["LKV", "LKVWeights", "head_fractions", "head_budgets", "soft_keep", "
            "score_tokens", "weights_fingerprint", "default_weights_path", "TRAIN_COMMAND"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "lkv"
-TRAIN_COMMAND = "python scripts/train_lkv.py --model {model} --ratios {ratios}"
+TRAIN_COMMAND = "python -m scripts.train_lkv --model {model} --ratios {ratios}"
 VARIANTS = ("joint", "scorer_only")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin = f(position x inv_freq) x attention_scaling
 

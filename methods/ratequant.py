@@ -89,16 +89,21 @@ class Capture(MethodBase):
     name = "capture"
 
     def __post_init__(self) -> None:
-        self.captured: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer, the last sample's
+        self.captured: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer, the last sample's, every chunk
 
     def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> DenseStore:
-        method = self
+        method, i = self, layer.layer_idx
+        while len(method.captured) <= i:
+            method.captured.append(None)  # type: ignore[arg-type]
+        method.captured[i] = None  # type: ignore[call-overload]  # a new sample: the engine builds new stores
 
         class _Store(DenseStore):
             def extend(self, q, k, v, **kw):
-                while len(method.captured) <= layer.layer_idx:
-                    method.captured.append(None)  # type: ignore[arg-type]
-                method.captured[layer.layer_idx] = (q.detach(), k.detach(), v.detach())
+                new = (q.detach(), k.detach(), v.detach())  # (B, H_q | H_kv, T, D)
+                prev = method.captured[i]
+                # a prefill in chunks extends once per chunk: keep the whole sequence
+                method.captured[i] = new if prev is None else tuple(  # type: ignore[call-overload]
+                    torch.cat([a, b], dim=2) for a, b in zip(prev, new))
                 return super().extend(q, k, v, **kw)
 
         return _Store(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
@@ -269,10 +274,12 @@ class RateQuant(MethodBase):
 
     # -- calibration ------------------------------------------------------------------------------
     def _cache_path(self, ctx: CalibrationContext, base: str, fingerprint: str) -> Path:
+        # a capture prefilled in chunks is another fit (an unchunked one keeps the key it always had)
+        chunked = ctx.prefill_chunk is not None and ctx.prefill_chunk < self.calib_length
         key = json.dumps({"base": base, "params": self.base_params if base == self.base else {},
                           "widths": self.widths, "n": self.calib_samples, "len": self.calib_length,
-                          "nq": self.calib_queries, "seed": [self.seed, ctx.seed], "importance": self.importance},
-                         sort_keys=True)
+                          "nq": self.calib_queries, "seed": [self.seed, ctx.seed], "importance": self.importance,
+                          **({"chunk": ctx.prefill_chunk} if chunked else {})}, sort_keys=True)
         h = hashlib.sha1(key.encode()).hexdigest()[:12]
         model = "".join(c if c.isalnum() or c in "-_." else "_" for c in ctx.spec.name)[-60:]
         return Path(ctx.artifacts_dir) / "ratequant" / f"{model}-{fingerprint}" / f"{base}-{h}.json"

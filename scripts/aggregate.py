@@ -1,6 +1,6 @@
 """Rows -> tables: ``results/summary.csv``, ``results/summary.parquet`` and ``results/summary.md``.
 
-    .venv/bin/python scripts/aggregate.py [--results results] [--all] [--quiet]
+    .venv/bin/python -m scripts.aggregate [--results results] [--all] [--quiet]
 
 One row per run_id (rows are files named by run_id; history/ is ignored). A file under runs/ that is not
 a row (not UTF-8, not JSON, not an object, no run_id) is skipped with one warning naming it; rerunning its
@@ -18,13 +18,10 @@ ratio falls below its target. Skipped and failed runs are listed with their reas
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.results import BadRow, load_row  # noqa: E402
 

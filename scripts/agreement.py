@@ -1,7 +1,7 @@
 """How often a method's greedy answer differs from the full cache's, sample by sample.
 
-    python scripts/agreement.py method=uniform_int ratio=0.5 task=niah_multikey context_length=2048 limit=200
-    python scripts/agreement.py --methods "uniform_int ratio=0.5" "fp8 ratio=0.5" -- task=niah_multikey limit=200
+    python -m scripts.agreement method=uniform_int ratio=0.5 task=niah_multikey context_length=2048 limit=200
+    python -m scripts.agreement --methods "uniform_int ratio=0.5" "fp8 ratio=0.5" -- task=niah_multikey limit=200
 
 Runs the accuracy pass of ``full`` and of each method (no throughput probe) on the same samples and
 prints, per method, the number of samples whose prediction differs from full's, then a JSON last
@@ -15,8 +15,6 @@ import json
 import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def predictions(overrides: list[str]) -> tuple[dict, list[dict]]:

@@ -1,10 +1,10 @@
 """Decode-speed benchmark on the GPU machine: kvbench ``full`` against the Hugging Face engines (docs/ARCHITECTURE.md §7).
 
-    python scripts/bench.py                                   # every cell, every engine (several GPU calls' worth)
-    python scripts/bench.py --engines kvbench,hf_eager --cells 1x32768,8x32768
-    python scripts/bench.py --report                          # merge the rows of this commit into the report only
-    python scripts/bench.py --smoke                           # seconds, on CPU: a tiny random Llama (tests)
-    python scripts/bench.py --methods full,fp8:0.5,uniform_int:0.75 --cells 8x32768,1x32768   # methods side by side
+    python -m scripts.bench                                   # every cell, every engine (several GPU calls' worth)
+    python -m scripts.bench --engines kvbench,hf_eager --cells 1x32768,8x32768
+    python -m scripts.bench --report                          # merge the rows of this commit into the report only
+    python -m scripts.bench --smoke                           # seconds, on CPU: a tiny random Llama (tests)
+    python -m scripts.bench --methods full,fp8:0.5,uniform_int:0.75 --cells 8x32768,1x32768   # methods side by side
 
 Model ``llama3_8b_shape`` (Llama-3.1-8B's config, random bf16 weights), cells batch x context. Engines, in
 one process with the model loaded once:
@@ -59,7 +59,6 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CELLS = "1x8192,1x32768,1x131072,8x8192,8x32768,32x8192"
 TOO_BIG = "8x131072,32x32768"  # listed as skipped with their KV size
@@ -741,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or git_commit()
     out_dir = Path(args.out_dir)
     rows_path = out_dir / "rows" / f"{device_name}-{commit}.jsonl"
-    command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m scripts.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     w_read = weight_bytes_read(model)
     kv_tok = kv_bytes_per_token(model.config)
     call_id = dt.datetime.now().isoformat(timespec="seconds")  # rows of one call compare with each other

@@ -1,7 +1,7 @@
 """Micro-benchmark of the decode-attention kernels at a real model's shape (GPU machine).
 
-    python scripts/bench_attention.py                      # Llama-3.1-8B heads: 32 query, 8 kv, dim 128, bf16
-    python scripts/bench_attention.py --cells 1x32768,8x32768 --iters 50
+    python -m scripts.bench_attention                      # Llama-3.1-8B heads: 32 query, 8 kv, dim 128, bf16
+    python -m scripts.bench_attention --cells 1x32768,8x32768 --iters 50
 
 For each cell (batch x context) one layer's K/V cache is filled with random values and one decode
 step's attention is timed (CUDA events, median of ``--iters`` after warm-up) for:
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels.attention import decode_attention, decode_attention_reference  # noqa: E402

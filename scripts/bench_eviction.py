@@ -2,8 +2,8 @@
 B x S on a conf/model (one process, one model load, so every method is timed in the same call as ``full``), and the
 fused store against the reference store on the tiny model's tasks (greedy tokens, logits, bytes).
 
-    python scripts/bench_eviction.py --methods full,snapkv:0.5,h2o:0.5 --batch 8 --context 32768
-    python scripts/bench_eviction.py --parity-methods full:0,h2o:0.5,snapkv:0.5 --parity-n 4 --parity-len 1024
+    python -m scripts.bench_eviction --methods full,snapkv:0.5,h2o:0.5 --batch 8 --context 32768
+    python -m scripts.bench_eviction --parity-methods full:0,h2o:0.5,snapkv:0.5 --parity-n 4 --parity-len 1024
 
 A spec is ``name:ratio[:knob=value...]`` of a conf/method YAML (built without Hydra). Rows go to ``$OUT``
 (probe.jsonl, parity.jsonl) and stdout. ``scripts/bench.py --methods`` is the integrated report; this script is the
@@ -13,13 +13,10 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 import traceback
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OUT = os.environ.get("OUT", "/tmp/out")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """Micro-benchmark of the decode step's projections (GPU machine): cuBLAS (``torch.nn.functional.linear``)
 against :func:`methods.kernels.layers.gemv` over a grid of its configurations, at a real model's shapes.
 
-    python scripts/bench_gemv.py                       # llama3_8b_shape: qkv, o, gate-up, down, lm_head; 1 and 8 rows
+    python -m scripts.bench_gemv                       # llama3_8b_shape: qkv, o, gate-up, down, lm_head; 1 and 8 rows
 
 Each shape is timed on ``--copies`` distinct weight tensors in turn (more bytes than the L2 cache holds, as in a
 real step where every layer's weights are new), calls captured in a CUDA graph (no launch overhead), median of
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels.layers import gemv  # noqa: E402

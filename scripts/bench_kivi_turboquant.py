@@ -1,8 +1,8 @@
 """Micro-benchmark of the KIVI and TurboQuant decode kernels (methods/kernels/kivi_attention.py,
 turboquant_attention.py) at a real model's shape, beside the dense kernel ``full`` runs (GPU machine).
 
-    python scripts/bench_kivi_turboquant.py                       # Llama-3.1-8B heads, 1x32768 and 8x32768, bf16
-    python scripts/bench_kivi_turboquant.py --cells 8x32768 --configs 2:4:2,4:8:2,8:4:3 --out results/x.md
+    python -m scripts.bench_kivi_turboquant                       # Llama-3.1-8B heads, 1x32768 and 8x32768, bf16
+    python -m scripts.bench_kivi_turboquant --cells 8x32768 --configs 2:4:2,4:8:2,8:4:3 --out results/x.md
 
 For each cell (batch x context) one layer's cache holds random codes (timing does not depend on the values),
 and one decode step is timed in a CUDA graph (median of ``--iters``), in two parts: ``attn`` (what reads the
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels import kivi_attention as KA  # noqa: E402

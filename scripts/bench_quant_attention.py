@@ -1,8 +1,8 @@
 """Micro-benchmark of the quantized decode-attention kernels (methods/kernels/quant_attention.py) at a real
 model's shape, beside the dense kernel ``full`` runs (GPU machine).
 
-    python scripts/bench_quant_attention.py                          # Llama-3.1-8B heads, 8 x 32768, bf16
-    python scripts/bench_quant_attention.py --cells 8x32768 --tune --best best.json
+    python -m scripts.bench_quant_attention                          # Llama-3.1-8B heads, 8 x 32768, bf16
+    python -m scripts.bench_quant_attention --cells 8x32768 --tune --best best.json
 
 For each cell (batch x context) one layer's cache is filled from random K/V (encoded by the codec) and one
 decode step's attention (split + combine with the new token, what a CodecStore decode step runs minus the
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels import quant_attention as QA  # noqa: E402

@@ -1,9 +1,9 @@
 """Sparse-read decode attention on real keys (issue 21, item 4): Louver and Quest against dense flash-decoding.
 
-    python scripts/bench_sparse.py                               # tiny model, 131072 keys per layer, GPU
-    python scripts/bench_sparse.py --tokens 32768,131072 --out results/bench/sparse.md
-    python scripts/bench_sparse.py --shape8b --parity --tune     # + the 8B shape, fused-vs-reference parity, tuning
-    TRITON_INTERPRET=1 python scripts/bench_sparse.py --device cpu --tokens 2048 --context 512   # smoke test
+    python -m scripts.bench_sparse                               # tiny model, 131072 keys per layer, GPU
+    python -m scripts.bench_sparse --tokens 32768,131072 --out results/bench/sparse.md
+    python -m scripts.bench_sparse --shape8b --parity --tune     # + the 8B shape, fused-vs-reference parity, tuning
+    TRITON_INTERPRET=1 python -m scripts.bench_sparse --device cpu --tokens 2048 --context 512   # smoke test
 
 **Real keys at 32K-128K from a model whose window is 8,704 tokens.** The embedded model (models/kvbench-tiny)
 prefills ``ceil(N / context)`` different contexts (rotating niah_multikey, niah_single, variable_tracking,
@@ -51,14 +51,12 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from methods.api import LayerSpec  # noqa: E402
 from methods.full import Full  # noqa: E402

@@ -2,7 +2,7 @@
 serial run writes.) Rows are matched by run_id; every column is compared except the environment, speed and
 peak-memory columns and the resolved config (which a launcher does not change, but paths inside it may).
 
-    python scripts/compare_rows.py results/one_gpu results/all_gpus     # exit 1 and the differences if any
+    python -m scripts.compare_rows results/one_gpu results/all_gpus     # exit 1 and the differences if any
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def rows(d: Path) -> dict[str, dict]:

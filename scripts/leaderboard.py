@@ -1,9 +1,9 @@
 """``make leaderboard``: run the pinned grid of ``conf/experiment/leaderboard.yaml``, resumable.
 
-    python scripts/leaderboard.py --plan                         # cells, what is done, estimated cost
-    python scripts/leaderboard.py --models tiny --lengths 4096   # run part of the grid (here: CPU)
-    python scripts/leaderboard.py --max-minutes 9 --pack $OUT/rows.tar.gz   # a GPU call; bring the rows back
-    python scripts/leaderboard.py --tables                       # only rebuild results/leaderboard/*.md
+    python -m scripts.leaderboard --plan                         # cells, what is done, estimated cost
+    python -m scripts.leaderboard --models tiny --lengths 4096   # run part of the grid (here: CPU)
+    python -m scripts.leaderboard --max-minutes 9 --pack $OUT/rows.tar.gz   # a GPU call; bring the rows back
+    python -m scripts.leaderboard --tables                       # only rebuild results/leaderboard/*.md
 
 Every cell is an ordinary run of ``harness.run.run_job`` (the same evaluation loop, row schema and run_id
 as ``python -m harness.run``), written to ``results/leaderboard/runs/<run_id>.json``. The grid avoids the
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 GRID = REPO / "conf" / "experiment" / "leaderboard.yaml"
 RESULTS = REPO / "results" / "leaderboard"
@@ -390,9 +389,9 @@ Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the re
 ```
 
 On the GPU machine (the tree of a commit that has this runner; `.whl` from `scripts/fetch_gpu_wheels.sh`):
-`run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python scripts/leaderboard.py --models tiny
+`run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python -m scripts.leaderboard --models tiny
 --max-minutes 8 --pack $OUT/rows.tar.gz"`, then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
-python scripts/leaderboard.py --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
+python -m scripts.leaderboard --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
 
 ## Commits and machines
 
@@ -493,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    cmd = " ".join(["python scripts/leaderboard.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = " ".join(["python -m scripts.leaderboard", *(argv if argv is not None else sys.argv[1:])])
     written = run_grid(grid, parts, results=args.results, max_minutes=args.max_minutes, extra=list(args.overrides))
     if args.pack:
         pack(args.results, written, args.pack)

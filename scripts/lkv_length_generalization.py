@@ -2,8 +2,8 @@
 2048 tokens, evaluated at 2048, 4096 and 8192 on the tasks it was trained on and on a task it never
 saw, against SnapKV and AdaKV at the same ratio, with the ablations.
 
-    python scripts/lkv_length_generalization.py                 # tiny model, ratio 0.85, n=100 (GPU: minutes)
-    python scripts/lkv_length_generalization.py --smoke         # seconds on a CPU (tests)
+    python -m scripts.lkv_length_generalization                 # tiny model, ratio 0.85, n=100 (GPU: minutes)
+    python -m scripts.lkv_length_generalization --smoke         # seconds on a CPU (tests)
 
 Methods (all at ``--ratio``, protocol query-agnostic: the context is compressed before the question):
 ``lkv`` (learned budgets + learned scorer), ``lkv allocation=uniform`` (uniform budgets + the scorer
@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from harness.evaluate import Evaluator, ci95, mean_se  # noqa: E402
 
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict], summary: dict, ms: dict, args: argparse.Namespace) -> str:
     names = list(ms)
     lines = [f"## LKV length generalization ({args.tag})", "",
-             "`" + " ".join(["python scripts/lkv_length_generalization.py", *args.argv]) + "`", "",
+             "`" + " ".join(["python -m scripts.lkv_length_generalization", *args.argv]) + "`", "",
              f"Model {args.model}, ratio {args.ratio} (retention {1 - args.ratio:.2f}), LKV trained at "
              f"{args.trained_at} tokens; {args.n} samples per cell; protocol {args.protocol}. "
              "Accuracy [95% CI]; `achieved` = KV bytes removed at the end of the context (LKV).", "",

@@ -1,7 +1,7 @@
 """Precompute the Lloyd-Max scalar codebooks TurboQuant-style quantizers use (docs/PAPERS.md §1, §6).
 
-    python scripts/lloyd_max.py            # rewrite methods/data/lloyd_max.json (commit it)
-    python scripts/lloyd_max.py --check    # recompute and compare with the stored file
+    python -m scripts.lloyd_max            # rewrite methods/data/lloyd_max.json (commit it)
+    python -m scripts.lloyd_max --check    # recompute and compare with the stored file
 
 A unit vector x in R^d after a random rotation has coordinates with the Beta-type law
 f(t) ~ (1 - t^2)^((d - 3) / 2) on [-1, 1], which tends to N(0, 1/d). The file holds, for

@@ -1,7 +1,7 @@
 """Generate the README's method table from the method catalogue (conf/method/) and the docstrings.
 
-    python scripts/method_table.py            # print the table
-    python scripts/method_table.py --write    # replace it in README.md (between the markers)
+    python -m scripts.method_table            # print the table
+    python -m scripts.method_table --write    # replace it in README.md (between the markers)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 
 

@@ -1,7 +1,7 @@
 """Engine parity against Hugging Face's own path on a tiny random model (CPU, fp32).
 
-    python scripts/parity.py --arch qwen3 --lengths 23,17,9 --prefill-chunk 7
-    python scripts/parity.py --arch llama --method uniform_int
+    python -m scripts.parity --arch qwen3 --lengths 23,17,9 --prefill-chunk 7
+    python -m scripts.parity --arch llama --method uniform_int
 
 The last stdout line is one JSON object: arch, lengths, prefill_chunk, method, max_abs_logit_diff,
 tokens_match, our_attention_calls, expected_attention_calls (layers x forward passes), ...
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.models import ARCHS  # noqa: E402
 from methods import catalog  # noqa: E402

@@ -1,8 +1,8 @@
 """Paper 1's quality measures for TurboQuant-style KV quantization (docs/PAPERS.md §1).
 
-    python scripts/quant_quality.py --exp turboquant_mse   # MSE stage distortion on random unit vectors
-    python scripts/quant_quality.py --exp qjl_bias         # QJL inner-product error: mean, variance vs theory
-    python scripts/quant_quality.py --exp kv_kqv_qkqv      # KV / KQV / QKQV side by side at n = 2..6
+    python -m scripts.quant_quality --exp turboquant_mse   # MSE stage distortion on random unit vectors
+    python -m scripts.quant_quality --exp qjl_bias         # QJL inner-product error: mean, variance vs theory
+    python -m scripts.quant_quality --exp kv_kqv_qkqv      # KV / KQV / QKQV side by side at n = 2..6
 
 Each experiment prints a markdown table (stderr for the first two) and a JSON last line on stdout.
 
@@ -31,8 +31,6 @@ import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from methods.quantizers import TurboQuantizer  # noqa: E402
 from methods.turboquant import TurboQuantKQV, TurboQuantKV, TurboQuantQKQV  # noqa: E402

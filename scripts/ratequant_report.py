@@ -1,8 +1,8 @@
 """RateQuant report (paper 2, docs/PAPERS.md §2): fitted distortion curves per base quantizer and
 perplexity of uniform, calibrated and mismatched bit allocation on the tiny model.
 
-    python scripts/ratequant_report.py                 # markdown tables, JSON last line
-    python scripts/ratequant_report.py --docs 2 --doc-length 512   # quicker
+    python -m scripts.ratequant_report                 # markdown tables, JSON last line
+    python -m scripts.ratequant_report --docs 2 --doc-length 512   # quicker
 
 For every base quantizer (kivi, quarot, uniform_int, turboquant_kqv) it calibrates RateQuant once
 (fresh: the calibration cache lives in a temporary directory) and reports the fitted beta
@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

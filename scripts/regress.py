@@ -1,7 +1,7 @@
 """CI regression check on results (docs/ARCHITECTURE.md §1).
 
-    python scripts/regress.py --update   # write results/baseline/ci/<method>.csv from the pinned matrix
-    python scripts/regress.py            # re-run the matrix and compare; exit 1 on a regression
+    python -m scripts.regress --update   # write results/baseline/ci/<method>.csv from the pinned matrix
+    python -m scripts.regress            # re-run the matrix and compare; exit 1 on a regression
 
 The matrix is pinned below (tiny model, CPU, limit 20). Tolerances: accuracy within
 max(1/limit, the method's stated tolerance), since another CPU can flip a greedy token; the KV
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINE = Path("results/baseline/ci")
 LIMIT = 20

@@ -1,7 +1,7 @@
 """``make report``: one self-contained offline page, ``results/report/index.html``, from the committed rows.
 
-    python scripts/report.py                       # results/leaderboard/ + results/bench/ -> results/report/index.html
-    python scripts/report.py --check               # + headless Chromium screenshots in results/report/screenshots/
+    python -m scripts.report                       # results/leaderboard/ + results/bench/ -> results/report/index.html
+    python -m scripts.report --check               # + headless Chromium screenshots in results/report/screenshots/
 
 Inputs: the leaderboard's rows (``results/leaderboard/runs/*.json``, one ``harness.run`` row per cell), its
 grid (``conf/experiment/leaderboard.yaml``: which cells exist, the gate), per-sample predictions where the
@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 FAMILY_ORDER = ["none", "quantization", "eviction", "sparse", "composed"]
 FAMILY_COLOR = {"none": "#111111", "quantization": "#1f77b4", "eviction": "#d62728", "sparse": "#2ca02c",
@@ -617,7 +616,7 @@ Per-cell commit and machine are in each table; hover a row for its run_id. Regen
         if not part["tasks"]:
             todo = sum(v for (k, _), v in planned.items() if k == (model, length))
             body.append(f"<p class=note>No cell of {esc(model)} at {length} tokens has run yet ({todo} cells to run: "
-                        f"<code>python scripts/leaderboard.py --models {esc(model)} --lengths {length}</code>).</p>")
+                        f"<code>python -m scripts.leaderboard --models {esc(model)} --lengths {length}</code>).</p>")
             continue
         complete = [c for c in part["cells"].values() if c.agg(part["tasks"]) is not None]
         body.append(f"<p>{len(complete)} (method, ratio) points have all {len(part['tasks'])} tasks; points missing a "

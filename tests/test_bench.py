@@ -1,15 +1,13 @@
 """scripts/bench.py on CPU (--smoke): every engine measures every cell, rows merge across calls."""
 
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def test_bench_smoke_measures_every_engine_and_merges_calls(tmp_path):
-    import bench
+    from scripts import bench
 
     assert bench.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
     assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench"]) == 0  # a second call
@@ -23,13 +21,12 @@ def test_bench_smoke_measures_every_engine_and_merges_calls(tmp_path):
     report = next(tmp_path.glob("cpu-smoke-*.md")).read_text()
     for engine in bench.ENGINES:  # the merged report: the latest row per engine and cell, both commands
         assert report.count(f"| {engine} |") == 2
-    assert report.count("python scripts/bench.py --smoke") == 2
+    assert report.count("python -m scripts.bench --smoke") == 2
 
 
 def test_bench_accounting():
-    import bench
-
     from harness.models import build_random_model, tiny_config
+    from scripts import bench
 
     model = build_random_model(tiny_config("llama", n_layers=2, vocab_size=256), seed=0)
     cfg = model.config
@@ -43,7 +40,7 @@ def test_bench_accounting():
 def test_bench_profile_breaks_a_decode_step_down(tmp_path):
     """--profile: per cell, the profiled steps' time by category (on CPU the aten ops' self time, where the
     tiny Llama's matmuls must show up as gemm); busy is the categories' sum and the top list is sorted."""
-    import bench
+    from scripts import bench
 
     assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench", "--profile", "3"]) == 0
     rows = [json.loads(x) for x in next((tmp_path / "rows").glob("cpu-smoke-*.jsonl")).read_text().splitlines()]
@@ -63,7 +60,7 @@ def test_report_checks_the_targets_and_names_every_commit():
     """The report's targets section: roofline bar per target cell (met / missed / not measured), the speed-up
     over HF StaticCache + compile where that engine is below 0.27 of roofline, peak memory against weights +
     KV capacity + 2 GB; rows of another commit are named in the header."""
-    import bench
+    from scripts import bench
 
     def cell(engine, B, S, frac, tok_s, peak=None, commit="abc"):
         return {"kind": "cell", "engine": engine, "batch": B, "context": S, "status": "ok", "roofline_frac": frac,

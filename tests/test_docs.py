@@ -9,9 +9,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_method_table_is_current():
-    out = subprocess.run([sys.executable, "scripts/method_table.py"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "scripts.method_table"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
-    assert out in (REPO / "README.md").read_text(), "run `python scripts/method_table.py --write`"
+    assert out in (REPO / "README.md").read_text(), "run `python -m scripts.method_table --write`"
 
 
 def test_every_method_config_builds_and_documents_itself():
@@ -35,7 +35,7 @@ DOCS = ("README.md", "DEVELOPERS.md", "models/kvbench-tiny/README.md", "docs/ARC
 GPU_MACHINE_SECTIONS = ("Running on the GPU machine",)
 BARE = ("python", "python3", "pytest", "wandb", "pip")
 PROGRAMS = (*BARE, ".venv/bin/python", ".venv/bin/wandb", "make")
-SCRIPT_OF_TARGET = {"bench": "scripts/bench.py"}  # make <target> ARGS="..." passes ARGS to this script
+SCRIPT_OF_TARGET = {"bench": "scripts/bench.py"}  # the file `-m scripts.bench` runs  # make <target> ARGS="..." passes ARGS to this script
 
 
 def documented_commands():
@@ -75,6 +75,11 @@ def documented_commands():
     return out
 
 
+def _script_of(module):
+    """``scripts/x.py`` for the module ``scripts.x`` (what ``python -m scripts.x`` runs), else None."""
+    return module.replace(".", "/") + ".py" if module.startswith("scripts.") else None
+
+
 def _help_texts(scripts):
     """{script: (exit code, --help output)}, every script run once with --help in one process."""
     import json
@@ -112,8 +117,8 @@ def test_every_documented_command_runs_as_written():
     cmds = documented_commands()
     assert len(cmds) > 30, "the extraction found too few commands"
     targets = set(re.findall(r"^([a-z][a-z0-9_-]*):", (REPO / "Makefile").read_text(), flags=re.M))
-    scripts = sorted({w for _, _, words in cmds for w in words[1:2] if w.endswith(".py")}
-                     | set(SCRIPT_OF_TARGET.values()))
+    scripts = sorted({_script_of(words[2]) for _, _, words in cmds if words[1:2] == ["-m"] and len(words) > 2
+                      and _script_of(words[2])} | set(SCRIPT_OF_TARGET.values()))
     helps = _help_texts(scripts)
     problems = []
 
@@ -149,17 +154,21 @@ def test_every_documented_command_runs_as_written():
                     check_overrides(overrides)
                 except UsageError as e:
                     problems.append(f"{where}: {e}")
+            elif _script_of(mod):
+                script = _script_of(mod)
+                if not (REPO / script).is_file():
+                    problems.append(f"{where}: no script {script}")
+                else:
+                    flags_ok(where, script, rest)
             elif mod == "pytest":
                 problems += [f"{where}: no test file {a}" for a in rest
                              if a.startswith("tests/") and not (REPO / a.split("::")[0]).exists()]
             elif importlib.util.find_spec(mod) is None:
                 problems.append(f"{where}: no module {mod}")
-        elif prog == ".venv/bin/python":
+        elif prog == ".venv/bin/python":  # a script by its path: its imports of harness/methods need the root
             script = args[0] if args else ""
-            if not (REPO / script).is_file():
-                problems.append(f"{where}: no script {script}")
-            else:
-                flags_ok(where, script, args[1:])
+            mod = script[:-3].replace("/", ".") if script.startswith("scripts/") and script.endswith(".py") else "..."
+            problems.append(f"{where}: run scripts as modules from the repository root: .venv/bin/python -m {mod}")
     assert not problems, "\n".join(problems)
 
 

@@ -187,7 +187,7 @@ def test_decode_eviction_keeps_each_head_within_its_budget(tiny_llama, tmp_path)
 def test_missing_weights_and_untrained_ratios_are_skipped_with_the_training_command(tiny_llama, tmp_path):
     spec = ModelSpec.from_config(tiny_llama.config)
     reasons = LKV(ratio=0.5, weights=str(tmp_path / "none.safetensors")).validate(spec)
-    assert len(reasons) == 1 and "scripts/train_lkv.py" in reasons[0] and "--ratios 0.5" in reasons[0]
+    assert len(reasons) == 1 and "python -m scripts.train_lkv" in reasons[0] and "--ratios 0.5" in reasons[0]
     path = tmp_path / "w.safetensors"
     fake_weights(tiny_llama, path, ratios=(0.5,))
     reasons = LKV(ratio=0.75, weights=str(path)).validate(spec)
@@ -265,7 +265,7 @@ def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_
 
 
 def test_held_out_tasks_cannot_be_trained_on():
-    out = subprocess.run([sys.executable, "scripts/train_lkv.py", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "scripts.train_lkv", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "held out" in out.stderr
 

@@ -155,8 +155,7 @@ def test_joblib_gpus_rows_are_the_serial_rows(tmp_path):
                                   "ratio=0.5", f"task={task}"]), method_name="streaming_llm")
         assert r["run_id"] == serial["run_id"]  # the launcher is not part of a run's identity
         _same_results(r, serial)
-    sys.path.insert(0, str(REPO / "scripts"))
-    import compare_rows  # what the GPU machine's wall-time comparison runs
+    from scripts import compare_rows  # what the GPU machine's wall-time comparison runs
 
     assert compare_rows.main([str(par), str(tmp_path / "ser")]) == 0
 

@@ -218,14 +218,14 @@ def test_table_skips_bad_row_files_with_one_warning_each(tmp_path):
     (runs / "x.json").write_bytes(os.urandom(600) + b"\xff")
     (runs / "list.json").write_text("[1, 2]")
     (runs / "empty.json").write_text("{}")
-    p = subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path)], cwd=REPO, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path)], cwd=REPO, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     for name in ("x.json", "list.json", "empty.json"):
         assert sum(name in line for line in p.stderr.splitlines()) == 1, p.stderr
     assert "no rows yet" in (tmp_path / "summary.md").read_text()
     job(tmp_path, "method=full", "ratio=0.5")  # a (skipped) row beside the bad files
-    p = subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path)], cwd=REPO, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path)], cwd=REPO, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode == 0 and "| skipped | tiny |" in p.stdout and "nan" not in p.stdout
 

@@ -117,6 +117,19 @@ def test_force_reruns_and_keeps_the_previous_row(tmp_path):
     assert len(list((tmp_path / "runs" / "history").glob("*.json"))) == 1
 
 
+def test_probe_batch_follows_batch_size_unless_bench_sets_it(tmp_path):
+    cache: dict = {}  # a probe measured at one batch is never copied into a row of another batch
+    fast = ["method=full", "limit=1", "context_length=128", "bench.context_length=64", "bench.decode_steps=2"]
+    for batch in (2, 1):
+        cfg = compose([*SMALL, f"results_dir={tmp_path}", *fast, f"batch_size={batch}"])
+        row = run_job(cfg, method_name="full", probe_cache=cache)
+        assert row["status"] == "ok", row["reason"]
+        assert row["probe_batch_size"] == batch and row["probe_batch_from"] == "batch_size"
+    assert len(cache) == 2
+    row = job(tmp_path, *fast, "batch_size=2", "bench.batch_size=1")
+    assert row["probe_batch_size"] == 1 and row["probe_batch_from"] == "bench.batch_size"
+
+
 def test_query_aware_fallback_is_recorded(tmp_path):
     row = job(tmp_path, "method=full", "bench.enabled=false", "task.context_field=null")
     assert row["status"] == "ok" and row["protocol"] == "query_aware" and "context_field" in row["reason"]
@@ -136,7 +149,7 @@ def test_table_from_rows(tmp_path):
     job(tmp_path, "method=full", "bench.enabled=false")
     job(tmp_path, "method=streaming_llm", "ratio=0.75", "bench.enabled=false")
     job(tmp_path, "method=uniform_int", "ratio=0.8125")  # skipped
-    p = subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path)], cwd=REPO, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path)], cwd=REPO, env=ENV,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     import pandas as pd
@@ -154,7 +167,7 @@ def test_table_from_rows(tmp_path):
     rev = row["model_revision"]
     row.update(run_id="0" * 16, model_revision="local:other")
     (tmp_path / "runs" / f"{row['run_id']}.json").write_text(json.dumps(row))
-    subprocess.run([sys.executable, "scripts/aggregate.py", "--results", str(tmp_path), "--quiet"], cwd=REPO, env=ENV,
+    subprocess.run([sys.executable, "-m", "scripts.aggregate", "--results", str(tmp_path), "--quiet"], cwd=REPO, env=ENV,
                    check=True)
     md = (tmp_path / "summary.md").read_text()
     assert f"@ {rev} ·" in md and "@ local:other ·" in md

@@ -6,19 +6,14 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts import train_tiny_model as T
+from tasks import synthetic as S
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "scripts")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import train_tiny_model as T  # noqa: E402
-
-from tasks import synthetic as S  # noqa: E402
 
 TOK_DIR = ROOT / "models" / "kvbench-tiny"
 
@@ -76,7 +71,7 @@ def test_smoke_output_loads(smoke):
         assert model(ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
     readme = (out / "README.md").read_text()
     assert "Full-cache accuracy (measured through python -m harness.run)" in readme
-    assert "python scripts/train_tiny_model.py" in readme
+    assert "python -m scripts.train_tiny_model" in readme
 
 
 def test_training_draws_only_from_the_train_split(smoke):
