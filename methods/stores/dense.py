@@ -41,7 +41,7 @@ class FusedDenseStore(DenseStore):
     the kernels differ (``kernel = "fused"``).
 
     - Decode (T == 1): the new K/V go to slot ``lengths[b]`` and ``lengths`` and ``seen`` advance, in one
-      kernel (:func:`methods.kernels.layers.append_decode`); then
+      kernel (:func:`methods.kernels.append.append_decode`); then
       :func:`methods.kernels.attention.decode_attention` (flash-decoding, each kv head read once for its
       query group) attends over the first ``lengths[b]`` slots. No host
       synchronisation, no allocation that depends on lengths, no attribute rebinding: the engine captures
@@ -61,8 +61,8 @@ class FusedDenseStore(DenseStore):
         self.uniform = True  # host: every row holds exactly `hi` valid slots (no padding, no decode yet)
 
     def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
+        from methods.kernels.append import append_decode
         from methods.kernels.attention import decode_attention, prefill_attention
-        from methods.kernels.layers import append_decode
 
         T = k.shape[2]
         self._check_capacity(T)
