@@ -130,7 +130,7 @@ def test_a_new_yaml_is_in_the_catalogue_and_meets_the_contract(tmp_path, tiny_ll
 
 
 @pytest.mark.parametrize("queries", [False, True])
-def test_one_capture_records_what_calibration_and_the_index_scripts_read(tiny_llama, queries):
+def test_one_capture_records_what_calibration_and_the_index_scripts_read(fresh_llama, queries):
     """methods.capture.Capture (harness/calibration.py, RateQuant's fit, scripts/index_recall.py,
     scripts/bench_sparse.py): each layer's latest q, k, v as the attention received them, and on request the
     queries after the context; the model's output is full's."""
@@ -140,21 +140,21 @@ def test_one_capture_records_what_calibration_and_the_index_scripts_read(tiny_ll
 
     ctx, question = random_prompts([12, 3])
     cap = Capture(qkv=not queries, queries_after_context=queries)
-    out = Engine(tiny_llama, cap, prefill_chunk=64).generate([Prompt(context=ctx, question=question)], max_new_tokens=3)
-    ref = Engine(tiny_llama, catalog.build("full", ratio=0.0), prefill_chunk=64).generate(
+    out = Engine(fresh_llama, cap, prefill_chunk=64).generate([Prompt(context=ctx, question=question)], max_new_tokens=3)
+    ref = Engine(fresh_llama, catalog.build("full", ratio=0.0), prefill_chunk=64).generate(
         [Prompt(context=ctx, question=question)], max_new_tokens=3)
     assert out.tokens == ref.tokens
-    n_layers = tiny_llama.config.num_hidden_layers
+    n_layers = fresh_llama.config.num_hidden_layers
     assert len(cap.stores) == n_layers
     if queries:
         assert cap.captured == []
         for st in cap.stores:
             assert st.n_context == 12
             q = torch.cat(st.queries, dim=2)  # (1, H_q, T, D): the question, then the decode steps
-            assert q.shape[:2] == (1, tiny_llama.config.num_attention_heads)
+            assert q.shape[:2] == (1, fresh_llama.config.num_attention_heads)
             assert 3 <= q.shape[2] <= 3 + 2  # the last generated token is never fed back
     else:
         assert len(cap.captured) == n_layers
         q, k, v = cap.captured[0]
-        assert q.shape[1] == tiny_llama.config.num_attention_heads and k.shape[1] == tiny_llama.config.num_key_value_heads
+        assert q.shape[1] == fresh_llama.config.num_attention_heads and k.shape[1] == fresh_llama.config.num_key_value_heads
         assert all(st.queries == [] for st in cap.stores)
