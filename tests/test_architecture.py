@@ -158,3 +158,22 @@ def test_one_capture_records_what_calibration_and_the_index_scripts_read(fresh_l
         q, k, v = cap.captured[0]
         assert q.shape[1] == fresh_llama.config.num_attention_heads and k.shape[1] == fresh_llama.config.num_key_value_heads
         assert all(st.queries == [] for st in cap.stores)
+
+
+def test_ratequant_records_what_the_one_capture_records(fresh_llama):
+    """RateQuant's fit reads methods.ratequant.Capture; it records the tensors methods.capture.Capture records,
+    so ratequant can import the one Capture (issue 19) with its results unchanged."""
+    from harness.calibration import engine_runner
+    from methods.capture import Capture
+    from methods.ratequant import Capture as RateQuantCapture
+    from tests.helpers import random_prompts
+
+    sample = torch.tensor(random_prompts([17])[0])
+    got, want = Capture(), RateQuantCapture()
+    run = engine_runner(fresh_llama)
+    run(got, [sample])
+    run(want, [sample])
+    assert len(got.captured) == len(want.captured) == fresh_llama.config.num_hidden_layers
+    for a, b in zip(got.captured, want.captured):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
