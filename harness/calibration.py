@@ -47,7 +47,7 @@ def engine_runner(model: Any, *, prefill_chunk: int | None = None):
 
 def capture_qkv(model: Any, samples: Sequence[Tensor]) -> list[list[tuple[Tensor, Tensor, Tensor]]]:
     """Per sample, per layer: (q (1, H_q, T, D), k (1, H_kv, T, D), v (1, H_kv, T, D)), post-RoPE, fp32."""
-    from methods.ratequant import Capture
+    from methods.capture import Capture
 
     out = []
     for s in samples:

@@ -9,11 +9,11 @@ ten kernels per layer (for ``full``) instead of the Hugging Face modules' forty 
 - The q/k/v projections and the gate/up projections each become one GEMV: their weights are
   concatenated once and the modules' parameters re-pointed at views of the concatenation, so the
   memory is not doubled and the module path (prefill, scoring) reads the same tensors.
-- Up to 8 rows, the projections and the LM head run :func:`methods.kernels.layers.gemv` (one Triton
+- Up to 8 rows, the projections and the LM head run :func:`harness.kernels.layers.gemv` (one Triton
   kernel streaming the weight once; 3-15 % faster than cuBLAS at one row on the H200 and no split-K
   reduction kernel); more rows go to cuBLAS.
 - RMSNorm with the residual add before it, RoPE of every query and key head, and SwiGLU's
-  ``silu(gate) * up`` are single Triton kernels (:mod:`methods.kernels.layers`) that round to the
+  ``silu(gate) * up`` are single Triton kernels (:mod:`harness.kernels.layers`) that round to the
   model's dtype where the modules round, so the step computes the module path's numbers (tests: greedy
   tokens equal, logits to 1e-4 in fp32).
 - Attention is the store's business, as on the module path: ``layer.extend(q, k, v, ...)`` with q, k
@@ -150,7 +150,7 @@ class FusedDecoder:
                 self._selftest(None, with_head=True)
 
     def _selftest(self, L0: _Layer | None, *, with_head: bool) -> None:
-        from methods.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
+        from harness.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
 
         w0 = L0.wqkv if L0 is not None else self.lm_head.weight
         dev, dt = w0.device, w0.dtype
@@ -196,7 +196,7 @@ class FusedDecoder:
                 torch.cuda.set_device(prev)
 
     def _forward(self, state: Any, ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
-        from methods.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
+        from harness.kernels.layers import add_rmsnorm, linear, rope_, silu_mul
 
         state.positions, state.valid = positions, valid
         B = ids.shape[0]

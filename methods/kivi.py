@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec, ModelSpec
+from methods.kivi_layout import key_decode, key_encode, read_dense  # noqa: F401 - methods.kivi.read_dense stays
 from methods.quant_base import QuantMethod
 from methods.quantizers import UniformQuantizer
 from methods.stores import SlotStore, scatter_slots
@@ -86,23 +87,6 @@ class Kivi(QuantMethod):
         if kind == "v":
             return q.decode(*q.encode(x, meta_dtype=x.dtype), dtype=x.dtype)
         return key_decode(q, *key_encode(q, x, meta_dtype=x.dtype), dtype=x.dtype)
-
-
-def key_encode(q: UniformQuantizer, x: Tensor, *, meta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel quantization over groups of G tokens: x (B, H, n*G, D) ->
-    codes (B, H, n, D*G*bits/8), scale (B, H, n, D), zero (B, H, n, D)."""
-    B, H, T, D = x.shape
-    G = q.group_size
-    xg = x.reshape(B, H, T // G, G, D).transpose(-1, -2)  # (B, H, n, D, G)
-    codes, scale, zero = q.encode(xg, meta_dtype=meta_dtype)  # (B, H, n, D, G*bits/8), (B, H, n, D, 1)
-    return codes.reshape(B, H, T // G, -1), scale[..., 0], zero[..., 0]
-
-
-def key_decode(q: UniformQuantizer, codes: Tensor, scale: Tensor, zero: Tensor, *, dtype: torch.dtype) -> Tensor:
-    """Inverse of :func:`key_encode` -> (B, H, n*G, D)."""
-    B, H, n, D = scale.shape
-    x = q.decode(codes.reshape(B, H, n, D, -1), scale[..., None], zero[..., None], dtype=dtype)  # (B, H, n, D, G)
-    return x.transpose(-1, -2).reshape(B, H, -1, D)
 
 
 class KiviStore(SlotStore):
@@ -242,23 +226,3 @@ class KiviStore(SlotStore):
         return read_dense(self.k_codes, self.k_scale, self.k_zero, self.k_res, self.v_codes, self.v_scale,
                           self.v_zero, self.v_res, self.lengths, n_slots, kq=self.kq, vq=self.vq, residual=self.R,
                           dtype=self.dtype)
-
-
-def read_dense(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, k_res: Tensor, v_codes: Tensor, v_scale: Tensor,
-               v_zero: Tensor, v_res: Tensor, lengths: Tensor, n_slots: int, *, kq: UniformQuantizer,
-               vq: UniformQuantizer, residual: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Dense K, V (B, H, n_slots, D) of a :class:`KiviStore`'s fields as stored for rows holding ``lengths``
-    (B,) tokens: keys below floor(L / R) R and values below L - R dequantized, the rest from the rings."""
-    R, G = residual, kq.group_size
-    ng = -(-n_slots // G)
-    k = key_decode(kq, k_codes[:, :, :ng], k_scale[:, :, :ng], k_zero[:, :, :ng], dtype=dtype)[:, :, :n_slots]
-    v = vq.decode(v_codes[:, :, :n_slots], v_scale[:, :, :n_slots], v_zero[:, :, :n_slots], dtype=dtype)
-    slots = torch.arange(n_slots, device=lengths.device)  # (S,)
-    ring_of = slots % R
-    L = lengths[:, None]  # (B, 1)
-    nq_k, nq_v = torch.div(L, R, rounding_mode="floor") * R, (L - R).clamp_min(0)
-    in_k = ((slots >= nq_k) & (slots < L))[:, None, :, None]  # (B, 1, S, 1)
-    in_v = ((slots >= nq_v) & (slots < L))[:, None, :, None]
-    k = torch.where(in_k, k_res[:, :, ring_of], k)  # (B, H, S, D)
-    v = torch.where(in_v, v_res[:, :, ring_of], v)
-    return k, v

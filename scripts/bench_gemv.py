@@ -1,5 +1,5 @@
 """Micro-benchmark of the decode step's projections (GPU machine): cuBLAS (``torch.nn.functional.linear``)
-against :func:`methods.kernels.layers.gemv` over a grid of its configurations, at a real model's shapes.
+against :func:`harness.kernels.layers.gemv` over a grid of its configurations, at a real model's shapes.
 
     python -m scripts.bench_gemv                       # llama3_8b_shape: qkv, o, gate-up, down, lm_head; 1 and 8 rows
 
@@ -22,8 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+from harness.kernels.layers import gemv  # noqa: E402
 from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
-from methods.kernels.layers import gemv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

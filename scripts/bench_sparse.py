@@ -59,50 +59,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 from methods.api import LayerSpec  # noqa: E402
-from methods.full import Full  # noqa: E402
+from methods.capture import Capture  # noqa: E402
 from methods.kernels import sparse_attention as sa  # noqa: E402
 from methods.kernels.attention import decode_attention, prefill_attention  # noqa: E402
 from methods.louver import Louver, build_index, survivors, thresholds  # noqa: E402
 from methods.quest import Quest  # noqa: E402
-from methods.stores import DenseStore, FusedDenseStore  # noqa: E402
 
 TASKS = ("niah_multikey", "niah_single", "variable_tracking", "kv_retrieval", "niah_multivalue")
 
 
 # -- capture ---------------------------------------------------------------------------------------------
-def _capture_cls(base: type) -> type:
-    class _CaptureStore(base):
-        """A full cache (the fused one on CUDA: the prefill time is full's) that records the queries arriving
-        after ``end_of_context``; not graph safe, so decode steps run eagerly and are recorded."""
-
-        graph_safe = False
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.n_context = 0
-            self.queries: list[torch.Tensor] = []  # each (T, H_q, D)
-
-        def end_of_context(self) -> None:
-            self.n_context = self.hi
-
-        def extend(self, q, k, v, *, positions, valid, scaling):
-            if self.n_context:
-                self.queries.append(q[0].transpose(0, 1).clone())  # (T, H_q, D)
-            return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
-
-    return _CaptureStore
-
-
-class _Capture(Full):
-    def new_layer(self, layer, *, batch, capacity, device, dtype):
-        base = FusedDenseStore if torch.device(device).type == "cuda" else DenseStore
-        store = _capture_cls(base)(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
-        if layer.layer_idx == 0:
-            self.stores = []
-        self.stores.append(store)
-        return store
-
-
 def capture(model_path: str, n_tokens: int, context: int, device: torch.device, dtype: torch.dtype, seed: int,
             max_new: int = 16, query_contexts: int = 2):
     """Per layer: keys, values (1, H_kv, n_tokens, D) of concatenated contexts; queries (T, H_q, D). Also the
@@ -114,7 +80,7 @@ def capture(model_path: str, n_tokens: int, context: int, device: torch.device, 
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True).to(device)
-    method = _Capture()
+    method = Capture(qkv=False, queries_after_context=True, fused=True)  # fused on CUDA: the prefill time is full's
     engine = Engine(model, method, prefill_chunk=min(2048, context))
     keys, values, queries = None, None, None
     got, i, prefill_s = 0, 0, 0.0
@@ -142,7 +108,8 @@ def capture(model_path: str, n_tokens: int, context: int, device: torch.device, 
         keys = [k[:, :, :take]] if keys is None else keys + [k[:, :, :take]]
         values = [v[:, :, :take]] if values is None else values + [v[:, :, :take]]
         if ask:
-            qs = torch.stack([torch.cat(st.queries, 0) for st in method.stores])  # (L, T, H_q, D)
+            qs = torch.stack([torch.cat([q[0].transpose(0, 1) for q in st.queries], 0)
+                              for st in method.stores])  # (L, T, H_q, D)
             queries = qs if queries is None else torch.cat([queries, qs], 1)
         got += take
         i += 1

@@ -34,12 +34,11 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from methods.full import Full  # noqa: E402
+from methods.capture import Capture  # noqa: E402
 from methods.kernels.sparse_attention import (  # noqa: E402,E501
     grid_encode_reference,
     grid_gate_params_reference,
@@ -47,40 +46,15 @@ from methods.kernels.sparse_attention import (  # noqa: E402,E501
 )
 from methods.louver import build_index, grid_bounds, id_bits, survivors, thresholds  # noqa: E402
 from methods.quest import page_scores, top_pages  # noqa: E402
-from methods.stores import DenseStore  # noqa: E402
 
 BF16 = 2  # bytes per element at the nominal dtype
 METHODS = ("louver", "louver_grid", "quest", "streaming_llm", "random")
 
 
-class CaptureStore(DenseStore):
-    """A full cache that records the queries arriving after ``end_of_context``."""
-
-    def __init__(self, *args: Any, **kw: Any):
-        super().__init__(*args, **kw)
-        self.n_context = 0
-        self.queries: list[Tensor] = []  # each (H_kv, G * T, D) fp32
-
-    def end_of_context(self) -> None:
-        self.n_context = self.hi
-
-    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, positions: Tensor, valid: Tensor, scaling: float) -> Tensor:
-        if self.n_context:
-            B, H_q, T, D = q.shape
-            H = self.layer.n_kv_heads
-            self.queries.append(q[0].float().reshape(H, (H_q // H) * T, D).clone())  # head h -> kv head h // G
-        return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
-
-
-class Capture(Full):
-    """``full`` whose stores record the queries; ``stores`` holds the latest state's layers."""
-
-    def new_layer(self, layer, *, batch, capacity, device, dtype):  # noqa: ANN001
-        store = CaptureStore(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
-        if layer.layer_idx == 0:
-            self.stores = []
-        self.stores.append(store)
-        return store
+def _per_kv_head(q: Tensor, n_kv: int) -> Tensor:
+    """One call's queries q (1, H_q, T, D) -> (H_kv, G * T, D) fp32: query head h serves kv head h // G."""
+    _, H_q, T, D = q.shape
+    return q[0].float().reshape(n_kv, (H_q // n_kv) * T, D)
 
 
 def capture(model_path: str, task: str, context_length: int, n_samples: int, max_new: int, seed: int) -> list[list[tuple[Tensor, Tensor]]]:
@@ -92,7 +66,7 @@ def capture(model_path: str, task: str, context_length: int, n_samples: int, max
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
-    method = Capture()
+    method = Capture(qkv=False, queries_after_context=True)
     engine = Engine(model, method, prefill_chunk=512)
     out = []
     for i in range(n_samples):
@@ -100,7 +74,9 @@ def capture(model_path: str, task: str, context_length: int, n_samples: int, max
         ids = tok(s["context"] + s["question"], add_special_tokens=False)["input_ids"]
         n_ctx = len(tok(s["context"], add_special_tokens=False)["input_ids"])
         engine.generate([Prompt(context=ids[:n_ctx], question=ids[n_ctx:])], max_new_tokens=max_new)
-        out.append([(st.k[0, :, : st.n_context].float().clone(), torch.cat(st.queries, dim=1)) for st in method.stores])
+        out.append([(st.k[0, :, : st.n_context].float().clone(),
+                     torch.cat([_per_kv_head(q, st.layer.n_kv_heads) for q in st.queries], dim=1))
+                    for st in method.stores])
     return out
 
 

@@ -1,5 +1,5 @@
-"""The fused decode step (harness/fused_decoder.py) and its kernels (methods/kernels/layers.py): kernels
-against their references on CPU under Triton's interpreter and on the GPU (fp32 and bf16), the engine's fused
+"""The fused decode step (harness/fused_decoder.py) and its kernels (harness/kernels/layers.py, and the
+store's K/V append, methods/kernels/append.py): kernels against their references on CPU under Triton's interpreter and on the GPU (fp32 and bf16), the engine's fused
 step against the module path for every supported family, weights shared not copied, and refusals. ``gpu``
 tests run on the GPU machine."""
 
@@ -17,13 +17,14 @@ from methods.full import Full
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install -e '.[dev]' brings it)")
 
 from harness import fused_decoder  # noqa: E402
-from methods.kernels import layers as L  # noqa: E402
+from harness.kernels import layers as L  # noqa: E402
+from methods.kernels import append as A  # noqa: E402
 from tests.test_kernels import _prompts  # noqa: E402
 
 
 def _check_kernels(device: str, dtype: torch.dtype, exact: bool) -> None:
-    """Every kernel of methods.kernels.layers against its reference: odd widths (masked tails), GQA heads,
-    a finished row (valid False). ``exact``: elementwise kernels bit-equal, norms within one ulp."""
+    """Every kernel of harness.kernels.layers (and methods.kernels.append) against its reference: odd widths
+    (masked tails), GQA heads, a finished row (valid False). ``exact``: elementwise kernels bit-equal, norms within one ulp."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
@@ -67,8 +68,8 @@ def _check_kernels(device: str, dtype: torch.dtype, exact: bool) -> None:
         seen = lengths + 3
         valid = torch.arange(B, device=device) % 2 == 0
         K2, V2, l2, s2 = K.clone(), V.clone(), lengths.clone(), seen.clone()
-        L.append_decode_reference(k, v, K, V, lengths, seen, valid)
-        L.append_decode(k, v, K2, V2, l2, s2, valid)
+        A.append_decode_reference(k, v, K, V, lengths, seen, valid)
+        A.append_decode(k, v, K2, V2, l2, s2, valid)
         assert torch.equal(K2, K) and torch.equal(V2, V)
         assert torch.equal(l2, lengths) and torch.equal(s2, seen)
 

@@ -10,7 +10,7 @@ code: codes become 16-bit floats by an OR into the mantissa, no integer-to-float
 import triton
 import triton.language as tl
 
-from ._layers_triton import rnd
+from ._common_triton import rnd
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values

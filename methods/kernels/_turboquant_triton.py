@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._codes_triton import dot, dot_f32, fwht, hadamard, store_words, unpack_rows
-from ._layers_triton import rnd
+from ._common_triton import rnd
 
 
 @triton.jit

@@ -74,8 +74,8 @@ def kivi_decode_attention_reference(q: Tensor, k_codes: Tensor, k_scale: Tensor,
                                     k_new: Tensor, v_new: Tensor, *, k_bits: int, v_bits: int, group_size: int,
                                     residual_length: int, scaling: float) -> Tensor:
     """q (B, H_q, D); the store's fields; lengths (B,); k_new, v_new (B, H_kv, D) -> (B, H_q, D): exact softmax
-    over the slots [0, lengths[b]) as the store reads them (:func:`methods.kivi.read_dense`) and the new token."""
-    from methods.kivi import read_dense
+    over the slots [0, lengths[b]) as the store reads them (:func:`methods.kivi_layout.read_dense`) and the new token."""
+    from methods.kivi_layout import read_dense
     from methods.quantizers import UniformQuantizer
 
     B, H_q, D = q.shape
@@ -100,7 +100,7 @@ def kivi_append_reference(k_new: Tensor, v_new: Tensor, fields: dict[str, Tensor
                           k_bits: int, v_bits: int, group_size: int, residual_length: int) -> None:
     """The writes of one decode step (what :meth:`methods.kivi.KiviStore._write_valid` does for one token),
     row by row, in place; the counters are not advanced."""
-    from methods.kivi import key_encode
+    from methods.kivi_layout import key_encode
     from methods.quantizers import UniformQuantizer
 
     R, G = residual_length, group_size

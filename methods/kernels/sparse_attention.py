@@ -23,7 +23,7 @@ their grids depend on shapes and capacity only, every length, page count, budget
 - :func:`grid_gate_params`: per query head the threshold t (the ``kth[m]``-th largest score over the m valid keys
   of the store's key sample, as :func:`methods.louver.thresholds` in ``budget`` mode) and the gate's operands.
 - :func:`quest_append` / :func:`grid_append`: the decode step's append of K/V (as
-  :func:`methods.kernels.layers.append_decode`) plus the index's own update: Quest closes a page when the row's
+  :func:`methods.kernels.append.append_decode`) plus the index's own update: Quest closes a page when the row's
   tokens fill it; Louver's grid encodes the new key and moves ``idx_end`` every ``merge_every`` steps.
 
 Each has a plain-torch reference (``*_reference``), held to the kernel by tests/test_sparse_kernels.py on CPU under

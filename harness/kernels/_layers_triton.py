@@ -1,29 +1,15 @@
-"""Triton kernels of :mod:`methods.kernels.layers` (imported on first use: Triton decides at import time
+"""Triton kernels of :mod:`harness.kernels.layers` (imported on first use: Triton decides at import time
 whether ``@triton.jit`` compiles or interprets, so ``TRITON_INTERPRET`` must be set before). Launchers,
 references and documentation live in layers.py.
 
 Every kernel rounds where the Hugging Face modules round (each bf16 op of the eager model rounds its
 result to the model's dtype), so a fused decode step computes the numbers the module path computes;
-``rnd`` is that rounding."""
+``rnd`` (:mod:`methods.kernels._common_triton`) is that rounding."""
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def rnd(x, dtype: tl.constexpr):
-    """Round fp32 ``x`` to the model's dtype (nearest, ties to even) and back: what a torch op in that
-    dtype stores. bf16 is rounded with integer operations on the bits, which the compiler cannot fold
-    away or fuse into an FMA as it may a ``.to(bf16).to(fp32)`` pair (and which Triton's CPU interpreter,
-    which truncates bf16 conversions, computes the same way)."""
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return x.to(dtype).to(tl.float32)
-    else:
-        return x
+from methods.kernels._common_triton import rnd
 
 
 @triton.jit
@@ -77,28 +63,6 @@ def silu_mul(GU, Out, N, sgb, sob, BLOCK: tl.constexpr):
     u = tl.load(GU + b * sgb + N + offs, mask=ok, other=0.0).to(tl.float32)
     a = rnd(g / (1.0 + tl.exp(-g)), dt)
     tl.store(Out + b * sob + offs, rnd(a * u, dt).to(dt), mask=ok)
-
-
-@triton.jit
-def append_decode(Knew, Vnew, K, V, Lens, Seen, Valid, H_kv, s_valid,
-                  snb, snh, snd, svnb, svnh, svnd, skb, skh, sks, skd, svb, svh, svs, svd,
-                  BLOCK_H: tl.constexpr, D: tl.constexpr):
-    """Row ``b`` (one program): K/V of its new token (every kv head) go to slot lengths[b]; then
-    lengths[b] and seen[b] advance by valid[b]. One program owns the row, so reading and advancing its
-    counters cannot race."""
-    b = tl.program_id(0)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, D)
-    ok = (offs_h < H_kv)[:, None]
-    n = tl.load(Lens + b)
-    kk = tl.load(Knew + b * snb + offs_h[:, None] * snh + offs_d[None, :] * snd, mask=ok)
-    vv = tl.load(Vnew + b * svnb + offs_h[:, None] * svnh + offs_d[None, :] * svnd, mask=ok)
-    tl.store(K + b * skb + offs_h[:, None] * skh + n * sks + offs_d[None, :] * skd, kk.to(K.dtype.element_ty), mask=ok)
-    tl.store(V + b * svb + offs_h[:, None] * svh + n * svs + offs_d[None, :] * svd, vv.to(V.dtype.element_ty),
-             mask=ok)
-    add = tl.load(Valid + b * s_valid).to(n.dtype)
-    tl.store(Lens + b, n + add)
-    tl.store(Seen + b, tl.load(Seen + b) + add)
 
 
 @triton.jit

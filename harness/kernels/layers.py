@@ -2,13 +2,11 @@
 reference. Between the GEMMs of a Llama-style layer, the Hugging Face modules launch some thirty small
 kernels per token (RMSNorm in five pieces, RoPE in eight, SiLU, multiply, residual adds, a scatter per
 K and V); at batch 1 their launches and gaps cost as much as reading the layer's weights. These fuse them
-into four:
+into four (the fourth, the K/V append, belongs to the store: :func:`methods.kernels.append.append_decode`):
 
 - :func:`add_rmsnorm`: the residual add and the RMSNorm that follows it, one program per row;
 - :func:`rope_`: rotary embedding of every query and key head in place (rotate-half convention);
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up`` from the fused gate-up projection's output;
-- :func:`append_decode`: a decode step's new K/V written at slot ``lengths[b]`` of a dense store, and
-  the row's ``lengths`` / ``seen`` advanced, in one program per row (no scatter index, no separate adds);
 - :func:`gemv` / :func:`linear`: the projections of a few rows, each program streaming a slice of the
   weight once (at one row faster than cuBLAS's GEMM kernels, and without their split-K reductions).
 
@@ -24,7 +22,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import interpret_mode, interpreter_compat
+from methods.kernels import interpret_mode, interpreter_compat
 
 # --------------------------------------------------------------------------------------------------
 # References (what the Hugging Face Llama modules compute)
@@ -52,16 +50,6 @@ def silu_mul_reference(gu: Tensor) -> Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def append_decode_reference(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths: Tensor, seen: Tensor,
-                            valid: Tensor) -> None:
-    """k, v (B, H_kv, D) to slot lengths[b] of K, V (B, H_kv, S, D); lengths, seen += valid. In place."""
-    b = torch.arange(k.shape[0], device=k.device)
-    K[b, :, lengths] = k.to(K.dtype)
-    V[b, :, lengths] = v.to(V.dtype)
-    lengths.add_(valid.long())
-    seen.add_(valid.long())
-
-
 # --------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -69,7 +57,7 @@ def append_decode_reference(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths:
 def _kernels():
     if interpret_mode():
         interpreter_compat()
-    from . import _layers_triton as K
+    from harness.kernels import _layers_triton as K
 
     return K
 
@@ -128,16 +116,6 @@ def silu_mul(gu: Tensor, out: Tensor | None = None) -> Tensor:
     _kernels().silu_mul[(B, -(-N // SILU_BLOCK))](gu, out, N, gu.stride(0), out.stride(0), BLOCK=SILU_BLOCK,
                                                    **_launch(num_warps=4))
     return out
-
-
-def append_decode(k: Tensor, v: Tensor, K: Tensor, V: Tensor, lengths: Tensor, seen: Tensor, valid: Tensor) -> None:
-    """Fused :func:`append_decode_reference`: k, v (B, H_kv, D) (any strides); K, V (B, H_kv, S, D);
-    lengths, seen (B,) int64; valid (B,) bool. No host synchronisation (CUDA-graph safe)."""
-    B, H_kv, D = k.shape
-    _kernels().append_decode[(B,)](
-        k, v, K, V, lengths, seen, valid, H_kv, valid.stride(0), *k.stride(), *v.stride(), *K.stride(), *V.stride(),
-        BLOCK_H=_pow2(H_kv), D=D, **_launch(num_warps=4),
-    )
 
 
 def gemv_config(rows: int, K: int, *, itemsize: int = 2, smem: int | None = None) -> dict | None:
