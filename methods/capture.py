@@ -5,9 +5,10 @@
 It is not a compression method (not in conf/method, never a row of its own): it keeps every token as
 ``full`` does and records, per layer,
 
-- with ``qkv=True`` (the default), ``captured[layer_idx]``: the post-RoPE ``(q, k, v)`` of the layer's latest
-  ``extend`` call, as given (q (B, H_q, T, D), k, v (B, H_kv, T, D), detached, not copied); calibration
-  prefills one sample in one call per layer, so this is the sample's whole prompt;
+- with ``qkv=True`` (the default), ``captured[layer_idx]``: the post-RoPE ``(q, k, v)`` of every ``extend``
+  call of the layer's latest state, joined along the tokens (q (B, H_q, T, D), k, v (B, H_kv, T, D),
+  detached): a sample prefilled in chunks (calibration honours the run's ``prefill_chunk``) is recorded
+  whole, and a new state (the next sample) starts afresh;
 - with ``queries_after_context=True``, each layer's store (``stores``, the latest state's, in layer order)
   keeps the queries arriving after ``end_of_context`` (the question and the decode steps) in ``queries``
   (each (B, H_q, T, D), cloned) and the number of context slots in ``n_context``.
@@ -35,12 +36,13 @@ class _Recording:
     """Mixin over a dense store: records into its :class:`Capture` (kept out of the byte accounting)."""
 
     graph_safe = False
-    bookkeeping = (*SlotStore.bookkeeping, "recorder", "queries", "n_context")
+    bookkeeping = (*SlotStore.bookkeeping, "recorder", "queries", "n_context", "recorded")
 
     def __init__(self, *args: Any, recorder: Capture, **kw: Any):
         super().__init__(*args, **kw)
         self.recorder = recorder
         self.n_context = 0
+        self.recorded = False  # this store (this state's layer) has recorded a call
         self.queries: list[Tensor] = []  # each (B, H_q, T, D)
 
     def end_of_context(self) -> None:
@@ -52,7 +54,11 @@ class _Recording:
         if rec.qkv:
             while len(rec.captured) <= idx:
                 rec.captured.append(None)  # type: ignore[arg-type]
-            rec.captured[idx] = (q.detach(), k.detach(), v.detach())
+            new = (q.detach(), k.detach(), v.detach())  # (B, H_q | H_kv, T, D)
+            prev = rec.captured[idx] if self.recorded else None
+            # a prefill in chunks extends once per chunk: keep this state's whole sequence
+            rec.captured[idx] = new if prev is None else tuple(torch.cat([a, b], dim=2) for a, b in zip(prev, new))
+            self.recorded = True
         if rec.queries_after_context and self.n_context:
             self.queries.append(q.detach().clone())  # (B, H_q, T, D)
         return super().extend(q, k, v, **kw)

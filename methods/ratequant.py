@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from methods.api import CalibrationContext, KVStats, LayerSpec, MethodBase, ModelSpec
+from methods.capture import Capture
 from methods.quant_base import integer_bits, ratio_to_bits
 from methods.stores import DenseStore
 
@@ -80,33 +81,7 @@ def make_base(name: str, params: dict | None = None) -> Any:
     return classes[name](ratio=0.0, **dict(params or {}))
 
 
-# -- calibration: capture, distortion, fit ------------------------------------------------------------
-@dataclass
-class Capture(MethodBase):
-    """A full cache that records each layer's post-RoPE q, k, v (calibration only; not in conf/)."""
-
-    ratio: float = 0.0
-    name = "capture"
-
-    def __post_init__(self) -> None:
-        self.captured: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer, the last sample's, every chunk
-
-    def new_layer(self, layer: LayerSpec, *, batch: int, capacity: int, device: Any, dtype: Any) -> DenseStore:
-        method, i = self, layer.layer_idx
-        while len(method.captured) <= i:
-            method.captured.append(None)  # type: ignore[arg-type]
-        method.captured[i] = None  # type: ignore[call-overload]  # a new sample: the engine builds new stores
-
-        class _Store(DenseStore):
-            def extend(self, q, k, v, **kw):
-                new = (q.detach(), k.detach(), v.detach())  # (B, H_q | H_kv, T, D)
-                prev = method.captured[i]
-                # a prefill in chunks extends once per chunk: keep the whole sequence
-                method.captured[i] = new if prev is None else tuple(  # type: ignore[call-overload]
-                    torch.cat([a, b], dim=2) for a, b in zip(prev, new))
-                return super().extend(q, k, v, **kw)
-
-        return _Store(layer, batch=batch, capacity=capacity, device=device, dtype=dtype)
+# -- calibration: capture (methods.capture.Capture), distortion, fit ---------------------------------
 
 
 def causal_probs(q: Tensor, k: Tensor, *, scaling: float) -> Tensor:
