@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -13,6 +15,7 @@ def _regress():
     return mod
 
 
+@pytest.mark.slow
 def test_regress_detects_a_perturbed_method(tmp_path, capsys):
     regress = _regress()
     base = ["--baseline", str(tmp_path), "--methods", "uniform_int", "--tasks", "niah_single", "--limit", "3"]

@@ -241,6 +241,7 @@ def test_rerunning_replaces_a_bad_row_file_and_keeps_it_in_history(tmp_path):
 
 
 # -- 9. a multirun with failed jobs exits non-zero after every job ran -----------------------------------
+@pytest.mark.slow
 def test_multirun_with_a_failed_job_exits_1_and_leaves_every_row(tmp_path):
     p = cli("-m", "method=full", "context_length=256,0", "limit=1", "prefill_chunk=64", "bench.enabled=false",
             "progress=false", f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)

@@ -33,6 +33,7 @@ def job(tmp_path, *overrides, method=None):
     return run_job(cfg, method_name=name)
 
 
+@pytest.mark.slow
 def test_cli_row_has_every_column_and_rerun_is_skipped(tmp_path):
     args = ["method=streaming_llm", "ratio=0.5", "task=niah_single", *SMALL, f"results_dir={tmp_path}"]
     p = cli(*args)
@@ -117,6 +118,7 @@ def test_force_reruns_and_keeps_the_previous_row(tmp_path):
     assert len(list((tmp_path / "runs" / "history").glob("*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_probe_batch_follows_batch_size_unless_bench_sets_it(tmp_path):
     cache: dict = {}  # a probe measured at one batch is never copied into a row of another batch
     fast = ["method=full", "limit=1", "context_length=128", "bench.context_length=64", "bench.decode_steps=2"]
