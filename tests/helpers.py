@@ -91,3 +91,20 @@ def logits_error_until_divergence(ref, fast) -> float:
         n = min(n, first + 1)
         worst = max(worst, float((a[:n] - b[:n]).abs().max() / a[:n].abs().max()))
     return worst
+
+
+def graph_steps_without_sync(engine, state, *, start: int, steps: int = 3, batch: int = 2) -> None:
+    """Capture ``engine``'s decode step for ``state`` (a CUDA device) and run ``steps`` steps of ``batch`` rows
+    from position ``start`` under CUDA sync-debug "error" (a host synchronisation inside a step raises), then
+    finish the graph. Callers assert on the state's counters afterwards."""
+    step = engine._decode_step(state, batch)
+    tok = torch.arange(1, batch + 1, device="cuda")
+    pos = torch.full((batch,), start, device="cuda")
+    valid = torch.ones(batch, dtype=torch.bool, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(steps):
+            step(tok, pos + i, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    step.finish()

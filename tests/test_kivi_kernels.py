@@ -21,7 +21,7 @@ from methods.kernels.kivi_attention import (  # noqa: E402
     kivi_decode_attention_reference,
 )
 from methods.kivi import Kivi, KiviStore  # noqa: E402
-from tests.helpers import logits_error_until_divergence  # noqa: E402
+from tests.helpers import graph_steps_without_sync, logits_error_until_divergence  # noqa: E402
 
 
 def _fields(bits, B, H_kv, D, G, R, S, *, dtype=torch.float32, device="cpu", seed=0):
@@ -229,17 +229,7 @@ def test_fused_kivi_decode_step_is_captured_and_does_not_sync():
     assert state.graph_safe and state.kernel == "fused"
     ctx = [list(range(3, 33)), list(range(5, 35))]  # 30 tokens: the decode steps fill the key window (slot 31)
     engine.run_segment(state, ctx, [0, 0], chunk=None, want_last=[True, True], last_logits=None)
-    step = engine._decode_step(state, 2)
-    tok = torch.tensor([1, 2], device="cuda")
-    pos = torch.tensor([30, 30], device="cuda")
-    valid = torch.ones(2, dtype=torch.bool, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(3):
-            step(tok, pos + i, valid)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    step.finish()
+    graph_steps_without_sync(engine, state, start=30, steps=3)
     assert engine.graph_error is None
     layer = state.layers[0]
     assert layer.lengths.tolist() == [33, 33] and layer.hi == 33

@@ -21,7 +21,7 @@ from methods.louver import (
 )
 from methods.quest import Quest
 from methods.stores import attend
-from tests.helpers import random_prompts, run
+from tests.helpers import graph_steps_without_sync, random_prompts, run
 
 
 def _keys(seed, B=2, H=2, N=300, D=32, aniso=True):
@@ -430,16 +430,6 @@ def test_louver_grid_graph_decode_step_does_not_sync_with_host(tiny_llama):
     engine.run_segment(state, random_prompts([70, 70]), [0, 0], chunk=None, want_last=[True, True], last_logits=None)
     state.end_of_context()
     assert all(type(layer) is FusedLouverGridStore for layer in state.layers)
-    step = engine._decode_step(state, 2)
-    tok = torch.tensor([1, 2], device="cuda")
-    pos = torch.tensor([70, 70], device="cuda")
-    valid = torch.ones(2, dtype=torch.bool, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(5):
-            step(tok, pos + i, valid)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    step.finish()
+    graph_steps_without_sync(engine, state, start=70, steps=5)
     layer = state.layers[0]
     assert layer.lengths.tolist() == [75, 75] and layer.hi == 75 and layer.idx_end.tolist() == [74, 74]

@@ -10,6 +10,7 @@ import torch
 
 from harness.engine import Engine, Prompt
 from methods.quest import FusedQuestStore, Quest, QuestStore
+from tests.helpers import graph_steps_without_sync
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install -e '.[dev]' brings it)")
 
@@ -118,17 +119,7 @@ def test_quest_graph_decode_step_does_not_sync_with_host(tiny_llama):
                        last_logits=None)
     state.end_of_context()
     assert all(type(layer) is FusedQuestStore for layer in state.layers)
-    step = engine._decode_step(state, 2)
-    tok = torch.tensor([1, 2], device="cuda")
-    pos = torch.tensor([70, 70], device="cuda")
-    valid = torch.ones(2, dtype=torch.bool, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(3):
-            step(tok, pos + i, valid)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    step.finish()
+    graph_steps_without_sync(engine, state, start=70, steps=3)
     assert state.layers[0].lengths.tolist() == [73, 73] and state.layers[0].hi == 73
 
 

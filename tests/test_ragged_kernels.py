@@ -40,6 +40,7 @@ from methods.kernels.scoring import (  # noqa: E402
     prefill_attention_lse,
     prefill_attention_lse_reference,
 )
+from tests.helpers import graph_steps_without_sync  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -478,15 +479,5 @@ def test_graph_eviction_step_does_not_sync_with_host(tiny_llama, method):
     engine.run_segment(state, [p.context for p in _prompts([150, 150], q_len=0)], [0, 0], chunk=64,
                        want_last=[True, True], last_logits=None)
     state.end_of_context()
-    step = engine._decode_step(state, 2)
-    tok = torch.tensor([1, 2], device="cuda")
-    pos = torch.tensor([150, 150], device="cuda")
-    valid = torch.ones(2, dtype=torch.bool, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(3):
-            step(tok, pos + i, valid)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    step.finish()
+    graph_steps_without_sync(engine, state, start=150, steps=3)
     assert state.stats().tokens_seen.tolist() == [153 * len(state.layers)] * 2
