@@ -38,13 +38,29 @@ CONTRACT: dict[str, tuple[float, dict]] = {
     "quarot": (0.8125, {}),
     "turboquant_qkqv": (0.75, {}),
 }
-METHODS = [catalog.build(name, ratio=r, **knobs) for name, (r, knobs) in CONTRACT.items()] + [_ratequant()]
+# every other catalogue method: its conf/method defaults at its family's ratio (a new YAML is covered
+# with no edit here; add it to CONTRACT only if its defaults do not fit the tiny test model)
+FAMILY_RATIO = {"none": 0.0, "eviction": 0.5, "quantization": 0.75, "sparse": 0.5}
+BUILT_ELSEWHERE = {"ratequant": _ratequant}  # needs a bit allocation (calibration) before its stores
+
+
+def _build(name: str):
+    if name in BUILT_ELSEWHERE:
+        return BUILT_ELSEWHERE[name]()
+    ratio, knobs = CONTRACT.get(name, (FAMILY_RATIO[catalog.family(name)], {}))
+    return catalog.build(name, ratio=ratio, **knobs)
+
+
+# held to the contract elsewhere: lkv needs weights trained for the model (tests/test_lkv.py builds it on
+# this tiny model with generated weights)
+ELSEWHERE = {"lkv"}
+METHODS = [_build(name) for name in catalog.names() if name not in ELSEWHERE]
 
 
 def test_the_contract_covers_every_family_of_the_catalogue():
     assert set(CONTRACT) <= set(catalog.names())
-    families = {catalog.family(n) for n in catalog.names()}
-    assert families <= {m.family for m in METHODS}, "add a method of the new family to CONTRACT"
+    assert [m.name for m in METHODS] == [n for n in catalog.names() if n not in ELSEWHERE]
+    assert {catalog.family(n) for n in catalog.names()} <= set(FAMILY_RATIO), "give the new family a ratio"
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
