@@ -278,7 +278,7 @@ def test_split_rows_equal_one_device_rows(tmp_path):
     split = run_job(compose([*over, *SPLIT_CPU]), method_name="kivi")
     assert split["run_id"] != one["run_id"]
     _same_results(split, one)
-    loaded = [v for k, v in _CACHE.items() if k[4] == ("cpu", "cpu")]
+    loaded = [v for k, v in _CACHE.items() if k[-1] == ("cpu", "cpu")]  # the key ends with the device(s)
     assert loaded, "the split run did not load through harness.loading's split path"
     model = loaded[0].model
     assert all(hasattr(layer, "_hf_hook") for layer in model.model.layers)  # accelerate moves each block's inputs
