@@ -193,3 +193,29 @@ def test_the_default_tasks_are_defined_once():
         assert "task:" not in path.read_text(), f"{path.name}: the tasks are harness.sweep.DEFAULT_TASKS"
     readme = (REPO / "README.md").read_text()
     assert "DEFAULT_TASKS" in readme and ", ".join(f"`{t}`" for t in DEFAULT_TASKS) in readme
+
+
+def test_the_adding_a_method_examples_run():
+    """README "Adding a method": both examples are real subclasses that meet the contract on a tiny model."""
+    import re
+
+    from harness.engine import Engine, Prompt
+    from harness.models import build_random_model, tiny_config
+    from methods.api import ModelSpec
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Adding a method", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2, "the section shows an eviction method and a quantizer"
+    model = build_random_model(tiny_config("llama"), seed=0)
+    spec = ModelSpec.from_config(model.config)
+    prompts = [Prompt(context=list(range(3, 40)), question=[5, 6]), Prompt(context=list(range(7, 30)), question=[9])]
+    for code, (cls_name, ratio) in zip(blocks, (("VNorm", 0.5), ("IntG16", 0.75))):
+        ns: dict = {}
+        exec(compile(code, f"README:{cls_name}", "exec"), ns)  # noqa: S102
+        method = ns[cls_name](ratio=ratio)
+        assert not method.validate(spec), method.validate(spec)
+        out = Engine(model, method).generate(prompts, max_new_tokens=3)
+        stats = out.stats_context
+        assert stats.bytes_stored < stats.bytes_full, (cls_name, stats)
+    assert ns["IntG16"](ratio=0.75).extra_reasons(ModelSpec(**{**spec.__dict__, "head_dim": 40}), 4, 4)
