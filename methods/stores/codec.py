@@ -9,12 +9,12 @@ from torch import Tensor
 
 from methods.api import LayerSpec
 from methods.stores.common import scatter_slots
-from methods.stores.slot import SlotStore
+from methods.stores.slot import CounterGraphState, SlotStore
 
 __all__ = ["CodecStore"]
 
 
-class CodecStore(SlotStore):
+class CodecStore(CounterGraphState, SlotStore):
     """Per-token quantized K and V: each kv head's vector of each token is encoded by a codec
     (``k_codec``, ``v_codec``) into named fields (packed codes, scales, zero points, norms, ...),
     kept in slot buffers ``k_<field>``, ``v_<field>`` of shape (B, H_kv, S, n).
@@ -103,15 +103,3 @@ class CodecStore(SlotStore):
         self.uniform = False
         return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
 
-    # -- CUDA-graph protocol (as FusedDenseStore; harness.engine captures graph_safe stores) -----------
-    def graph_snapshot(self) -> tuple:
-        return self.lengths.clone(), self.seen.clone(), self.hi, self.uniform
-
-    def graph_restore(self, snap: tuple) -> None:
-        lengths, seen, self.hi, self.uniform = snap
-        self.lengths.copy_(lengths)  # in place: the captured graph holds these tensors
-        self.seen.copy_(seen)
-
-    def graph_advance(self, steps: int) -> None:
-        self.hi += steps
-        self.uniform = False

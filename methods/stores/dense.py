@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from methods.api import LayerSpec
-from methods.stores.slot import SlotStore
+from methods.stores.slot import CounterGraphState, SlotStore
 
 __all__ = ["DenseStore", "FusedDenseStore"]
 
@@ -36,7 +36,7 @@ class DenseStore(SlotStore):
         return self.k[:, :, :n_slots], self.v[:, :, :n_slots]
 
 
-class FusedDenseStore(DenseStore):
+class FusedDenseStore(CounterGraphState, DenseStore):
     """:class:`DenseStore` with the fused fast path (docs/ARCHITECTURE.md §7): the layout and the numbers are the same,
     the kernels differ (``kernel = "fused"``).
 
@@ -84,21 +84,6 @@ class FusedDenseStore(DenseStore):
             return out
         self.uniform = False
         return super().extend(q, k, v, positions=positions, valid=valid, scaling=scaling)
-
-    # -- CUDA-graph protocol (harness.engine captures the decode step of graph_safe stores) -------
-    def graph_snapshot(self) -> tuple:
-        """What a decode step advances: device counters (cloned) and host bounds."""
-        return self.lengths.clone(), self.seen.clone(), self.hi, self.uniform
-
-    def graph_restore(self, snap: tuple) -> None:
-        lengths, seen, self.hi, self.uniform = snap
-        self.lengths.copy_(lengths)  # in place: the captured graph holds these tensors
-        self.seen.copy_(seen)
-
-    def graph_advance(self, steps: int) -> None:
-        """Host bookkeeping of ``steps`` replayed decode steps (the graph advanced the device state)."""
-        self.hi += steps
-        self.uniform = False
 
     @staticmethod
     def supports(layer: LayerSpec) -> str | None:

@@ -146,3 +146,23 @@ class SlotStore:
     def _read_per_step(self, stored: int) -> int:
         """Bytes one decode step reads; a dense store reads everything it stores."""
         return stored
+
+
+class CounterGraphState:
+    """The CUDA-graph protocol of a store whose decode step advances only ``lengths`` / ``seen`` (device) and
+    ``hi`` / ``uniform`` (host): :class:`~methods.stores.FusedDenseStore` and the fused
+    :class:`~methods.stores.CodecStore` (harness.engine captures graph_safe stores' decode steps)."""
+
+    def graph_snapshot(self) -> tuple:
+        """What a decode step advances: device counters (cloned) and host bounds."""
+        return self.lengths.clone(), self.seen.clone(), self.hi, self.uniform
+
+    def graph_restore(self, snap: tuple) -> None:
+        lengths, seen, self.hi, self.uniform = snap
+        self.lengths.copy_(lengths)  # in place: the captured graph holds these tensors
+        self.seen.copy_(seen)
+
+    def graph_advance(self, steps: int) -> None:
+        """Host bookkeeping of ``steps`` replayed decode steps (the graph advanced the device state)."""
+        self.hi += steps
+        self.uniform = False
