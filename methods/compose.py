@@ -1,6 +1,6 @@
 """``compose``: an eviction selector in front of a quantizer (issue 23 item 5; docs/ARCHITECTURE.md §4-§5):
 the selector decides which context tokens each (row, kv head) keeps, the quantizer stores the kept ones in
-its own layout (physical bytes: codes, scales, windows), e.g. SnapKV + KIVI, LKV + RateQuant, H2O + INT4.
+its own layout (physical bytes: codes, scales, windows), e.g. SnapKV + KIVI, LKV + RateQuant, prefill-only H2O + INT4.
 
 What composition means here, and every choice made:
 
