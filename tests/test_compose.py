@@ -183,6 +183,28 @@ def test_heads_keeping_different_counts_get_a_store_each(tiny_llama, spec):
     assert forked.stats().bytes_stored == state.stats().bytes_stored
 
 
+def test_ratequant_behind_per_head_budgets_keeps_each_heads_widths(tiny_llama, spec):
+    """AdaKV + RateQuant (the shape of LKV + RateQuant): one store per kv head, each at its own (K, V) widths with
+    its row of the bit table counted; per-layer budgets (SnapKV) keep RateQuant's grouped layer store."""
+    bits = torch.tensor([2, 3, 4, 3, 3, 2, 4, 3])  # mean 3 = quantizer_ratio 0.8125; units (K|V, layer, head)
+    stores = {}
+    for selector in ("adakv", "snapkv"):
+        m = catalog.build("compose", ratio=0.90625, selector=selector, selector_params={"window": 4},
+                          quantizer="ratequant", quantizer_ratio=0.8125, quantizer_params={"base": "uniform_int"})
+        assert m.split() == (0.5, 0.8125)
+        m.quantizer_method.set_bits(bits, spec.n_layers, spec.n_kv_heads)
+        _, state = prefill(tiny_llama, m, random_prompts([40, 33]), chunk=8, extra=8)
+        state.end_of_context()
+        stores[selector] = [layer.store for layer in state.layers]
+        table = m.quantizer_method.bit_table  # (L, H_kv, 2)
+    split = [(i, st) for i, st in enumerate(stores["adakv"]) if isinstance(st, HeadStores)]
+    assert split
+    for i, st in split:
+        for h, head in enumerate(st.stores):
+            assert torch.equal(head.bits.cpu(), table[i, h : h + 1])
+    assert not any(isinstance(st, HeadStores) for st in stores["snapkv"])
+
+
 # -- through the runner ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_compose_row_through_the_runner(tmp_path):
