@@ -93,6 +93,22 @@ def logits_error_until_divergence(ref, fast) -> float:
     return worst
 
 
+def divergences_not_near_ties(ref, fast, tol: float) -> list[str]:
+    """Rows whose greedy tokens part ways where the reference did *not* have a near tie: at the first step the
+    tokens differ, the reference's logit for its own token minus its logit for the other path's token, over the
+    row's largest |logit|, must be within ``tol`` (the logit noise the caller allows). A real bug changes the
+    ranking by more; rounding noise only flips near ties. Returns a description of each offending row."""
+    bad = []
+    for r, (a, ta, tb) in enumerate(zip(ref.logits, ref.tokens, fast.tokens)):
+        i = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        if i is None or i >= len(a):
+            continue
+        gap = float((a[i, ta[i]] - a[i, tb[i]]) / a[: i + 1].abs().max())
+        if gap > tol:
+            bad.append(f"row {r} step {i}: tokens {ta[i]} vs {tb[i]}, reference gap {gap:.3g} > {tol}")
+    return bad
+
+
 def graph_steps_without_sync(engine, state, *, start: int, steps: int = 3, batch: int = 2) -> None:
     """Capture ``engine``'s decode step for ``state`` (a CUDA device) and run ``steps`` steps of ``batch`` rows
     from position ``start`` under CUDA sync-debug "error" (a host synchronisation inside a step raises), then

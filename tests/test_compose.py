@@ -263,4 +263,6 @@ def test_the_quantizers_fused_decode_serves_the_kept_tokens_on_gpu(selector, qua
     engine = Engine(model, copy.deepcopy(method), prefill_chunk=128)
     out = engine.generate(prompts, max_new_tokens=8)
     assert engine.kernel == "fused" and engine.graph_error is None
-    assert out.stats_context.bytes_stored < out.stats_context.bytes_full * (1 - ratio) * 1.6
+    # fewer bytes than the selection alone in 16 bits (a nominal bound fails for KIVI here: its full-precision
+    # ring of 128 tokens is a large share of 128-600 kept tokens; H100 at e9d3ab8: 0.39 of full vs 0.5 selected)
+    assert out.stats_context.bytes_stored < out.stats_context.bytes_full * (1 - ratio) / (1 - qratio)

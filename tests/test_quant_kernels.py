@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="the fused kernels need Triton (pip install
 
 import methods.kernels.quant_attention as QA  # noqa: E402
 from harness.engine import Engine, Prompt  # noqa: E402
-from methods.api import LayerSpec  # noqa: E402
+from methods.api import LayerSpec, ModelSpec  # noqa: E402
 from methods.fp8 import Fp8  # noqa: E402
 from methods.kernels.quant_attention import ScalarLayout, scalar_encode_reference  # noqa: E402
 from methods.quantizers import RotatedQuantizer, UniformQuantizer, rotate  # noqa: E402
@@ -21,7 +21,7 @@ from methods.quarot import QuaRot  # noqa: E402
 from methods.ratequant import GroupedCodecStore, RateQuant  # noqa: E402
 from methods.stores import CodecStore  # noqa: E402
 from methods.uniform_int import UniformInt  # noqa: E402
-from tests.helpers import logits_error_until_divergence  # noqa: E402
+from tests.helpers import divergences_not_near_ties, logits_error_until_divergence  # noqa: E402
 
 # (K layout, V layout): packed widths 1/2/4/8 (byte words) and 3/5/7 (bits-byte words), groups, fp8
 LAYOUTS = [
@@ -167,18 +167,23 @@ def _prompts(lengths, q_len=3, seed=0):
                    question=torch.randint(3, 250, (q_len,), generator=g).tolist()) for n in lengths]
 
 
-def _compare(model, make, prompts, *, n_new, chunk, tol, device="cpu"):
+def _compare(model, make, prompts, *, n_new, chunk, tol, device="cpu", near_ties=False, const_bytes=0):
     outs = {}
     for fused in ("off", "on"):
         engine = Engine(model, make(fused), prefill_chunk=chunk)
         outs[fused] = engine.generate(prompts, max_new_tokens=n_new, return_logits=True)
         assert engine.kernel == ("reference" if fused == "off" else "fused")
     ref, fast = outs["off"], outs["on"]
-    assert fast.tokens == ref.tokens
-    for a, b in zip(ref.logits, fast.logits):
-        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    if near_ties:  # 2-bit codes on a trained model: greedy steps where two tokens tie to within the noise
+        assert logits_error_until_divergence(ref, fast) < tol
+        assert not divergences_not_near_ties(ref, fast, 2 * tol)
+    else:
+        assert fast.tokens == ref.tokens
+        for a, b in zip(ref.logits, fast.logits):
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     for s_ref, s_fast in ((ref.stats_context, fast.stats_context), (ref.stats_final, fast.stats_final)):
-        assert s_fast.bytes_stored == s_ref.bytes_stored and s_fast.bytes_read_per_step == s_ref.bytes_read_per_step
+        assert s_ref.bytes_stored - s_fast.bytes_stored == const_bytes
+        assert s_ref.bytes_read_per_step - s_fast.bytes_read_per_step == const_bytes
         assert torch.equal(s_fast.tokens_kept, s_ref.tokens_kept)
     return ref, fast
 
@@ -316,16 +321,22 @@ def test_fused_store_gives_the_reference_tokens_on_gpu(make):
     the same greedy tokens; in bf16 the logits to 1e-3 of their scale (the reference rounds the dequantized
     K/V to bf16, the kernels keep codes x scale in fp32)."""
     prompts = _prompts([300] * 8, q_len=8) + _prompts([300, 170, 233, 64, 129, 300, 31, 250], q_len=8, seed=1)
-    _compare(_tiny_model("float32"), make, prompts, n_new=12, chunk=128, tol=1e-4)
+    # 2-bit codes: the fp32 paths agree to 1e-4 but a greedy step can tie to that precision (H100, e9d3ab8: row 0
+    # parted at step 3); every parting must be such a tie
+    _compare(_tiny_model("float32"), make, prompts, n_new=12, chunk=128, tol=1e-4,
+             near_ties=make("off").ratio == 0.875)
     model = _tiny_model("bfloat16")
     outs = {}
     for fused in ("off", "on"):
         outs[fused] = Engine(model, make(fused), prefill_chunk=128).generate(prompts, max_new_tokens=12,
                                                                             return_logits=True)
     err = logits_error_until_divergence(outs["off"], outs["on"])
-    assert err < 4e-2, err  # bf16 noise: H100 measured 0.010-0.031 (max over all steps)
-    same = sum(x == y for x, y in zip(outs["off"].tokens, outs["on"].tokens))
-    assert same >= 14, f"{same} of 16 rows generated the same greedy tokens in bf16"
+    # bf16 noise (the reference rounds dequantized K/V to bf16, the kernels keep code x scale in fp32), relative to
+    # the row's largest logit: H100 measured 0.010-0.031 at 4 programs/SM and 2 stages, 0.040 at 8 and 3 (e9d3ab8)
+    assert err < 5e-2, err
+    # rows may part ways only at near ties (fp8 on the H100 at e9d3ab8: 11 of 16 rows identical over 12 tokens)
+    bad = divergences_not_near_ties(outs["off"], outs["on"], 1e-1)
+    assert not bad, bad
 
 
 @pytest.mark.gpu
@@ -364,4 +375,12 @@ def test_ratequant_grouped_store_on_gpu():
         m.set_bits(bits, 4, 2)
         return m
 
-    _compare(model, make, _prompts([300, 170, 233, 64]), n_new=8, chunk=128, tol=1e-4)
+    # QuaRot's sign vectors: the reference holds them per head, the fused store once per width group (H100 at
+    # e9d3ab8: 128 B less in fused); the difference is exactly those constants, measured on empty stores
+    spec = ModelSpec.from_config(model.config)
+    const = 0
+    for i in range(spec.n_layers):
+        empty = {f: make(f).new_layer(spec.layer(i), batch=4, capacity=16, device="cuda", dtype=torch.float32)
+                 for f in ("off", "on")}
+        const += empty["off"].stats().bytes_stored - empty["on"].stats().bytes_stored
+    _compare(model, make, _prompts([300, 170, 233, 64]), n_new=8, chunk=128, tol=1e-4, const_bytes=const)

@@ -279,7 +279,9 @@ def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
 
 
 BLOCK_N = 64
-DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "block_n": BLOCK_N, "prefetch": False}
+# Tuned on an H100 (scripts/bench_quant_attention.py --tune, INT4 g32 at 8 x 32768, commit e9d3ab8): 8 programs per
+# SM and a 3-stage pipeline keep enough packed bytes in flight; results/bench/nvidia-h100-80gb-hbm3-2026-12-07-e9d3ab8*.md.
+DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_N, "prefetch": False}
 
 
 def _env_config() -> None:
