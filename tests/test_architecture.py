@@ -131,7 +131,7 @@ def test_a_new_yaml_is_in_the_catalogue_and_meets_the_contract(tmp_path, tiny_ll
 
 @pytest.mark.parametrize("queries", [False, True])
 def test_one_capture_records_what_calibration_and_the_index_scripts_read(fresh_llama, queries):
-    """methods.capture.Capture (harness/calibration.py, RateQuant's fit, scripts/index_recall.py,
+    """methods.capture.Capture (harness/calibration.py, RateQuant's fit, scripts/experiments/index_recall.py,
     scripts/bench_sparse.py): each layer's latest q, k, v as the attention received them, and on request the
     queries after the context; the model's output is full's."""
     from harness.engine import Engine, Prompt

@@ -1,4 +1,4 @@
-"""Tests of scripts/train_tiny_model.py (CPU): the --smoke run writes a loadable Hugging Face directory,
+"""Tests of scripts/train/tiny_model.py (CPU): the --smoke run writes a loadable Hugging Face directory,
 training text comes from split="train" streams only, and the training format is the evaluation format."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import train_tiny_model as T
+from scripts.train import tiny_model as T
 from tasks import synthetic as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_smoke_output_loads(smoke):
         assert model(ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
     readme = (out / "README.md").read_text()
     assert "Full-cache accuracy (measured through python -m harness.run)" in readme
-    assert "python -m scripts.train_tiny_model" in readme
+    assert "python -m scripts.train.tiny_model" in readme
 
 
 def test_training_draws_only_from_the_train_split(smoke):
@@ -85,7 +85,7 @@ def test_training_draws_only_from_the_train_split(smoke):
     assert len(train) >= 2 and len(train) + len(eval_keys) == len(keys)
     assert not {"|".join(p) for p in train} & eval_keys
     # and the code names no other split for its training text
-    src = (ROOT / "scripts" / "train_tiny_model.py").read_text()
+    src = (ROOT / "scripts" / "train" / "tiny_model.py").read_text()
     assert src.count("split=TRAIN_SPLIT") >= 3 and src.count("split=EVAL_SPLIT") == 1
     assert T.TRAIN_SPLIT == "train" and T.EVAL_SPLIT == "eval"
 

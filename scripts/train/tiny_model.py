@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Train the embedded default model ``models/kvbench-tiny``: a ~8M-parameter Llama that retrieves.
 
-One seeded command trains the tokenizer (``scripts/tiny_tokenizer.py``) and a ``LlamaForCausalLM``
+One seeded command trains the tokenizer (``scripts/train/tiny_tokenizer.py``) and a ``LlamaForCausalLM``
 on text from the ``tasks/`` generators (``split="train"`` only, plus filler documents from
 ``make_ppl_docs(split="train")``) and writes a Hugging Face directory: ``config.json``, one bf16
 ``model.safetensors``, the tokenizer files, ``generation_config.json`` and ``README.md``.
 
-    python -m scripts.train_tiny_model --out models/kvbench-tiny   # 530 s wall-clock budget by default
+    python -m scripts.train.tiny_model --out models/kvbench-tiny   # 530 s wall-clock budget by default
 
 Recipe (following the token-level recall recipe, models/kvbench-tiny/README.md):
 
@@ -57,7 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 import numpy as np  # noqa: E402
 
@@ -768,10 +768,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(src / name, out / name)
         log(f"tokenizer copied from {src}")
     else:
-        from scripts.tiny_tokenizer import train_tokenizer
+        from scripts.train.tiny_tokenizer import train_tokenizer
 
         train_tokenizer(vocab_size=ARCH["vocab_size"], seed=args.seed).save_pretrained(str(out))
-        log("tokenizer trained (scripts/tiny_tokenizer.py)")
+        log("tokenizer trained (scripts/train/tiny_tokenizer.py)")
     fused = ([" is: ", " is:"] if args.fuse_is else []) + args.fuse_token
     fused += [f" {d}" for d in range(10)] if args.fuse_space_digits else []
     fused += [f"{p}{n:03d}" for p in ("", " ") for n in range(1000)] if args.fuse_digit_groups else []
@@ -1026,7 +1026,7 @@ def command_line(a: dict) -> str:
     """The command that repeats a run: its non-default arguments, quoted for a POSIX shell."""
     import shlex
 
-    cmd = ["python", "-m", "scripts.train_tiny_model", "--out", "models/kvbench-tiny"]
+    cmd = ["python", "-m", "scripts.train.tiny_model", "--out", "models/kvbench-tiny"]
     defaults = vars(parse_args([]))
     for k, v in a.items():
         if k == "out" or v == defaults.get(k):
@@ -1068,7 +1068,7 @@ It is a benchmark fixture, not a language model: it knows the filler text and th
 hidden size {summary['config']['hidden_size']}, {summary['config']['num_attention_heads']} query heads and
 {summary['config']['num_key_value_heads']} key/value heads (GQA) of dim {ARCH['head_dim']}, SwiGLU MLP {summary['config']['intermediate_size']}, RMSNorm, RoPE
 (theta {a['rope_theta']:g}), tied embeddings, vocabulary {summary['config']['vocab_size']} (byte-level BPE with one token per digit,
-`scripts/tiny_tokenizer.py`, plus the `--fuse-token` / `--fuse-space-digits` tokens), max_position_embeddings {a['max_position_embeddings']} (8192-token prompts plus
+`scripts/train/tiny_tokenizer.py`, plus the `--fuse-token` / `--fuse-space-digits` tokens), max_position_embeddings {a['max_position_embeddings']} (8192-token prompts plus
 the generated answer fit without truncation; trained positions reach 8192 + 512).
 
 - parameters: {summary['params']:,}
