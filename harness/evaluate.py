@@ -1,6 +1,6 @@
 """Per-sample accuracy of (model, task, method, context length) cells without lm-eval or Hydra.
 
-The diagnostics in ``scripts/`` (``fixed_contract.py``, ``lkv_length_generalization.py``) compare
+The diagnostics in ``scripts/experiments/`` (``fixed_contract.py``, ``lkv_length_generalization.py``) compare
 methods on the same samples with paired statistics, over grids too large for one harness row per
 cell; they run on the GPU machine with torch, transformers and PyYAML only. :class:`Evaluator`
 prefills each sample's context with the engine, compresses at ``end_of_context`` (or with the

@@ -1,5 +1,5 @@
 """A full cache that records what each layer's attention receives: the one recorder for calibration
-(:mod:`harness.calibration`, RateQuant's fit) and the diagnostic scripts (``scripts/index_recall.py``,
+(:mod:`harness.calibration`, RateQuant's fit) and the diagnostic scripts (``scripts/experiments/index_recall.py``,
 ``scripts/bench_sparse.py``).
 
 It is not a compression method (not in conf/method, never a row of its own): it keeps every token as

@@ -1,6 +1,6 @@
 """``lkv``: learned head-wise budgets and a learned query-agnostic token scorer (paper 4, LKV:
 "End-to-End Learning of Head-wise Budgets and Token Selection for LLM KV Cache Eviction",
-arXiv:2605.06676; docs/PAPERS.md §4). Trained by ``scripts/train_lkv.py``.
+arXiv:2605.06676; docs/PAPERS.md §4). Trained by ``scripts/train/lkv.py``.
 
 Two learned parts, both per (layer, kv head):
 
@@ -26,7 +26,7 @@ token outside the sinks and recent window at every step, the new tokens scored w
 Choices the paper leaves open, and ours (docs/PAPERS.md §4 (b), (d)):
 - Budgets are per kv head (the cache is stored per kv head) and task-agnostic: learned once per
   (model, ratio) on synthetic retrieval tasks, ``niah_multikey`` and ``common_words`` held out.
-- Training (``scripts/train_lkv.py``): the LLM is frozen; the context is prefilled with the full
+- Training (``scripts/train/lkv.py``): the LLM is frozen; the context is prefilled with the full
   cache (context queries see everything), then the question and answer see a soft keep-mask
   ``m = sigmoid((s - tau) / T)`` on the context, ``tau`` solved so that ``sum(m)`` equals the head's
   budget exactly (implicit gradient to both the scores and the budget, :func:`soft_keep`), ``T``
@@ -63,7 +63,7 @@ __all__ = ["LKV", "LKVWeights", "head_fractions", "head_budgets", "soft_keep", "
            "score_tokens", "weights_fingerprint", "default_weights_path", "TRAIN_COMMAND"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "lkv"
-TRAIN_COMMAND = "python -m scripts.train_lkv --model {model} --ratios {ratios}"
+TRAIN_COMMAND = "python -m scripts.train.lkv --model {model} --ratios {ratios}"
 VARIANTS = ("joint", "scorer_only")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin = f(position x inv_freq) x attention_scaling
 
@@ -362,7 +362,7 @@ class LKV(EvictionMethod):
     def _ready(self) -> None:
         if not self._calibrated:
             raise RuntimeError("lkv needs calibrate(ctx) before use (it loads the trained weights and the "
-                               "model's RoPE); the harness and scripts/lkv_length_generalization.py call it")
+                               "model's RoPE); the harness and scripts/experiments/lkv_length_generalization.py call it")
 
     def _allocation(self, n: int, L: int, H: int) -> list[list[int]]:
         if n not in self._budget_cache:

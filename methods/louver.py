@@ -11,7 +11,7 @@ full K/V plus the index, so ``ratio_achieved`` is negative: Louver trades memory
 
 Index (built per (layer, kv head) at ``end_of_context``, over the context keys):
 - head_dim D is split into ``n_subspaces`` S contiguous subspaces of D/S dims. Default S = 32 (the
-  paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/index_recall.py``
+  paper code's default is 8): on the tiny model's 64-dim heads at f = 0.1, ``scripts/experiments/index_recall.py``
   measured 71% of keys scanned at S = 8, 41% at S = 16, 15% at S = 32, and the bytes read per step
   (index included) are lowest at S = 32 (row read_ratio_achieved 0.06 at S = 16, 0.23 at S = 32, both
   with int16 parent ids). ``branching`` (keys per parent) defaults to the paper's 4: rows at ratio 0.9 on
@@ -81,7 +81,7 @@ clustering (an ablation of theirs) at one dimension per subspace with uniform ce
 encoded as they are written (the question, every decode token); ``merge_every`` still decides when the buffer
 of recent tokens joins the gated keys. The threshold sample is the context's (a reservoir of ``sample_size``
 keys at ``end_of_context``; the ball index keeps sampling at merges). Thresholds ``budget`` and
-``sample_max``. Measured by scripts/index_recall.py on the tiny model (niah_multikey, 2 x 4096 tokens,
+``sample_max``. Measured by scripts/experiments/index_recall.py on the tiny model (niah_multikey, 2 x 4096 tokens,
 f = 0.1): 0 false negatives, recall@10 1.00, 0.109 of the keys scanned per query head (balls: 0.148), reads
 per step 0.41 of the dense K/V index included (balls: 0.52), index 154 KB per (layer, kv head) (balls:
 194 KB), built in 1.9 s on CPU (balls: 60 s). Per step the gate reads every indexed key's code and err (D + 4
@@ -110,7 +110,7 @@ GRID_THRESHOLDS = ("budget", "sample_max")
 GRID_LEVELS = 255  # 8-bit codes
 
 
-# -- the index: pure tensor functions (the store, tests and scripts/index_recall.py use them) --------
+# -- the index: pure tensor functions (the store, tests and scripts/experiments/index_recall.py use them) --------
 def balanced_groups(x: Tensor, valid: Tensor, *, branching: int, power_iters: int = 4) -> tuple[Tensor, Tensor]:
     """Group each point set into ceil(n / branching) leaves of ``branching`` or fewer points (never
     empty) by a balanced PCA tree. x (N, W, d) fp32; valid (N, W) bool.

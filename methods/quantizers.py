@@ -256,7 +256,7 @@ def codebook_reasons(law: str, dim: int, bits: int) -> list[str]:
     if key not in table:
         have = sorted(k for k in table if k.startswith("beta_d"))
         return [f"no exact-Beta codebook for head_dim {dim} in {CODEBOOK_FILE.name} (have {have}); "
-                "use codebook=gaussian or add the dimension to scripts/lloyd_max.py"]
+                "use codebook=gaussian or add the dimension to scripts/train/lloyd_max.py"]
     if str(bits) not in table[key]:
         return [f"no {bits}-bit codebook (stored: 1-8 bits)"]
     return []

@@ -5,7 +5,7 @@ Inspired by TurboQuant", arXiv:2605.08114), at a fair budget of n bits per coord
 Every vector x (one token's K or V of one kv head) is stored as its norm ||x|| (model dtype) and
 codes of u = x / ||x|| after a randomized Walsh-Hadamard rotation H diag(s) / sqrt(D): each rotated
 coordinate is mapped to a Lloyd-Max codebook for the coordinate law of a random unit vector
-(``methods/data/lloyd_max.json``, written by ``scripts/lloyd_max.py``; TurboQuant-MSE, Zandieh et
+(``methods/data/lloyd_max.json``, written by ``scripts/train/lloyd_max.py``; TurboQuant-MSE, Zandieh et
 al. 2025). A QJL stage (Zandieh, Daliri, Han 2024) may follow on the residual r = y - y_mse:
 sign(S r) with S an m x D seeded standard Gaussian, plus gamma = ||r|| (model dtype).
 

@@ -25,7 +25,7 @@ Choices the paper leaves open (docs/PAPERS.md §3, [I]), and ours:
   removing that token alone), blocks of ``block_size`` (16, Quest's page) for ``block`` and
   ``dilate``. Blocks are aligned on absolute positions (``pos // block_size``). Within a block the
   last tokens to fit the budget are the ones with the highest attention.
-- The base contract (``scripts/fixed_contract.py``) is support ``prefill_window``, ranking
+- The base contract (``scripts/experiments/fixed_contract.py``) is support ``prefill_window``, ranking
   ``attention``, projection ``block``; this method's default swaps in ``ranking=value_aware``.
 - Sinks (``n_sink=4``) and the recent window (``window=32``, also the observation window) are
   always kept and count in the budget, clamped to it (sinks first).

@@ -6,7 +6,7 @@ fused store against the reference store on the tiny model's tasks (greedy tokens
     python -m scripts.bench_eviction --parity-methods full:0,h2o:0.5,snapkv:0.5 --parity-n 4 --parity-len 1024
 
 A spec is ``name:ratio[:knob=value...]`` of a conf/method YAML (built without Hydra). Rows go to ``$OUT``
-(probe.jsonl, parity.jsonl) and stdout. ``scripts/bench.py --methods`` is the integrated report; this script is the
+(probe.jsonl, parity.jsonl) and stdout. ``python -m scripts.bench --methods`` is the integrated report; this script is the
 issue's probe and its parity check. Imports neither lm-eval, wandb nor Hydra.
 """
 import argparse

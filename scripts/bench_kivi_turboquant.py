@@ -12,7 +12,7 @@ Bandwidth = the bytes attention must read (codes, metadata and rings of the vali
 attn time, as a fraction of the copy bandwidth measured in the same process; ``x dense`` = attn time over the
 dense bf16 kernel's at the same cell. Before timing, each kernel is checked against its plain-torch reference
 at 2048 slots (max abs error). ``--configs per_sm:num_warps:num_stages,...`` times other launch configurations
-(a fourth field sets TurboQuant's tile of slots); hand the best to scripts/bench.py with
+(a fourth field sets TurboQuant's tile of slots); hand the best to python -m scripts.bench with
 ``KVBENCH_KIVI_DECODE`` / ``KVBENCH_TURBOQUANT_DECODE`` (JSON, e.g. '{"per_sm": 2, "num_warps": 8}'). Imports
 neither lm-eval, wandb nor Hydra.
 """

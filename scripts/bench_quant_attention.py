@@ -13,7 +13,7 @@ timing, each layout's output is checked against the plain-torch reference at a s
 error printed). ``--tune`` first times the configurations in ``TUNE`` (tile, warps, pipeline stages, the
 kernel's own prefetch of the next tile) on the first layout and times every layout with the fastest;
 ``--best FILE`` writes that configuration as JSON, for ``KVBENCH_QUANT_DECODE`` (read by
-methods/kernels/quant_attention.py, so scripts/bench.py runs with it).
+methods/kernels/quant_attention.py, so python -m scripts.bench runs with it).
 Imports neither lm-eval, wandb nor Hydra.
 """
 

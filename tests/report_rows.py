@@ -34,7 +34,7 @@ def write_rows(results: Path, grid: dict, *, tasks: tuple[str, ...] = ("niah_mul
                            "family": fam, "memory": "physical", "kernel": "fused" if method == "full" else "reference",
                            "ratio": r, "task": task, "protocol": "query_agnostic", "context_length": length,
                            "n_samples": None if skipped else 100, "status": "skipped" if skipped else "ok",
-                           "reason": "no LKV weights for this model: python -m scripts.train_lkv" if skipped else None,
+                           "reason": "no LKV weights for this model: python -m scripts.train.lkv" if skipped else None,
                            "accuracy": acc, "accuracy_stderr": None if skipped else 0.02,
                            "kv_bytes_full": full_b, "kv_bytes_stored": full_b * (1 - ach), "ratio_achieved": ach,
                            "kv_bytes_read_per_step": full_b * (1 - r), "read_ratio_achieved": r,

@@ -1,6 +1,7 @@
 """The architecture's rules, checked on the source (issue 19): no import cycle among the modules of methods/,
-the harness imports no concrete method, and a method added as one YAML is picked up by the catalogue and held
-to the contract with no other edit.
+the harness imports no concrete method, a method added as one YAML is picked up by the catalogue and held
+to the contract with no other edit, and scripts/ is sorted by role (entry points at the top level, trainers in
+scripts/train/, experiments in scripts/experiments/).
 
 What the harness may import from methods/ (``HARNESS_MAY_IMPORT``): the contract (``methods.api``), the
 catalogue that builds methods by name (``methods.catalog``), the shared storage layouts (``methods.stores``
@@ -14,6 +15,7 @@ reaches the harness only through the catalogue.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -131,7 +133,7 @@ def test_a_new_yaml_is_in_the_catalogue_and_meets_the_contract(tmp_path, tiny_ll
 
 @pytest.mark.parametrize("queries", [False, True])
 def test_one_capture_records_what_calibration_and_the_index_scripts_read(fresh_llama, queries):
-    """methods.capture.Capture (harness/calibration.py, RateQuant's fit, scripts/index_recall.py,
+    """methods.capture.Capture (harness/calibration.py, RateQuant's fit, scripts/experiments/index_recall.py,
     scripts/bench_sparse.py): each layer's latest q, k, v as the attention received them, and on request the
     queries after the context; the model's output is full's."""
     from harness.engine import Engine, Prompt
@@ -167,3 +169,39 @@ def test_there_is_one_capture():
     import methods.ratequant
 
     assert methods.ratequant.Capture is methods.capture.Capture
+
+
+SCRIPT_ROLES = {"train": "trainers", "experiments": "the papers' experiments and diagnostics"}
+SHELL_HELPERS = {"fetch_gpu_wheels.sh", "gpu_env.sh"}  # sourced or run on the way to the GPU machine
+
+
+def _runs_as_module(path: Path) -> bool:
+    """``python -m`` runs it: a module with a ``__main__`` guard, or a package with a ``__main__.py``."""
+    if path.is_dir():
+        return (path / "__init__.py").is_file() and (path / "__main__.py").is_file()
+    return path.suffix == ".py" and 'if __name__ == "__main__":' in path.read_text()
+
+
+def test_scripts_are_sorted_by_role():
+    """scripts/ holds entry points only (each runs as ``python -m scripts.<name>``; bench/ is a runnable package)
+    and the two shell helpers of the GPU machine; trainers and experiments live in scripts/train/ and
+    scripts/experiments/, whose modules each run as ``python -m scripts.<role>.<name>``. No script patches
+    sys.path (they run from the repository root as modules)."""
+    top = ROOT / "scripts"
+    misplaced = []
+    for path in sorted(top.iterdir()):
+        if path.name in ("__init__.py", "__pycache__") or path.name in SHELL_HELPERS:
+            continue
+        if path.name in SCRIPT_ROLES:
+            assert (path / "__init__.py").is_file(), path
+            misplaced += [f"{p.relative_to(ROOT)}: does not run as a module" for p in sorted(path.iterdir())
+                          if p.name not in ("__init__.py", "__pycache__") and not _runs_as_module(p)]
+        elif not _runs_as_module(path):
+            misplaced.append(f"{path.relative_to(ROOT)}: not an entry point (a helper belongs in the package that "
+                             f"uses it; trainers in scripts/train/, experiments in scripts/experiments/)")
+        elif path.name.startswith("train"):
+            misplaced.append(f"{path.relative_to(ROOT)}: a trainer belongs in scripts/train/")
+    assert not misplaced, "\n".join(misplaced)
+    patched = [str(p.relative_to(ROOT)) for p in sorted(top.rglob("*.py"))
+               if re.search(r"sys\.path\.(insert|append)|sys\.path\s*=", p.read_text())]
+    assert not patched, f"scripts run as modules from the repository root; no sys.path patching: {patched}"

@@ -1,4 +1,4 @@
-"""scripts/bench.py on CPU (--smoke): every engine measures every cell, rows merge across calls."""
+"""scripts/bench/ (python -m scripts.bench) on CPU (--smoke): every engine measures every cell, rows merge across calls."""
 
 import json
 from pathlib import Path
@@ -7,26 +7,35 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_smoke_measures_every_engine_and_merges_calls(tmp_path):
-    from scripts import bench
+    """The first call in a fresh interpreter: the benchmark (every module of scripts/bench/ and what they import
+    while measuring) runs on the GPU machine, so it imports neither lm-eval, wandb nor Hydra."""
+    import subprocess
+    import sys
 
-    assert bench.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
-    assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench"]) == 0  # a second call
+    from scripts.bench import cli
+    from scripts.bench.common import ENGINES
+
+    code = (f"import sys; from scripts.bench import cli; assert cli.main(['--smoke', '--out-dir', {str(tmp_path)!r}]) == 0; "
+            "bad = {'lm_eval', 'wandb', 'hydra'} & set(sys.modules); assert not bad, sorted(bad)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert cli.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench"]) == 0  # a second call
     rows_file = next((tmp_path / "rows").glob("cpu-smoke-*.jsonl"))
     rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
     cells = [r for r in rows if r["kind"] == "cell"]
     assert len(cells) == 2 * 3 + 2 and all(r["status"] == "ok" for r in cells)
-    assert {r["engine"] for r in cells} == set(bench.ENGINES)
+    assert {r["engine"] for r in cells} == set(ENGINES)
     assert all(r["decode_ms_p50"] > 0 and r["decode_steps"] == 4 for r in cells)
     assert len([r for r in rows if r["kind"] == "command"]) == 2
     report = next(tmp_path.glob("cpu-smoke-*.md")).read_text()
-    for engine in bench.ENGINES:  # the merged report: the latest row per engine and cell, both commands
+    for engine in ENGINES:  # the merged report: the latest row per engine and cell, both commands
         assert report.count(f"| {engine} |") == 2
     assert report.count("python -m scripts.bench --smoke") == 2
 
 
 def test_bench_accounting():
     from harness.models import build_random_model, tiny_config
-    from scripts import bench
+    from scripts.bench import common as bench
 
     model = build_random_model(tiny_config("llama", n_layers=2, vocab_size=256), seed=0)
     cfg = model.config
@@ -40,9 +49,9 @@ def test_bench_accounting():
 def test_bench_profile_breaks_a_decode_step_down(tmp_path):
     """--profile: per cell, the profiled steps' time by category (on CPU the aten ops' self time, where the
     tiny Llama's matmuls must show up as gemm); busy is the categories' sum and the top list is sorted."""
-    from scripts import bench
+    from scripts.bench import cli
 
-    assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench", "--profile", "3"]) == 0
+    assert cli.main(["--smoke", "--out-dir", str(tmp_path), "--engines", "kvbench", "--profile", "3"]) == 0
     rows = [json.loads(x) for x in next((tmp_path / "rows").glob("cpu-smoke-*.jsonl")).read_text().splitlines()]
     profs = [r for r in rows if r["kind"] == "profile"]
     assert [(r["batch"], r["context"]) for r in profs] == [(1, 64), (2, 48)]
@@ -60,7 +69,7 @@ def test_report_checks_the_targets_and_names_every_commit():
     """The report's targets section: roofline bar per target cell (met / missed / not measured), the speed-up
     over HF StaticCache + compile where that engine is below 0.27 of roofline, peak memory against weights +
     KV capacity + 2 GB; rows of another commit are named in the header."""
-    from scripts import bench
+    from scripts.bench import report as bench
 
     def cell(engine, B, S, frac, tok_s, peak=None, commit="abc"):
         return {"kind": "cell", "engine": engine, "batch": B, "context": S, "status": "ok", "roofline_frac": frac,

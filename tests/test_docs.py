@@ -35,7 +35,7 @@ DOCS = ("README.md", "DEVELOPERS.md", "models/kvbench-tiny/README.md", "docs/ARC
 GPU_MACHINE_SECTIONS = ("Running on the GPU machine",)
 BARE = ("python", "python3", "pytest", "wandb", "pip")
 PROGRAMS = (*BARE, ".venv/bin/python", ".venv/bin/wandb", "make")
-SCRIPT_OF_TARGET = {"bench": "scripts/bench.py"}  # the file `-m scripts.bench` runs  # make <target> ARGS="..." passes ARGS to this script
+SCRIPT_OF_TARGET = {"bench": "scripts/bench/__main__.py"}  # the file `-m scripts.bench` runs  # make <target> ARGS="..." passes ARGS to this script
 
 
 def documented_commands():
@@ -76,8 +76,12 @@ def documented_commands():
 
 
 def _script_of(module):
-    """``scripts/x.py`` for the module ``scripts.x`` (what ``python -m scripts.x`` runs), else None."""
-    return module.replace(".", "/") + ".py" if module.startswith("scripts.") else None
+    """The file ``python -m scripts.x`` runs: ``scripts/x.py``, or ``scripts/x/__main__.py`` for a package; None
+    outside scripts/."""
+    if not module.startswith("scripts."):
+        return None
+    path = module.replace(".", "/")
+    return f"{path}/__main__.py" if (REPO / path).is_dir() else f"{path}.py"
 
 
 def _help_texts(scripts):

@@ -1,4 +1,4 @@
-"""scripts/fixed_contract.py --smoke: the whole diagnostic on the tiny model, on CPU, in seconds."""
+"""scripts/experiments/fixed_contract.py --smoke: the whole diagnostic on the tiny model, on CPU, in seconds."""
 
 import csv
 import json
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_smoke_writes_csv_markdown_and_a_json_last_line(tmp_path):
-    code = ("import sys; import scripts.fixed_contract as fc; "
+    code = ("import sys; import scripts.experiments.fixed_contract as fc; "
             "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), 'GPU scripts import none of these'; "
             f"fc.main(['--smoke', '--out', {str(tmp_path)!r}, '--ratios', '0.5,0.75']); "
             "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), sorted(set(sys.modules) & {'lm_eval', 'wandb', 'hydra'})")

@@ -187,7 +187,7 @@ def test_decode_eviction_keeps_each_head_within_its_budget(tiny_llama, tmp_path)
 def test_missing_weights_and_untrained_ratios_are_skipped_with_the_training_command(tiny_llama, tmp_path):
     spec = ModelSpec.from_config(tiny_llama.config)
     reasons = LKV(ratio=0.5, weights=str(tmp_path / "none.safetensors")).validate(spec)
-    assert len(reasons) == 1 and "python -m scripts.train_lkv" in reasons[0] and "--ratios 0.5" in reasons[0]
+    assert len(reasons) == 1 and "python -m scripts.train.lkv" in reasons[0] and "--ratios 0.5" in reasons[0]
     path = tmp_path / "w.safetensors"
     fake_weights(tiny_llama, path, ratios=(0.5,))
     reasons = LKV(ratio=0.75, weights=str(path)).validate(spec)
@@ -240,7 +240,7 @@ NO_GPU_IMPORTS = "assert not {'lm_eval', 'wandb', 'hydra'} & set(sys.modules), s
 def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_falling_curve(tmp_path):
     w, c, w2 = tmp_path / "w.safetensors", tmp_path / "curve.json", tmp_path / "again.safetensors"
     args = "'--smoke', '--ratios', '0.5', '--variants', 'joint'"
-    code = (f"import sys; import scripts.train_lkv as t; "
+    code = (f"import sys; import scripts.train.lkv as t; "
             f"t.main([{args}, '--weights', {str(w)!r}, '--curve', {str(c)!r}]); "
             f"t.main([{args}, '--weights', {str(w2)!r}, '--curve', {str(tmp_path / 'c2.json')!r}]); "
             f"{NO_GPU_IMPORTS}")
@@ -265,14 +265,14 @@ def test_train_lkv_smoke_is_deterministic_writes_weights_the_method_loads_and_a_
 
 
 def test_held_out_tasks_cannot_be_trained_on():
-    out = subprocess.run([sys.executable, "-m", "scripts.train_lkv", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "scripts.train.lkv", "--tasks", "niah_single,niah_multikey"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "held out" in out.stderr
 
 
 @pytest.mark.slow
 def test_length_generalization_smoke_prints_its_table_with_the_committed_weights(tmp_path):
-    code = (f"import sys; import scripts.lkv_length_generalization as g; g.main(['--smoke', '--out', {str(tmp_path)!r}]); "
+    code = (f"import sys; import scripts.experiments.lkv_length_generalization as g; g.main(['--smoke', '--out', {str(tmp_path)!r}]); "
             f"{NO_GPU_IMPORTS}")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -244,7 +244,7 @@ def test_ratio_honouring(tiny_llama):
 def _script_json(capsys, argv):
     import json
 
-    from scripts import quant_quality
+    from scripts.experiments import quant_quality
 
     assert quant_quality.main(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Tests of scripts/train_tiny_model.py (CPU): the --smoke run writes a loadable Hugging Face directory,
+"""Tests of scripts/train/tiny_model/ (CPU): the --smoke run writes a loadable Hugging Face directory,
 training text comes from split="train" streams only, and the training format is the evaluation format."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import train_tiny_model as T
+from scripts.train.tiny_model import batches, cli, episodes, recipe
 from tasks import synthetic as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def smoke(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(S, "sample_seed_key", spy)
     try:
-        rc = T.main(["--smoke", "--out", str(out), "--tokenizer", str(TOK_DIR), "--eval-n", "1"])
+        rc = cli.main(["--smoke", "--out", str(out), "--tokenizer", str(TOK_DIR), "--eval-n", "1"])
     finally:
         mp.undo()
     assert rc == 0
@@ -71,7 +71,7 @@ def test_smoke_output_loads(smoke):
         assert model(ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
     readme = (out / "README.md").read_text()
     assert "Full-cache accuracy (measured through python -m harness.run)" in readme
-    assert "python -m scripts.train_tiny_model" in readme
+    assert "python -m scripts.train.tiny_model" in readme
 
 
 def test_training_draws_only_from_the_train_split(smoke):
@@ -85,9 +85,9 @@ def test_training_draws_only_from_the_train_split(smoke):
     assert len(train) >= 2 and len(train) + len(eval_keys) == len(keys)
     assert not {"|".join(p) for p in train} & eval_keys
     # and the code names no other split for its training text
-    src = (ROOT / "scripts" / "train_tiny_model.py").read_text()
+    src = "".join(p.read_text() for p in sorted((ROOT / "scripts" / "train" / "tiny_model").glob("*.py")))
     assert src.count("split=TRAIN_SPLIT") >= 3 and src.count("split=EVAL_SPLIT") == 1
-    assert T.TRAIN_SPLIT == "train" and T.EVAL_SPLIT == "eval"
+    assert recipe.TRAIN_SPLIT == "train" and recipe.EVAL_SPLIT == "eval"
 
 
 def test_generation_settings_match_task_yamls():
@@ -97,7 +97,7 @@ def test_generation_settings_match_task_yamls():
         text = (ROOT / "tasks" / f"{task}.yaml").read_text()
         text = "\n".join(line for line in text.splitlines() if "!function" not in line)
         kw = yaml.safe_load(text)["generation_kwargs"]
-        until, max_new = T.GEN[task]
+        until, max_new = recipe.GEN[task]
         assert tuple(kw["until"]) == until and kw["max_gen_toks"] == max_new, task
 
 
@@ -105,14 +105,14 @@ def test_questions_are_the_evaluation_questions():
     for i in range(3):
         for task in ("niah_single", "niah_multikey"):
             s = S.make_sample(task, count_tokens=words, context_length=600, seed=1, index=i, split="train")
-            assert T.niah_question(s["keys"][0]) == s["question"]
+            assert episodes.niah_question(s["keys"][0]) == s["question"]
         s = S.make_sample("kv_retrieval", count_tokens=words, context_length=600, seed=1, index=i, split="train")
-        assert T.kv_question(s["keys"][0]) == s["question"]
+        assert episodes.kv_question(s["keys"][0]) == s["question"]
         s = S.make_sample("variable_tracking", count_tokens=words, context_length=600, seed=1, index=i,
                           split="train")
-        chains = T.vt_chains(s["context"])
+        chains = episodes.vt_chains(s["context"])
         assert chains[s["keys"][0]] == s["answers"] and len(chains) == S.PARAMS.vt_chains
-        qas = T.qa_pairs("variable_tracking", s, random.Random(0))
+        qas = episodes.qa_pairs("variable_tracking", s, random.Random(0))
         assert qas[0] == (s["question"], s["answers"]) and len(qas) == S.PARAMS.vt_chains
 
 
@@ -121,7 +121,7 @@ def test_episode_is_prompt_then_answer_then_eos():
 
     tok = AutoTokenizer.from_pretrained(str(TOK_DIR))
     ratios = {t: 4.0 for t in S.TASKS}
-    maker = T.BatchMaker(str(TOK_DIR), ratios, seed=3, worker=0, tokens_per_step=2048, max_len=512)
+    maker = batches.BatchMaker(str(TOK_DIR), ratios, seed=3, worker=0, tokens_per_step=2048, max_len=512)
     for task in ("niah_multikey", "kv_retrieval", "niah_multivalue", "dense_niah"):
         ids, spans = maker.episode(task, 512)
         start, end, first = spans[0]
@@ -140,13 +140,13 @@ def test_episode_is_prompt_then_answer_then_eos():
 
 def test_notes_task_answers_are_the_asked_needles_values():
     """The token-level recall task: every answer span holds the value of the needle whose key was asked."""
-    maker = T.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 4096, 256)
+    maker = batches.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 4096, 256)
     for gap in (0, 3):
-        T.NOTES_GAP[0] = gap
+        recipe.NOTES_GAP[0] = gap
         try:
             ids, spans = maker.notes(128, 128 + 384)
         finally:
-            T.NOTES_GAP[0] = 0
+            recipe.NOTES_GAP[0] = 0
         KEY, IS = 4, 5
         needles = {tuple(ids[i + 1 : i + 3]): ids[i + 4 + gap : i + 7 + gap] for i, t in enumerate(ids[:200])
                    if t == KEY and ids[i + 3] == IS}
@@ -162,40 +162,40 @@ def test_dense_vt_asks_every_chain_of_a_many_chain_context():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(TOK_DIR))
-    maker = T.BatchMaker(str(TOK_DIR), {t: 4.4 for t in S.TASKS}, seed=1, worker=0, tokens_per_step=4096,
+    maker = batches.BatchMaker(str(TOK_DIR), {t: 4.4 for t in S.TASKS}, seed=1, worker=0, tokens_per_step=4096,
                          max_len=2048)
     counts = []
     for _ in range(6):
         ids, spans = maker.episode("dense_vt", 1024)
         text = tok.decode(ids[: spans[0][0]])
-        chains = T.vt_chains(text)
+        chains = episodes.vt_chains(text)
         counts.append(len(spans))
         assert len(chains) >= len(spans) >= 2
         for st, en, _ in spans:
             asked = re.findall(r"hold the value (\d+) are:$", tok.decode(ids[:st]))
-            assert asked and tok.decode(ids[st:en]) == T.answer_text(chains[asked[-1]]) + "<|eos|>"
+            assert asked and tok.decode(ids[st:en]) == episodes.answer_text(chains[asked[-1]]) + "<|eos|>"
     assert max(counts) > S.PARAMS.vt_chains  # denser than the task itself
 
 
 def test_mix_and_gate_flags_and_the_recorded_command(tmp_path):
-    saved_mix, saved_gate = dict(T.MIX), list(T.CURRICULUM_TASKS)
+    saved_mix, saved_gate = dict(recipe.MIX), list(recipe.CURRICULUM_TASKS)
     try:
-        rc = T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
+        rc = cli.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
                      "--mix", "dense_vt=0.35", "--gate-tasks", "dense_vt,dense_niah", "--fuse-token", " is:"])
-        assert rc == 0 and T.MIX["dense_vt"] == 0.35 and T.CURRICULUM_TASKS == ["dense_vt", "dense_niah"]
+        assert rc == 0 and recipe.MIX["dense_vt"] == 0.35 and recipe.CURRICULUM_TASKS == ["dense_vt", "dense_niah"]
         cmd = (tmp_path / "README.md").read_text()
         assert "--mix dense_vt=0.35 --gate-tasks dense_vt,dense_niah" in cmd and "--fuse-token ' is:'" in cmd
         with pytest.raises(SystemExit, match="--mix: unknown task 'nope'"):
-            T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--mix", "nope=1"])
+            cli.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--mix", "nope=1"])
     finally:
-        T.MIX.clear()
-        T.MIX.update(saved_mix)
-        T.CURRICULUM_TASKS[:] = saved_gate
+        recipe.MIX.clear()
+        recipe.MIX.update(saved_mix)
+        recipe.CURRICULUM_TASKS[:] = saved_gate
 
 
 def test_stage0_mix_rejects_unknown_tasks(tmp_path):
     with pytest.raises(SystemExit, match="unknown task 'nope'"):
-        T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--stage0-mix", "nope=1"])
+        cli.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--stage0-mix", "nope=1"])
 
 
 def test_fused_tokens_give_needle_and_question_the_notes_offsets(tmp_path):
@@ -204,7 +204,7 @@ def test_fused_tokens_give_needle_and_question_the_notes_offsets(tmp_path):
     decoding gives the text back; the stage-0 batch budget follows --stage0-tokens-per-step."""
     from transformers import AutoTokenizer
 
-    rc = T.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
+    rc = cli.main(["--smoke", "--out", str(tmp_path), "--tokenizer", str(TOK_DIR), "--eval-n", "0",
                  "--fuse-token", " is:", "--fuse-space-digits", "--stage0-tokens-per-step", "4096"])
     assert rc == 0
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -212,38 +212,38 @@ def test_fused_tokens_give_needle_and_question_the_notes_offsets(tmp_path):
     pieces = [tok.decode([i]) for i in tok(needle, add_special_tokens=False)["input_ids"]]
     k = pieces.index("river")
     assert pieces[k + 1 : k + 4] == [" is:", " 4", "1"]
-    prompt = tok(T.niah_question("bright-river"), add_special_tokens=False)["input_ids"]
+    prompt = tok(episodes.niah_question("bright-river"), add_special_tokens=False)["input_ids"]
     assert tok.decode(prompt[-1:]) == " is:"
-    answer = tok(T.answer_text(["4165233"]), add_special_tokens=False)["input_ids"]
-    assert tok.decode(answer[:1]) == " 4" and tok.decode(answer) == T.answer_text(["4165233"])
-    T.STAGE0_TOKENS[0] = 4096
+    answer = tok(episodes.answer_text(["4165233"]), add_special_tokens=False)["input_ids"]
+    assert tok.decode(answer[:1]) == " 4" and tok.decode(answer) == episodes.answer_text(["4165233"])
+    recipe.STAGE0_TOKENS[0] = 4096
     try:
-        maker = T.BatchMaker(str(tmp_path), {t: 4.0 for t in S.TASKS}, 0, 0, 512, 256)
+        maker = batches.BatchMaker(str(tmp_path), {t: 4.0 for t in S.TASKS}, 0, 0, 512, 256)
         assert maker.batch(0)["x"].shape[0] == 4096 // (256 + maker.tail(256))
     finally:
-        T.STAGE0_TOKENS[0] = 0
+        recipe.STAGE0_TOKENS[0] = 0
 
 
 def test_terminators_are_marked_for_their_own_loss_weight():
     """span_pos is 2 on an answer's trailing terminators (the notes' DOT; "\\n" and EOS of text answers), 1 on its
     first tokens, so --terminator-weight0 can take them out of the stage-0 loss."""
-    saved = dict(T.STAGE0_MIX)
-    T.STAGE0_MIX.clear()
-    T.STAGE0_MIX.update({"notes": 0.5, "niah_single": 0.5})
+    saved = dict(recipe.STAGE0_MIX)
+    recipe.STAGE0_MIX.clear()
+    recipe.STAGE0_MIX.update({"notes": 0.5, "niah_single": 0.5})
     try:
-        maker = T.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 8 * 640, 256)
+        maker = batches.BatchMaker(str(TOK_DIR), {t: 4.0 for t in S.TASKS}, 0, 0, 8 * 640, 256)
         b = maker.batch(0)
     finally:
-        T.STAGE0_MIX.clear()
-        T.STAGE0_MIX.update(saved)
+        recipe.STAGE0_MIX.clear()
+        recipe.STAGE0_MIX.update(saved)
     newline = maker.enc("\n")
     seen = set()
     for r in range(len(b["lens"])):
         for span in set(b["span_tok"][r][b["span_tok"][r] >= 0].tolist()):
             at = b["span_tok"][r] == span
             toks, pos = b["x"][r][at].tolist(), b["span_pos"][r][at].tolist()
-            task = T.TRAIN_TASKS[b["span_task"][span]]
-            tail = [T.NOTES_DOT] if task == "notes" else newline + [maker.eos]
+            task = recipe.TRAIN_TASKS[b["span_task"][span]]
+            tail = [recipe.NOTES_DOT] if task == "notes" else newline + [maker.eos]
             assert toks[-len(tail):] == tail and pos[-len(tail):] == [2] * len(tail), (task, toks, pos)
             assert 2 not in pos[: -len(tail)] and pos[0] == 1
             seen.add(task)

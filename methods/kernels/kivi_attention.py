@@ -48,7 +48,7 @@ DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2}
 
 def _env_config() -> None:
     """``KVBENCH_KIVI_DECODE='{"per_sm": 2, "num_warps": 8}'`` overrides DECODE_CONFIG once, at the first launch (a tuning run
-    of scripts/bench_kivi_turboquant.py --configs hands its choice to scripts/bench.py this way)."""
+    of scripts/bench_kivi_turboquant.py --configs hands its choice to scripts/bench/ this way)."""
     import json
     import os
 

@@ -286,7 +286,7 @@ DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_
 
 def _env_config() -> None:
     """``KVBENCH_QUANT_DECODE='{"prefetch": true, "num_stages": 1, ...}'`` overrides DECODE_CONFIG (tuning runs
-    of scripts/bench_quant_attention.py hand their choice to scripts/bench.py this way)."""
+    of scripts/bench_quant_attention.py hand their choice to scripts/bench/ this way)."""
     import json
     import os
 

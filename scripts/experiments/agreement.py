@@ -1,7 +1,7 @@
 """How often a method's greedy answer differs from the full cache's, sample by sample.
 
-    python -m scripts.agreement method=uniform_int ratio=0.5 task=niah_multikey context_length=2048 limit=200
-    python -m scripts.agreement --methods "uniform_int ratio=0.5" "fp8 ratio=0.5" -- task=niah_multikey limit=200
+    python -m scripts.experiments.agreement --methods "uniform_int ratio=0.5" -- task=niah_multikey context_length=2048 limit=200
+    python -m scripts.experiments.agreement --methods "uniform_int ratio=0.5" "fp8 ratio=0.5" -- task=niah_multikey limit=200
 
 Runs the accuracy pass of ``full`` and of each method (no throughput probe) on the same samples and
 prints, per method, the number of samples whose prediction differs from full's, then a JSON last

@@ -1,8 +1,8 @@
 """Fixed-contract diagnostic for value-aware eviction (paper 3; docs/PAPERS.md §3).
 
-    python -m scripts.fixed_contract                  # default grid: tiny x 4 tasks x 2 budgets, n=100
-    python -m scripts.fixed_contract --smoke          # a seconds-long CPU run (tests use it)
-    python -m scripts.fixed_contract --models tiny,llama3_1_8b_instruct --ratios 0.8,0.95 --n 200
+    python -m scripts.experiments.fixed_contract                  # default grid: tiny x 4 tasks x 2 budgets, n=100
+    python -m scripts.experiments.fixed_contract --smoke          # a seconds-long CPU run (tests use it)
+    python -m scripts.experiments.fixed_contract --models tiny,llama3_1_8b_instruct --ratios 0.8,0.95 --n 200
 
 Over a grid of cells (model x task x budget) the base contract (``value_aware`` with support
 ``prefill_window``, ranking ``attention``, projection ``block``) is compared with probes that swap
@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 from harness.evaluate import Evaluator, ci95, mean_se, sign  # noqa: E402  (torch-free at import)
 
@@ -135,7 +135,7 @@ def _pct(x) -> str:
 
 def _markdown(rows: list[dict], summary: dict, args: argparse.Namespace) -> str:
     lines = [f"## Fixed-contract diagnostic ({args.tag})", "",
-             "`" + " ".join(["python -m scripts.fixed_contract", *args.argv]) + "`", "",
+             "`" + " ".join(["python -m scripts.experiments.fixed_contract", *args.argv]) + "`", "",
              "| model | task | ratio | selector | n | accuracy [95% CI] | margin | delta vs base | sign |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,7 +1,7 @@
 """Precompute the Lloyd-Max scalar codebooks TurboQuant-style quantizers use (docs/PAPERS.md §1, §6).
 
-    python -m scripts.lloyd_max            # rewrite methods/data/lloyd_max.json (commit it)
-    python -m scripts.lloyd_max --check    # recompute and compare with the stored file
+    python -m scripts.train.lloyd_max            # rewrite methods/data/lloyd_max.json (commit it)
+    python -m scripts.train.lloyd_max --check    # recompute and compare with the stored file
 
 A unit vector x in R^d after a random rotation has coordinates with the Beta-type law
 f(t) ~ (1 - t^2)^((d - 3) / 2) on [-1, 1], which tends to N(0, 1/d). The file holds, for
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent.parent / "methods" / "data" / "lloyd_max.json"
+OUT = Path(__file__).resolve().parents[2] / "methods" / "data" / "lloyd_max.json"
 BITS = range(1, 9)
 BETA_DIMS = (32, 64, 128, 256)
 GRID = 400_001
@@ -73,7 +73,7 @@ def lloyd_max(law: str, bits: int, *, tol: float = 1e-12, max_iter: int = 100_00
 def compute() -> dict:
     laws = ["gaussian"] + [f"beta_d{d}" for d in BETA_DIMS]
     out: dict = {"_doc": "Lloyd-Max codebooks (centroids, boundaries, distortion) in units of sqrt(d) * coordinate; "
-                 "written by scripts/lloyd_max.py"}
+                 "written by scripts/train/lloyd_max.py"}
     for law in laws:
         out[law] = {str(b): lloyd_max(law, b) for b in BITS}
         print(law, [round(out[law][str(b)]["distortion"], 5) for b in BITS], file=sys.stderr)

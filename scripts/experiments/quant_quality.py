@@ -1,8 +1,8 @@
 """Paper 1's quality measures for TurboQuant-style KV quantization (docs/PAPERS.md §1).
 
-    python -m scripts.quant_quality --exp turboquant_mse   # MSE stage distortion on random unit vectors
-    python -m scripts.quant_quality --exp qjl_bias         # QJL inner-product error: mean, variance vs theory
-    python -m scripts.quant_quality --exp kv_kqv_qkqv      # KV / KQV / QKQV side by side at n = 2..6
+    python -m scripts.experiments.quant_quality --exp turboquant_mse   # MSE stage distortion on random unit vectors
+    python -m scripts.experiments.quant_quality --exp qjl_bias         # QJL inner-product error: mean, variance vs theory
+    python -m scripts.experiments.quant_quality --exp kv_kqv_qkqv      # KV / KQV / QKQV side by side at n = 2..6
 
 Each experiment prints a markdown table (stderr for the first two) and a JSON last line on stdout.
 

@@ -2,14 +2,14 @@
 2048 tokens, evaluated at 2048, 4096 and 8192 on the tasks it was trained on and on a task it never
 saw, against SnapKV and AdaKV at the same ratio, with the ablations.
 
-    python -m scripts.lkv_length_generalization                 # tiny model, ratio 0.85, n=100 (GPU: minutes)
-    python -m scripts.lkv_length_generalization --smoke         # seconds on a CPU (tests)
+    python -m scripts.experiments.lkv_length_generalization                 # tiny model, ratio 0.85, n=100 (GPU: minutes)
+    python -m scripts.experiments.lkv_length_generalization --smoke         # seconds on a CPU (tests)
 
 Methods (all at ``--ratio``, protocol query-agnostic: the context is compressed before the question):
 ``lkv`` (learned budgets + learned scorer), ``lkv allocation=uniform`` (uniform budgets + the scorer
 trained with them), ``lkv scorer=uniform`` (learned budgets, no token preference: sinks + most
 recent), ``snapkv``, ``adakv``, and ``full`` for reference. Weights come from
-methods/data/lkv/<model dir>.safetensors (``scripts/train_lkv.py``). Per cell (task x length x
+methods/data/lkv/<model dir>.safetensors (``scripts/train/lkv.py``). Per cell (task x length x
 method): accuracy with a 95% interval over the same ``--n`` samples; per length and task split
 (seen / held-out): the mean, and LKV's paired difference to SnapKV and AdaKV with its standard error.
 
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 from harness.evaluate import Evaluator, ci95, mean_se  # noqa: E402
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict], summary: dict, ms: dict, args: argparse.Namespace) -> str:
     names = list(ms)
     lines = [f"## LKV length generalization ({args.tag})", "",
-             "`" + " ".join(["python -m scripts.lkv_length_generalization", *args.argv]) + "`", "",
+             "`" + " ".join(["python -m scripts.experiments.lkv_length_generalization", *args.argv]) + "`", "",
              f"Model {args.model}, ratio {args.ratio} (retention {1 - args.ratio:.2f}), LKV trained at "
              f"{args.trained_at} tokens; {args.n} samples per cell; protocol {args.protocol}. "
              "Accuracy [95% CI]; `achieved` = KV bytes removed at the end of the context (LKV).", "",

@@ -4,7 +4,7 @@ Digits are split one per token (numbers and hex keys become digit tokens, which 
 copies reliably); everything else is byte-level BPE trained on text from the ``tasks/`` generators
 (training split only) plus filler. Deterministic for a given seed.
 
-    python -m scripts.tiny_tokenizer --out models/kvbench-tiny --vocab-size 4096
+    python -m scripts.train.tiny_tokenizer --out models/kvbench-tiny --vocab-size 4096
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """RateQuant report (paper 2, docs/PAPERS.md §2): fitted distortion curves per base quantizer and
 perplexity of uniform, calibrated and mismatched bit allocation on the tiny model.
 
-    python -m scripts.ratequant_report                 # markdown tables, JSON last line
-    python -m scripts.ratequant_report --docs 2 --doc-length 512   # quicker
+    python -m scripts.experiments.ratequant_report                 # markdown tables, JSON last line
+    python -m scripts.experiments.ratequant_report --docs 2 --doc-length 512   # quicker
 
 For every base quantizer (kivi, quarot, uniform_int, turboquant_kqv) it calibrates RateQuant once
 (fresh: the calibration cache lives in a temporary directory) and reports the fitted beta

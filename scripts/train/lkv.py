@@ -1,8 +1,8 @@
 """Train LKV (paper 4; methods/lkv.py): a query-agnostic token scorer and head-wise budgets per
 (layer, kv head), end to end against the frozen full-cache model.
 
-    python -m scripts.train_lkv --model tiny --ratios 0.5,0.75,0.85      # one GPU call, ~4 min
-    python -m scripts.train_lkv --smoke                                  # seconds on a CPU (tests)
+    python -m scripts.train.lkv --model tiny --ratios 0.5,0.75,0.85      # one GPU call, ~4 min
+    python -m scripts.train.lkv --smoke                                  # seconds on a CPU (tests)
 
 Data: the synthetic task generators' ``train`` split (seeds never used for evaluation), at
 ``--context-length`` tokens, tasks ``--tasks`` (default: every task but ``niah_multikey`` and
@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             entries[(variant, ratio)] = w
 
     model_dir = Path(str(model.config._name_or_path).rstrip("/")).name
-    command = "python -m scripts.train_lkv " + " ".join(shlex.quote(a) for a in args.argv)
+    command = "python -m scripts.train.lkv " + " ".join(shlex.quote(a) for a in args.argv)
     weights_path = Path(args.weights) if args.weights else L.default_weights_path(model_dir)
     hyper = {k: getattr(args, k) for k in ("context_length", "n_per_task", "batch", "steps", "hard_frac", "lr",
                                            "lr_budget", "budget_floor", "ce", "hidden", "answer_tokens", "seed")}

@@ -1,7 +1,7 @@
 """How well do sparse-read indexes find the keys that matter? (issue 8; docs/PAPERS.md §5)
 
-    python -m scripts.index_recall                      # f = 0.1, niah_multikey, 2 samples x 4096 tokens
-    python -m scripts.index_recall --fraction 0.25 --n-subspaces 16 --json-only
+    python -m scripts.experiments.index_recall                      # f = 0.1, niah_multikey, 2 samples x 4096 tokens
+    python -m scripts.experiments.index_recall --fraction 0.25 --n-subspaces 16 --json-only
 
 Captures post-RoPE keys and queries from the model (default: the embedded tiny model on CPU): the
 context's keys (what an index built at ``end_of_context`` covers) and the queries of the question and
