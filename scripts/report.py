@@ -40,6 +40,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from harness.stats import wilson
+
 REPO = Path(__file__).resolve().parent.parent
 
 FAMILY_ORDER = ["none", "quantization", "eviction", "sparse", "composed"]
@@ -52,17 +54,6 @@ TICKS = [0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 32]
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``p`` over ``n`` samples."""
-    if n <= 0 or p is None or math.isnan(p):
-        return (float("nan"), float("nan"))
-    p = min(1.0, max(0.0, float(p)))
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

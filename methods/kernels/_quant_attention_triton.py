@@ -194,8 +194,8 @@ def _online(s, m_i, l_i):
 @triton.jit
 def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2, H_loc, split,
                  sqb, sqh, sqd,
-                 kcb, kch, kcs, ksb, ksh, kss, kzb, kzh, kzs,
-                 vcb, vch, vcs, vsb, vsh, vss, vzb, vzh, vzs,
+                 kcb, kch, kcs: tl.constexpr, ksb, ksh, kss: tl.constexpr, kzb, kzh, kzs: tl.constexpr,
+                 vcb, vch, vcs: tl.constexpr, vsb, vsh, vss: tl.constexpr, vzb, vzh, vzs: tl.constexpr,
                  sob, soh, sos, sod, slb, slh, sls,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                  K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
@@ -207,7 +207,10 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     """Program (s, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
     [s * split, min((s + 1) * split, lengths[b])) (split: a runtime multiple of BLOCK_N, so one compiled kernel
     serves every capacity), for the G query heads of its group at once; writes the partial output
-    (normalised) and its log2-sum-exp per query head."""
+    (normalised) and its log2-sum-exp per query head. The slot strides are constexprs: a tile's scales and
+    zero points are then a run the compiler can prove contiguous and copies asynchronously with the codes
+    (with a runtime stride every tile waited on synchronous 2-byte loads of its metadata; seen in the PTX
+    for sm_90: ld.global.b16 in the loop, cp.async after)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_loc
