@@ -62,8 +62,11 @@ def _hydra_value(v: Any) -> str:
 
 
 def _merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base``: dicts merge key by key, anything else replaces; a null over a mapping
+    removes it (``models: {smollm2_135m: null}`` drops that model from a smaller size)."""
     if isinstance(base, dict) and isinstance(over, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+        out = {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+        return {k: v for k, v in out.items() if not (v is None and isinstance(base.get(k), dict))}
     return over
 
 
