@@ -196,3 +196,24 @@ def composition(rows: list[dict], *, results: Path | None = None, tolerance: flo
 
 
 ANALYSES = {"monotone": monotone, "equal_bytes": equal_bytes, "composition": composition}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Any analysis over any rows directory, e.g. question 4 over the leaderboard's rows:
+    ``python -m scripts.experiments.questions monotone --results results/leaderboard``."""
+    import argparse
+
+    from harness.grid import read_rows
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("analysis", choices=sorted(ANALYSES))
+    ap.add_argument("--results", type=Path, required=True, help="a directory with runs/ (and samples/)")
+    ap.add_argument("--tolerance", type=float, default=None, help="achieved-ratio tolerance of the pairings")
+    args = ap.parse_args(argv)
+    kw = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    print(ANALYSES[args.analysis](list(read_rows(args.results).values()), results=args.results, **kw).markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
