@@ -43,7 +43,7 @@ def hf_greedy(model: Any, ids: list[int], n_new: int) -> tuple[list[int], torch.
 
 
 # A ratio each family honours on the tiny parity models, when none is given.
-DEFAULT_RATIO = {"none": 0.0, "quantization": 0.75, "eviction": 0.5, "sparse": 0.5, "composed": 0.5}
+DEFAULT_RATIO = {"none": 0.0, "quantization": 0.75, "eviction": 0.5, "sparse": 0.5, "composed": 0.875}
 
 
 def make_method(name: str, ratio: float | None = None) -> KVMethod:

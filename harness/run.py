@@ -39,7 +39,7 @@ GROUPS = ("model", "method", "task", "device", "logger", "sweep", "experiment")
 TOP_LEVEL = ("ratio", "seed", "batch_size", "context_length", "limit", "protocol", "prefill_chunk", "ppl_chunk",
              "force", "progress", "results_dir", "bench")
 FAMILY_SWEEP = {"none": "none_family", "quantization": "quantization", "eviction": "eviction", "sparse": "sparse",
-                "composed": "eviction"}
+                "composed": "composed"}
 # Environment variables shared with the jobs of a multirun (they may run in other processes: joblib, SLURM).
 JOB_LOG_ENV = "KVBENCH_JOB_LOG"  # each job appends {"run_id", "status"} here; the parent tallies them
 SUPERVISED_ENV = "KVBENCH_SUPERVISED"  # set by harness.sweep: it reports an interruption itself

@@ -364,6 +364,21 @@ class RateQuant(MethodBase):
                                   dtype=dtype)
 
 
+    def head_store(self, layer: LayerSpec, head: int, *, batch: int, capacity: int, device: Any, dtype: Any) -> Any:
+        """A store of kv head ``head`` of ``layer`` alone (its query group) at that head's widths, with its row of
+        the bit table counted: for a selector whose heads keep different counts in front of RateQuant
+        (methods/compose.py keeps one store per kv head then)."""
+        sub = LayerSpec(layer_idx=layer.layer_idx, n_layers=layer.n_layers, n_q_heads=layer.n_groups, n_kv_heads=1,
+                        head_dim=layer.head_dim, nominal_dtype=layer.nominal_dtype)
+        if integer_bits(self.ratio) == 16:
+            return DenseStore(sub, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        if self.bit_table is None:
+            raise ValueError("ratequant has no bit allocation yet; call calibrate() first")
+        bits = self.bit_table[layer.layer_idx, head : head + 1].to(device)  # (1, 2)
+        return GroupedStore.build(sub, self.base_method, bits, batch=batch, capacity=capacity, device=device,
+                                  dtype=dtype)
+
+
 def _fingerprint(model: Any) -> str:
     """A short hash of the model's config and a few of its weights (the cache follows retraining)."""
     h = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -448,6 +463,12 @@ class GroupedStore:
                 out = o.new_empty(B, T, H_q, D)  # (B, T, H_q, D)
             out.index_copy_(2, qh, o)
         return out
+
+    def ingest(self, k: Tensor, v: Tensor, *, valid: Tensor, seen: Tensor) -> None:
+        """Load selected tokens (k, v (B, H_kv, T, D); :meth:`methods.stores.SlotStore.ingest`): each group's
+        store takes its heads."""
+        for st, h in zip(self.groups, self.head_idx):
+            st.ingest(k.index_select(1, h), v.index_select(1, h), valid=valid, seen=seen)
 
     def end_of_context(self) -> None:
         for st in self.groups:
@@ -600,6 +621,15 @@ class GroupedCodecStore:
         for st in self.groups[1:]:
             self._share(st)
         return out
+
+    def ingest(self, k: Tensor, v: Tensor, *, valid: Tensor, seen: Tensor) -> None:
+        """Load selected tokens (k, v (B, H_kv, T, D); :meth:`methods.stores.SlotStore.ingest`): each group
+        encodes its heads; the groups share the first group's ``lengths`` / ``seen`` again afterwards."""
+        for st, h in zip(self.groups, self.head_idx):
+            st.ingest(k.index_select(1, h), v.index_select(1, h), valid=valid, seen=seen)
+        for st in self.groups[1:]:
+            self._share(st)
+        self.uniform = bool(valid.all())
 
     def end_of_context(self) -> None:
         for st in self.groups:

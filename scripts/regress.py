@@ -35,6 +35,7 @@ MATRIX: dict[str, tuple[float, ...]] = {
     "lkv": (0.85, 0.95),  # trained weights at 0.85; none at 0.95: a skipped row naming the training command
     "fp8": (0.5,),
     "kivi": (0.75, 0.84375),  # 4 bits, and 2.5 bits: a skipped row
+    "compose": (0.875, 0.5),  # SnapKV keeping half x KIVI 4 bits, and below KIVI's own ratio: a skipped row
 }
 SETTINGS = ("model=tiny", "device=cpu", "context_length=512", "prefill_chunk=128", "batch_size=4", "seed=0",
             "bench.enabled=false", "progress=false", "force=true")

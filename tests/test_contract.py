@@ -37,10 +37,11 @@ CONTRACT: dict[str, tuple[float, dict]] = {
     "kivi": (0.875, {"group_size": 8, "residual_length": 8}),
     "quarot": (0.8125, {}),
     "turboquant_qkqv": (0.75, {}),
+    "compose": (0.875, {"selector_params": {"window": 4}, "quantizer_params": {"group_size": 8, "residual_length": 8}}),
 }
 # every other catalogue method: its conf/method defaults at its family's ratio (a new YAML is covered
 # with no edit here; add it to CONTRACT only if its defaults do not fit the tiny test model)
-FAMILY_RATIO = {"none": 0.0, "eviction": 0.5, "quantization": 0.75, "sparse": 0.5}
+FAMILY_RATIO = {"none": 0.0, "eviction": 0.5, "quantization": 0.75, "sparse": 0.5, "composed": 0.875}
 BUILT_ELSEWHERE = {"ratequant": _ratequant}  # needs a bit allocation (calibration) before its stores
 
 

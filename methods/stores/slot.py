@@ -91,6 +91,28 @@ class SlotStore:
         self.hi += T
         return out
 
+    def ingest(self, k: Tensor, v: Tensor, *, valid: Tensor, seen: Tensor) -> None:
+        """Load tokens chosen elsewhere into this empty store, as :meth:`extend` would store them, without attending
+        (no query, no output): the entry point of a selector in front of a quantizer (methods/compose.py), so only
+        the tokens given here are ever encoded.
+
+        k, v (B, H_kv, T, D) in the order they are to be stored (slot order); valid (B, T) bool, False = padding
+        (written past the row's valid slots, never counted, overwritten by the next token, as in :meth:`extend`);
+        seen (B,) int64 tokens each row has seen so far (the context the selection came from: ``bytes_full`` and
+        ``ratio_achieved`` count them). Every kv head of a row holds the same number of tokens (``lengths`` is per
+        row); a layer whose heads keep different counts is one store per head (methods/compose.py)."""
+        if self.hi:
+            raise RuntimeError(f"ingest loads an empty store; this one holds {self.hi} slots already")
+        T = k.shape[2]
+        self._check_capacity(T)
+        dest = slot_destinations(self.lengths, valid)  # (B, T)
+        self._write_valid(dest, k, v, valid)
+        self.lengths = self.lengths + valid.sum(1)  # (B,)
+        self.seen = seen.to(device=self.device, dtype=torch.long).clone()  # (B,)
+        self.hi = T
+        if getattr(self, "uniform", None) is not None:  # fused stores: every row holds exactly `hi` valid slots?
+            self.uniform = bool(valid.all())
+
     def end_of_context(self) -> None:
         return None
 
