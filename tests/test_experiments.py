@@ -94,3 +94,14 @@ def test_q4_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     n = len(list((out / "runs").glob("*.json")))
     assert E.main(["q4_monotone", "--size", "smoke", "--results", str(tmp_path)]) == 0  # resume: nothing reruns
     assert len(list((out / "runs").glob("*.json"))) == n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["q1_lkv_generalization", "q2_overhead", "q3_production", "q5_composition"])
+def test_every_experiment_runs_its_smoke_size(name, tmp_path):
+    assert E.main([name, "--size", "smoke", "--results", str(tmp_path)]) == 0
+    out = tmp_path / f"{name}-smoke"
+    assert out.is_dir() and any(out.iterdir())
+    if "command" not in E.specs()[name]:
+        ans = json.loads((out / "answer.json").read_text())
+        assert ans["rows"] >= 2 and ans["answer"]
