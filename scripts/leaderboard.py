@@ -34,12 +34,12 @@ import datetime as _dt
 import json
 import os
 import sys
-import tarfile
-import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from harness import grid as G
+from harness.grid import gate_passes, pack, plan, read_rows, rows_by_cell, run_grid, threshold_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,234 +47,8 @@ GRID = REPO / "conf" / "experiment" / "leaderboard.yaml"
 RESULTS = REPO / "results" / "leaderboard"
 
 
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    context_length: int
-    task: str
-    method: str
-    family: str
-    ratio: float
-
-    def overrides(self, settings: dict[str, Any]) -> list[str]:
-        return [f"model={self.model}", f"method={self.method}", f"ratio={self.ratio}", f"task={self.task}",
-                f"context_length={self.context_length}", *(f"{k}={_hydra_value(v)}" for k, v in settings.items())]
-
-    def label(self) -> str:
-        return f"{self.model} {self.context_length} {self.task} {self.method}@{self.ratio:g}"
-
-
-def _hydra_value(v: Any) -> str:
-    return "null" if v is None else ("true" if v is True else "false" if v is False else str(v))
-
-
-def load_grid(path: Path = GRID) -> dict[str, Any]:
-    import yaml
-
-    grid = yaml.safe_load(path.read_text())
-    for key in ("min_full_accuracy", "settings", "models"):
-        if key not in grid:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return grid
-
-
-def family_ratios() -> dict[str, list[float]]:
-    """Family -> ratios, from conf/sweep/<family sweep>.yaml (the one place they are pinned)."""
-    import yaml
-
-    from harness.run import CONF, FAMILY_SWEEP
-
-    out = {}
-    for family, sweep in FAMILY_SWEEP.items():
-        params = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["hydra"]["sweeper"]["params"]
-        out[family] = [float(r) for r in str(params["ratio"]).split(",")]
-    return out
-
-
-def methods() -> dict[str, str]:
-    """Every method of conf/method/ -> its family (read from the class, nothing instantiated)."""
-    from harness.run import options
-    from harness.sweep import method_family
-
-    return {m: method_family(m) for m in options("method")}
-
-
-def plan(grid: dict[str, Any], *, models: list[str] | None = None, lengths: list[int] | None = None,
-         tasks: list[str] | None = None, only_methods: list[str] | None = None) -> dict[tuple[str, int], dict]:
-    """(model, length) -> {"gate": [full cells], "cells": {task: [cells of the other methods]}} in run order."""
-    fams = methods()
-    ratios = family_ratios()
-    unknown = [m for m in (only_methods or []) if m not in fams]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; available: {', '.join(fams)}")
-    out: dict[tuple[str, int], dict] = {}
-    for model, spec in grid["models"].items():
-        if models and model not in models:
-            continue
-        for length in spec["context_lengths"]:
-            if lengths and int(length) not in lengths:
-                continue
-            cand = [t for t in spec["tasks"] if not tasks or t in tasks]
-            gate = [Cell(model, int(length), t, "full", "none", r) for t in cand for r in ratios["none"]]
-            cells: dict[str, list[Cell]] = {t: [] for t in cand}
-            for m, fam in fams.items():
-                if m == "full" or (only_methods and m not in only_methods):
-                    continue
-                for r in ratios[fam]:
-                    for t in cand:
-                        cells[t].append(Cell(model, int(length), t, m, fam, r))
-            out[(model, int(length))] = {"gate": gate, "cells": cells}
-    return out
-
-
-def read_rows(results: Path = RESULTS) -> dict[str, dict]:
-    rows = {}
-    for p in sorted((results / "runs").glob("*.json")):
-        try:
-            row = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        rows[row["run_id"]] = row
-    return rows
-
-
-def cell_key(row: dict) -> tuple:
-    return (row.get("model"), int(row.get("context_length") or 0), row.get("task"), row.get("method"),
-            round(float(row.get("ratio") or 0.0), 6))
-
-
-def key_of(cell: Cell) -> tuple:
-    return (cell.model, cell.context_length, cell.task, cell.method, round(cell.ratio, 6))
-
-
-def rows_by_cell(rows: dict[str, dict], settings: dict[str, Any]) -> dict[tuple, dict]:
-    """The latest row of each grid cell among rows run with the grid's settings."""
-    out: dict[tuple, dict] = {}
-    for row in sorted(rows.values(), key=lambda r: str(r.get("finished_at") or "")):
-        cfg = json.loads(row.get("config") or "{}")
-        if any(_hydra_value(_lookup(cfg, k)) != _hydra_value(v) for k, v in settings.items()):
-            continue
-        out[cell_key(row)] = row
-    return out
-
-
-def _lookup(cfg: dict, key: str) -> Any:
-    """A setting's value in a row's resolved config: ``bench.enabled`` -> cfg["bench"]["enabled"];
-    ``device`` -> the device group's name."""
-    if key == "device":
-        return (cfg.get("device") or {}).get("name")
-    for part in key.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
-            return None
-        cfg = cfg[part]
-    return cfg
-
-
-def gate_passes(row: dict | None, threshold: float) -> bool | None:
-    """True / False once the full-cache row is ok; None while it is missing or not ok."""
-    if not row or row.get("status") != "ok" or row.get("accuracy") is None:
-        return None
-    return float(row["accuracy"]) >= threshold
-
-
-# --------------------------------------------------------------------------------------------- running
-
-
-def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | None, extra: list[str]) -> list[str]:
-    """Run every cell of ``parts`` not done yet; returns the run_ids written by this invocation."""
-    from harness.run import run_job
-    from harness.sweep import compose
-
-    settings = dict(grid["settings"])
-    threshold = float(grid["min_full_accuracy"])
-    t_start = time.monotonic()
-    written: list[str] = []
-    probe_cache: dict = {}
-    done = rows_by_cell(read_rows(results), settings)
-
-    def out_of_time() -> bool:
-        return max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
-
-    def run(cell: Cell) -> dict | None:
-        row = done.get(key_of(cell))
-        if row is not None and row.get("status") == "ok":
-            return row
-        if out_of_time():
-            return None
-        t0, c0 = time.monotonic(), time.process_time()
-        cfg = compose(cell.overrides(settings) + [f"results_dir={results}", "progress=false", *extra])
-        row = run_job(cfg, method_name=cell.method, probe_cache=probe_cache)
-        done[key_of(cell)] = row
-        written.append(row["run_id"])
-        with (results / "costs.jsonl").open("a") as f:  # wall and CPU seconds of each cell this process ran
-            f.write(json.dumps({"run_id": row["run_id"], "cell": cell.label(), "status": row.get("status"),
-                                "wall_s": round(time.monotonic() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
-                                "machine": row.get("device"), "threads": _threads()}) + "\n")
-        acc = row.get("accuracy")
-        print(f"[leaderboard] {cell.label()}: {row.get('status')}"
-              f"{'' if acc is None else f' acc={acc:.3f}'} ({time.monotonic() - t0:.0f}s)"
-              f"{'' if row.get('status') == 'ok' else ' - ' + str(row.get('reason'))[:160]}", file=sys.stderr, flush=True)
-        return row
-
-    unavailable: dict[str, str] = {}
-    for (model, length), part in parts.items():
-        if model not in unavailable:
-            unavailable[model] = model_unavailable(model) or ""
-        if unavailable[model]:
-            print(f"[leaderboard] {model} @ {length}: not run, the model is not available: {unavailable[model]}",
-                  file=sys.stderr, flush=True)
-            continue
-        for gate_cell in part["gate"]:  # task by task in the grid's order: the gate, then every method on that task
-            ok = gate_passes(run(gate_cell), threshold)
-            if ok is False:
-                print(f"[leaderboard] {model} {length}: {gate_cell.task} is out (full accuracy "
-                      f"{done[key_of(gate_cell)]['accuracy']:.2f} < {threshold})", file=sys.stderr, flush=True)
-            if ok:
-                for cell in part["cells"][gate_cell.task]:  # the probe cache spans tasks: one probe per method x ratio
-                    run(cell)
-        if out_of_time():
-            print(f"[leaderboard] stopped after {max_minutes} minutes; run again to resume", file=sys.stderr, flush=True)
-            break
-    return written
-
-
-def model_unavailable(model: str) -> str | None:
-    """Why ``model``'s weights cannot be had here (a GGUF package that is not installed and cannot be), or None.
-    Checked once per model, so a machine without the package writes no hundreds of failed rows."""
-    import yaml
-
-    from harness.run import CONF
-
-    cfg = yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())
-    if not cfg.get("gguf"):
-        return None
-    from harness.pretrained import MissingGGUF, ensure_converted
-
-    try:
-        ensure_converted(str(cfg["name"]), cfg["gguf"])
-    except MissingGGUF as e:
-        return str(e)
-    return None
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def pack(results: Path, run_ids: list[str], dest: Path) -> None:
-    """The rows (and per-sample files) this invocation wrote, as one tar.gz (a GPU call brings it back;
-    extract it with ``tar -xzf FILE -C results/leaderboard``)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(dest, "w:gz") as tar:
-        for rid in run_ids:
-            for p in [results / "runs" / f"{rid}.json", *sorted((results / "samples").glob(f"{rid}.*"))]:
-                if p.is_file():
-                    tar.add(p, arcname=str(p.relative_to(results)))
-        if (results / "costs.jsonl").is_file():
-            tar.add(results / "costs.jsonl", arcname=f"costs-{os.getpid()}.jsonl")
-    print(f"[leaderboard] packed {len(run_ids)} rows into {dest}", file=sys.stderr)
+def load_grid(path: Path = GRID, *, size: str | None = None) -> dict[str, Any]:
+    return G.load_grid(path, size=size)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -287,7 +61,7 @@ def _machine(row: dict) -> str:
 def status_table(grid: dict, parts: dict, rows: dict[str, dict]) -> tuple[str, dict]:
     """Markdown: the gate, what is done and what is left, per (model, length); and counts."""
     settings = dict(grid["settings"])
-    threshold = float(grid["min_full_accuracy"])
+    threshold = threshold_of(grid)
     done = rows_by_cell(rows, settings)
     lines = []
     counts = defaultdict(int)
@@ -295,7 +69,7 @@ def status_table(grid: dict, parts: dict, rows: dict[str, dict]) -> tuple[str, d
         gate_cells = []
         passed = []
         for cell in part["gate"]:
-            row = done.get(key_of(cell))
+            row = done.find(cell)
             ok = gate_passes(row, threshold)
             acc = "" if not row or row.get("accuracy") is None else f"{row['accuracy']:.2f}"
             gate_cells.append(f"{cell.task} {acc or '?'}{' ✓' if ok else (' ✗' if ok is False else '')}")
@@ -305,10 +79,10 @@ def status_table(grid: dict, parts: dict, rows: dict[str, dict]) -> tuple[str, d
         todo = {"ok": 0, "skipped": 0, "failed": 0, "todo": 0}
         for task in passed:
             for cell in part["cells"][task]:
-                row = done.get(key_of(cell))
+                row = done.find(cell)
                 st = row.get("status") if row else "todo"
                 todo[st if st in todo else "todo"] += 1
-        pending = sum(1 for c in part["gate"] if gate_passes(done.get(key_of(c)), threshold) is None)
+        pending = sum(1 for c in part["gate"] if gate_passes(done.find(c), threshold) is None)
         for k, v in todo.items():
             counts[k] += v
         lines.append(f"| {model} | {length} | {', '.join(gate_cells)} | {todo['ok']} | {todo['skipped']} | "
@@ -434,7 +208,7 @@ def sync_wandb(grid: dict, results: Path, *, project: str, group: str | None) ->
 def estimate(grid: dict, parts: dict, rows: dict[str, dict]) -> str:
     """Cells to run per (model, length) and their cost at the median measured s/cell on each machine."""
     settings = dict(grid["settings"])
-    threshold = float(grid["min_full_accuracy"])
+    threshold = threshold_of(grid)
     done = rows_by_cell(rows, settings)
     med: dict[tuple, dict[str, float]] = defaultdict(dict)
     per: dict[tuple, list[float]] = defaultdict(list)
@@ -446,9 +220,9 @@ def estimate(grid: dict, parts: dict, rows: dict[str, dict]) -> str:
         med[(m, L)][dev] = sorted(ts)[len(ts) // 2]
     out = []
     for (model, length), part in parts.items():
-        n_gate_todo = sum(1 for c in part["gate"] if not (done.get(key_of(c)) or {}).get("status") == "ok")
-        tasks_in = [c.task for c in part["gate"] if gate_passes(done.get(key_of(c)), threshold) is not False]
-        n = sum(1 for t in tasks_in for c in part["cells"][t] if (done.get(key_of(c)) or {}).get("status") != "ok")
+        n_gate_todo = sum(1 for c in part["gate"] if not (done.find(c) or {}).get("status") == "ok")
+        tasks_in = [c.task for c in part["gate"] if gate_passes(done.find(c), threshold) is not False]
+        n = sum(1 for t in tasks_in for c in part["cells"][t] if (done.find(c) or {}).get("status") != "ok")
         cost = ", ".join(f"{dev}: {(n + n_gate_todo) * s / 3600:.1f} h at {s:.0f} s/cell" for dev, s in med[(model, length)].items())
         out.append(f"{model} @ {length}: {n_gate_todo} gate cells + up to {n} cells to run "
                    f"({len(tasks_in)} tasks in or undecided){'; ' + cost if cost else ''}")

@@ -140,7 +140,7 @@ class Cell:
 def organise(rows: list[dict], grid: dict) -> dict[tuple[str, int], dict]:
     """(model, length) -> {"cells": {(method, ratio): Cell}, "tasks": [gated tasks], "gate": {task: acc},
     "skipped": [rows], "failed": [rows]} for rows run with the grid's settings."""
-    from scripts.leaderboard import rows_by_cell
+    from harness.grid import rows_by_cell
 
     threshold = float(grid["min_full_accuracy"])
     by_cell = rows_by_cell({r["run_id"]: r for r in rows}, dict(grid["settings"]))
@@ -516,7 +516,7 @@ def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path
     import plotly
     import plotly.offline as po
 
-    from scripts.leaderboard import family_ratios, gate_passes, key_of, load_grid, methods, plan, rows_by_cell
+    from harness.grid import family_ratios, gate_passes, load_grid, methods, plan, rows_by_cell
 
     t0 = time.monotonic()
     grid = load_grid(grid_path)
@@ -530,15 +530,15 @@ def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path
     gate_todo: dict = defaultdict(int)
     for k, p in plan(grid).items():
         for c in p["gate"]:
-            if (done.get(key_of(c)) or {}).get("status") != "ok":
+            if (done.find(c) or {}).get("status") != "ok":
                 planned[(k, "full")] += 1
                 gate_todo[k] += 1
-        gate = {g.task: gate_passes(done.get(key_of(g)), float(grid["min_full_accuracy"])) for g in p["gate"]}
+        gate = {g.task: gate_passes(done.find(g), float(grid["min_full_accuracy"])) for g in p["gate"]}
         for task, cells in p["cells"].items():
             if gate.get(task) is False:
                 continue
             for c in cells:
-                if (done.get(key_of(c)) or {}).get("status") not in ("ok", "skipped"):
+                if (done.find(c) or {}).get("status") not in ("ok", "skipped"):
                     planned[(k, c.method)] += 1
     plot_cfg = {"displaylogo": False, "responsive": True,
                 "toImageButtonOptions": {"format": "png", "scale": 2}}

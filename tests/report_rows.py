@@ -10,7 +10,7 @@ from pathlib import Path
 
 def write_rows(results: Path, grid: dict, *, tasks: tuple[str, ...] = ("niah_multikey", "niah_single"),
                lengths: dict[str, int] | None = None, seed: int = 0) -> list[dict]:
-    from scripts.leaderboard import family_ratios, methods
+    from harness.grid import family_ratios, methods
 
     rng = random.Random(seed)
     fams = methods()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import grid as G
 from harness.run import options, run_job
 from harness.sweep import compose
 from scripts import leaderboard as L
@@ -21,9 +22,9 @@ def test_pinned_grid_covers_every_method_on_both_models():
     assert {"tiny", "smollm2_135m"} <= set(grid["models"])
     assert grid["settings"]["limit"] >= 100 and grid["min_full_accuracy"] == 0.8
     assert grid["models"]["tiny"]["context_lengths"] == [4096, 8192]
-    parts = L.plan(grid)
-    ratios = L.family_ratios()
-    fams = L.methods()
+    parts = G.plan(grid)
+    ratios = G.family_ratios()
+    fams = G.methods()
     assert set(fams) == set(options("method"))
     for (model, length), part in parts.items():
         seen = {(c.method, c.ratio) for cells in part["cells"].values() for c in cells} | {
@@ -56,7 +57,7 @@ def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
     # the gate: common_words is out (the tiny model never learned it), so only full ran there
     assert by[("common_words", "full", 0.0)]["accuracy"] < 0.8
     assert not [k for k in by if k[0] == "common_words" and k[1] != "full"]
-    eviction = L.family_ratios()["eviction"]
+    eviction = G.family_ratios()["eviction"]
     for task in ("niah_single", "niah_multikey"):
         assert by[(task, "full", 0.0)]["accuracy"] >= 0.8
         assert {r for (t, m, r) in by if t == task and m == "streaming_llm"} == set(eviction)
@@ -82,12 +83,12 @@ def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
     text = (res / "README.md").read_text()
     assert re.search(r"common_words 0\.\d\d ✗", text) and "niah_single 1.00 ✓" in text
     assert (res / "summary.md").is_file()
-    assert "tiny @ 256" in L.estimate(L.load_grid(grid_path), L.plan(L.load_grid(grid_path)), L.read_rows(res))
+    assert "tiny @ 256" in L.estimate(L.load_grid(grid_path), G.plan(L.load_grid(grid_path)), G.read_rows(res))
 
 
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown method"):
-        L.plan(L.load_grid(), only_methods=["snapkvv"])
+        G.plan(L.load_grid(), only_methods=["snapkvv"])
 
 
 def test_wandb_sync_carries_the_grouping_keys(tmp_path, monkeypatch):

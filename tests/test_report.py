@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.grid import methods
 from scripts import report as rep
-from scripts.leaderboard import load_grid, methods
+from scripts.leaderboard import load_grid
 from tests.report_rows import write_rows
 
 REPO = Path(__file__).resolve().parent.parent

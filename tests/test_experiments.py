@@ -1,0 +1,107 @@
+"""The pinned experiments of the article's open questions (conf/experiment/q*.yaml, scripts/experiment.py,
+scripts/experiments/questions.py): specs plan the cells the issue asks for, sizes shrink them, the analyses
+answer from rows, and a smoke run goes end to end on CPU."""
+
+import json
+
+import pytest
+
+from harness import grid as G
+from scripts import experiment as E
+from scripts.experiments import questions as Q
+
+
+def row(method, ratio, acc, *, task="niah_single", family=None, achieved=None, n=200, scores=None, params=None):
+    fam = family or {"full": "none", "compose": "composed"}.get(method) or (
+        "quantization" if method in ("kivi", "uniform_int", "fp8", "ratequant", "turboquant_kv") else "eviction")
+    return {"run_id": f"{method}-{ratio}-{task}-{json.dumps(params)}", "status": "ok", "model": "tiny",
+            "context_length": 4096, "task": task, "method": method, "family": fam, "ratio": ratio, "accuracy": acc,
+            "n_samples": n, "ratio_achieved": achieved, "method_params": json.dumps(params or {}), "_scores": scores}
+
+
+def test_every_experiment_is_listed_with_its_question(capsys):
+    assert E.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("q1_lkv_generalization", "q2_overhead", "q3_production", "q4_monotone", "q5_composition"):
+        assert name in out
+    with pytest.raises(SystemExit, match="did you mean q4_monotone"):
+        E.main(["q4_monotonee"])
+
+
+def test_q4_plans_every_eviction_method_over_the_fine_grid():
+    grid = G.load_grid(E.CONF / "q4_monotone.yaml")
+    parts = G.plan(grid)
+    fams = G.methods()
+    evict = sorted(m for m, f in fams.items() if f == "eviction")
+    cells = parts[("tiny", 4096)]["cells"]["niah_single"]
+    assert sorted({c.method for c in cells}) == evict
+    assert sorted({c.ratio for c in cells}) == pytest.approx([r / 100 for r in range(10, 100, 5)])
+    assert grid["settings"]["limit"] >= 200
+    smoke = G.load_grid(E.CONF / "q4_monotone.yaml", size="smoke")
+    assert list(smoke["models"]) == ["tiny"] and smoke["settings"]["limit"] < 10  # null removes a model
+
+
+def test_knob_variants_are_separate_cells_matched_by_their_params():
+    grid = {"settings": {"limit": 4}, "models": {"tiny": {"context_lengths": [512], "tasks": ["niah_single"]}},
+            "methods": [{"method": "snapkv", "ratios": [0.5], "knobs": {"window": 8}},
+                        {"method": "snapkv", "ratios": [0.5], "knobs": {"window": 16}}]}
+    cells = G.plan(grid)[("tiny", 512)]["cells"]["niah_single"]
+    assert [c.variant for c in cells] == ["snapkv[window=8]", "snapkv[window=16]"]
+    assert "method.window=8" in cells[0].overrides({})
+    done = G.CellRows()
+    r = {"run_id": "a", "model": "tiny", "context_length": 512, "task": "niah_single", "method": "snapkv",
+         "ratio": 0.5, "method_params": json.dumps({"window": 16}), "status": "ok"}
+    done.add(r)
+    assert done.find(cells[0]) is None and done.find(cells[1]) is r
+
+
+def test_monotone_finds_a_rise_beyond_noise_and_ignores_wiggles():
+    rows = [row("snapkv", 0.25, 0.9), row("snapkv", 0.5, 0.5), row("snapkv", 0.75, 0.8),
+            row("knorm", 0.25, 0.8), row("knorm", 0.5, 0.81), row("knorm", 0.75, 0.6),
+            row("full", 0.0, 1.0)]
+    a = Q.monotone(rows)
+    assert a.evidence == {"curves": 2, "non_monotone": 1, "tasks": 1, "tasks_non_monotone": 1}
+    assert "1 of 2" in a.answer and "0.75" in a.answer
+    assert "0.5->0.75 +0.30" in a.table
+
+
+def test_equal_bytes_pairs_only_within_tolerance_and_tests_paired():
+    a = [1] * 150 + [0] * 50
+    b = [1] * 120 + [0] * 80
+    rows = [row("full", 0.0, 1.0), row("ratequant", 0.74, 0.75, achieved=0.712, scores=a),
+            row("kivi", 0.75, 0.60, achieved=0.705, scores=b), row("uniform_int", 0.75, 0.7, achieved=0.69)]
+    ans = Q.equal_bytes(rows, tolerance=0.01)
+    assert ans.evidence == {"comparisons": 1, "wins": 1, "losses": 0, "ties": 0}
+    assert "ratequant@0.74" in ans.table and "uniform_int" not in ans.table
+
+
+def test_composition_compares_with_both_parts_at_equal_bytes():
+    comp = row("compose", 0.875, 0.8, achieved=0.87, params={"selector": "snapkv", "quantizer": "kivi"})
+    rows = [comp, row("snapkv", 0.875, 0.5, achieved=0.875), row("kivi", 0.875, 0.55, achieved=0.86),
+            row("full", 0.0, 1.0)]
+    ans = Q.composition(rows, tolerance=0.02)
+    assert ans.evidence == {"cells": 1, "beats_both": 1} and "niah_single" in ans.answer
+    assert "compose[snapkv+kivi]" in ans.table
+
+
+@pytest.mark.slow
+def test_q4_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
+    assert E.main(["q4_monotone", "--size", "smoke", "--results", str(tmp_path)]) == 0
+    out = tmp_path / "q4_monotone-smoke"
+    ans = json.loads((out / "answer.json").read_text())
+    assert ans["rows"] == 4 and ans["evidence"]["curves"] == 1  # full (the gate) + knorm at three ratios
+    assert "rise with compression" in (out / "answer.md").read_text()
+    n = len(list((out / "runs").glob("*.json")))
+    assert E.main(["q4_monotone", "--size", "smoke", "--results", str(tmp_path)]) == 0  # resume: nothing reruns
+    assert len(list((out / "runs").glob("*.json"))) == n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["q1_lkv_generalization", "q2_overhead", "q3_production", "q5_composition"])
+def test_every_experiment_runs_its_smoke_size(name, tmp_path):
+    assert E.main([name, "--size", "smoke", "--results", str(tmp_path)]) == 0
+    out = tmp_path / f"{name}-smoke"
+    assert out.is_dir() and any(out.iterdir())
+    if "command" not in E.specs()[name]:
+        ans = json.loads((out / "answer.json").read_text())
+        assert ans["rows"] >= 2 and ans["answer"]
