@@ -71,14 +71,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def load_rows(results: Path) -> list[dict]:
-    rows = {}
-    for p in sorted((results / "runs").glob("*.json")):
-        try:
-            r = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        rows[r["run_id"]] = r
-    return list(rows.values())
+    from harness.grid import read_rows
+
+    return list(read_rows(results).values())
 
 
 def compression(ratio_achieved: Any) -> float:
