@@ -456,6 +456,74 @@ def bench_section(bench_dir: Path) -> str:
     return "\n".join(out)
 
 
+def md_table(text: str) -> str:
+    """The first markdown table of ``text`` as an HTML table (pipes in cells are not supported)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    if len(lines) < 2:
+        return ""
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    head, body = cells[0], cells[2:]
+    return ("<div class=scroll><table class=sortable><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+            + "</tbody></table></div>")
+
+
+def questions_section(experiments: Path, fig_div: Any) -> tuple[list[str], list[str]]:
+    """One section per open-question experiment (conf/experiment/q*.yaml, scripts/experiment.py): its question, the
+    one-sentence answer and the table of ``results/experiments/<name>/answer.{json,md}``, a plot where the rows
+    draw one (accuracy against ratio for the monotonicity question), or how to run it. Returns (nav, body)."""
+    import yaml
+
+    nav, body = [], []
+    for path in sorted((REPO / "conf" / "experiment").glob("q*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        name, out = path.stem, experiments / path.stem
+        anchor = f"q-{name}"
+        nav.append(f'<a href="#{anchor}">{esc(name.split("_")[0].upper())}</a>')
+        body.append(f'<h2 id="{anchor}">{esc(spec.get("question", name))}</h2>')
+        ans = out / "answer.json"
+        if ans.is_file():
+            data = json.loads(ans.read_text())
+            body.append(f"<p class=note><b>Answer.</b> {esc(data.get('answer'))} ({data.get('rows')} rows in "
+                        f"<code>results/experiments/{esc(name)}/</code>)</p>")
+            if spec.get("analysis") == "monotone":
+                body.append(monotone_figure(out, fig_div))
+            md = out / "answer.md"
+            body.append(md_table(md.read_text()) if md.is_file() else "")
+        else:
+            outputs = sorted(p.name for p in out.glob("*.md")) if out.is_dir() else []
+            body.append(f"<p class=todo>Not answered yet: <code>make experiment NAME={esc(name)}</code> "
+                        f"(<code>ARGS=\"--size smoke\"</code> for a CPU-sized run)"
+                        + (f"; its outputs so far: {', '.join(f'<code>{esc(o)}</code>' for o in outputs)}" if outputs
+                           else "") + ".</p>")
+    return nav, body
+
+
+def monotone_figure(out: Path, fig_div: Any) -> str:
+    """Accuracy against ratio per eviction method (mean over the tasks of each model and length)."""
+    import plotly.graph_objects as go
+
+    from harness.grid import read_rows
+
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for r in read_rows(out).values():
+        if r.get("status") == "ok" and r.get("family") == "eviction" and r.get("accuracy") is not None:
+            curves[(r["model"], int(r["context_length"]))][r["method"]].append((float(r["ratio"]), float(r["accuracy"])))
+    html = []
+    for (model, length), by_method in sorted(curves.items()):
+        fig = go.Figure()
+        for m, pts in sorted(by_method.items()):
+            acc: dict = defaultdict(list)
+            for x, y in pts:
+                acc[x].append(y)
+            xs = sorted(acc)
+            fig.add_trace(go.Scatter(x=xs, y=[sum(acc[x]) / len(acc[x]) for x in xs], mode="lines+markers", name=m))
+        fig.update_layout(title=f"{model} at {length} tokens: accuracy (mean over tasks) against the ratio",
+                          xaxis_title="ratio (fraction of KV removed)", yaxis_title="accuracy", height=420)
+        html.append(fig_div(fig))
+    return "".join(html)
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1a1a1a;background:#fafafa}
 main{max-width:1280px;margin:0 auto;padding:24px 32px 64px}
@@ -507,7 +575,8 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
 """
 
 
-def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path) -> Path:
+def build(*, results: Path, bench_dir: Path, out: Path, grid_path: Path,
+          experiments: Path = REPO / "results" / "experiments") -> Path:
     import plotly
     import plotly.offline as po
 
@@ -578,8 +647,8 @@ every overhead (scales, indices, positions) counted by walking the store's tenso
 bytes one decode step reads (what sparse reads save; their stored bytes grow by the index).</li>
 <li><b>Speed and memory</b> come from a throughput probe after the accuracy pass (random tokens, 1 x the cell's context
 length, 32 decode steps), once per model, length, method and ratio. <span class=ref>reference</span> marks speeds measured
-through a plain-torch reference store: they measure our reference code, not the method (only <code>full</code> has a fused
-CUDA path so far, DESIGN §7); on a CPU every path is a reference path. CPU peak memory is the process's resident-set high
+through a plain-torch reference store (a layout without a fused kernel yet): they measure our reference code, not the
+method (the row's <code>kernel</code> column says which path ran); on a CPU every path is a reference path. CPU peak memory is the process's resident-set high
 water mark per phase (weights included).</li>
 <li><b>Rows</b>: {len(rows)} ({n_ok} ok) from commits {', '.join(f'<code>{esc(x)}</code>' for x in shas) or '–'}
 (* = uncommitted changes) on {', '.join(f'{esc(m)} ({n})' for m, n in sorted(machines.items())) or '–'}.
@@ -641,6 +710,9 @@ Per-cell commit and machine are in each table; hover a row for its run_id. Regen
                             f"<td>{_f(r.get('ratio')):g}</td><td style='text-align:left;white-space:normal'>"
                             f"{esc(str(r.get('reason'))[:400])}</td></tr>")
             body.append("</tbody></table></details>")
+    q_nav, q_body = questions_section(experiments, fig_div)
+    nav[-1:-1] = q_nav
+    body += q_body
     body.append('<h2 id="bench">Engine benchmark (GPU)</h2>')
     body.append(bench_section(bench_dir))
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -709,11 +781,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "results" / "leaderboard")
     ap.add_argument("--bench", type=Path, default=REPO / "results" / "bench")
     ap.add_argument("--grid", type=Path, default=REPO / "conf" / "experiment" / "leaderboard.yaml")
+    ap.add_argument("--experiments", type=Path, default=REPO / "results" / "experiments",
+                    help="the open questions' results (scripts/experiment.py)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "report" / "index.html")
     ap.add_argument("--check", action="store_true", help="also take headless Chromium screenshots")
     ap.add_argument("--shots", type=Path, default=REPO / "results" / "report" / "screenshots")
     args = ap.parse_args(argv)
-    page = build(results=args.results, bench_dir=args.bench, out=args.out, grid_path=args.grid)
+    page = build(results=args.results, bench_dir=args.bench, out=args.out, grid_path=args.grid,
+                 experiments=args.experiments)
     if args.check:
         check(page, args.shots)
     return 0

@@ -1,5 +1,6 @@
 """The report page (scripts/report.py): self-contained, every method and model present, plots embedded."""
 
+import json
 import math
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from harness.grid import methods
 from scripts import report as rep
+from scripts.experiments import questions as Q
 from scripts.leaderboard import load_grid
 from tests.report_rows import write_rows
 
@@ -29,9 +31,28 @@ def page(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     grid = load_grid()
     write_rows(tmp / "res", grid)
+    exp = tmp / "exp" / "q4_monotone"  # one answered open question (hand-made rows), the other four not yet
+    (exp / "runs").mkdir(parents=True)
+    rows = [{"run_id": f"r{i}", "status": "ok", "model": "tiny", "context_length": 4096, "task": "niah_single",
+             "method": "snapkv", "family": "eviction", "ratio": r, "accuracy": a, "n_samples": 200}
+            for i, (r, a) in enumerate([(0.25, 0.9), (0.5, 0.5), (0.75, 0.8)])]
+    for r in rows:
+        (exp / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    ans = Q.monotone(rows)
+    (exp / "answer.md").write_text(ans.markdown())
+    (exp / "answer.json").write_text(json.dumps({"answer": ans.answer, "rows": len(rows)}))
     out = rep.build(results=tmp / "res", bench_dir=REPO / "results" / "bench", out=tmp / "index.html",
-                    grid_path=REPO / "conf" / "experiment" / "leaderboard.yaml")
+                    grid_path=REPO / "conf" / "experiment" / "leaderboard.yaml", experiments=tmp / "exp")
     return out.read_text()
+
+
+def test_each_open_question_has_its_section(page):
+    for name in ("q1_lkv_generalization", "q2_overhead", "q3_production", "q4_monotone", "q5_composition"):
+        assert f'id="q-{name}"' in page, name
+    assert "1 of 1 task x eviction-method accuracy curves rise with compression" in page  # q4's answer
+    assert "0.5-&gt;0.75 +0.30" in page  # its table
+    assert "against the ratio" in page  # its plot
+    assert page.count("Not answered yet") == 4 and "make experiment NAME=q5_composition" in page
 
 
 def test_every_method_and_model_is_on_the_page(page):
