@@ -33,13 +33,17 @@ CELL = ["model", "_rev", "task", "context_length", "method", "ratio", "method_pa
 REFERENCE_NOTES = {
     "none": "`full` runs fused kernels and a CUDA-graph decode step on CUDA (kernel `fused`); elsewhere "
             "(every CPU row) the plain-torch reference path.",
-    "quantization": "the quantized store decodes its codes back to the compute dtype on every step, in plain "
-                    "torch (no fused kernel reads the codes yet).",
-    "eviction": "attention over the ragged store of kept tokens runs in plain torch (gather per kv head), "
-                "not a fused kernel.",
-    "sparse": "the index gate and the gathered reads run in plain torch, step by step, so a sparse read is "
-              "slower here than the dense read it avoids.",
-    "composed": "the composed store runs its parts' plain-torch reference paths.",
+    "quantization": "this row decoded its codes back to the compute dtype on every step in plain torch: every CPU "
+                    "row does; on CUDA the scalar codecs (fp8, uniform_int, quarot, ratequant over them), KIVI and "
+                    "TurboQuant read their codes in fused kernels, and a row takes this path only where its layout "
+                    "has none (the row's reason says why).",
+    "eviction": "attention over the ragged store of kept tokens ran in plain torch (gather per kv head): every CPU "
+                "row does; on CUDA the ragged decode kernel serves every eviction method.",
+    "sparse": "the index gate and the gathered reads ran in plain torch, step by step (every CPU row, and "
+              "Louver's balls index, which has no kernel), so a sparse read is slower here than the dense read it "
+              "avoids.",
+    "composed": "the composed store decoded through its quantizer's reference path (every CPU row; on CUDA its "
+                "quantizer's fused kernel where one exists).",
 }
 SPARSE_READ_NOTE = (
     "read achieved below the target (1 - read/full, index included): every decode step also reads the index "
