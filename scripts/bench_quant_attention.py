@@ -49,7 +49,8 @@ LAYOUTS = {
 # quantized kernels need longer tiles, deeper pipelines or more programs per SM to keep the same bytes in
 # flight (Little's law). Measured, not assumed: --tune times every entry on every --tune-layouts layout.
 TUNE = [
-    {"prefetch": prefetch, "num_warps": warps, "num_stages": stages, "block_n": bn, "per_sm": per_sm}
+    {"prefetch": prefetch, "num_warps": warps, "num_stages": stages, "block_n": bn, "per_sm": per_sm, "planar": planar}
+    for planar in (False, True)  # planar: INT4 without the interleave (decode_split_planar); other layouts ignore it
     for bn, warps, stages, per_sm, prefetch in [
         (64, 4, 2, 4, False), (64, 4, 3, 4, False), (64, 4, 4, 4, False), (64, 4, 1, 4, True),
         (64, 4, 2, 8, False), (64, 4, 3, 8, False), (64, 8, 3, 4, False),

@@ -72,6 +72,29 @@ def test_decode_kernel_matches_reference(interpret, magic, layouts):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+PLANAR = [(ScalarLayout("int", 4, 16), ScalarLayout("int", 4, 16)),  # two groups a vector: planes dequantized
+          (ScalarLayout("int", 4, 32, 0.95), ScalarLayout("int", 4, 32))]  # one group: codes are the dot operand
+
+
+@pytest.mark.parametrize("layouts", PLANAR, ids=["g16", "g32"])
+def test_planar_decode_kernel_matches_reference(interpret, magic, layouts, monkeypatch):
+    """decode_split_planar (INT4 read as two code planes against the query's even and odd channels, never
+    interleaved): the reference's output, with ranges that end inside a tile and past a row's length."""
+    monkeypatch.setitem(QA.DECODE_CONFIG, "planar", True)
+    lk, lv = layouts
+    B, H_kv, G, D, S = 2, 2, 3, 32, 45
+    assert QA._planar(lk, lv, D) and not QA._planar(ScalarLayout("int", 2, 32), lv, D)
+    kf, vf = _stored(lk, lv, B, H_kv, S, D)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H_kv * G, D, generator=g)
+    kn, vn = torch.randn(2, B, H_kv, D, generator=g)
+    args = (q, *_fields(kf), *_fields(vf), torch.tensor([S, 17]), kn, vn)
+    want = QA.scalar_decode_attention_reference(*args, k_layout=lk, v_layout=lv, scaling=D**-0.5)
+    got = QA.scalar_decode_attention(*args, k_layout=lk, v_layout=lv, scaling=D**-0.5, n_splits=3, block_n=16)
+    tol = 2e-4 if magic else 2e-6
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("layouts", LAYOUTS, ids=ids)
 def test_append_kernel_stores_what_the_codec_encodes(interpret, layouts):
     """Chunk mode (slots start..start+T-1) and decode mode (slot lengths[b]): codes, scales and zero points

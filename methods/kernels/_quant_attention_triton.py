@@ -266,6 +266,128 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
 
 
 @triton.jit
+def _plane_values(c, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+                  ZERO: tl.constexpr):
+    """One code plane (N, H = D / 2) of 4-bit codes (column i is channel 2 i + j) dequantized in fp32: column i's
+    group is i // (GS / 2) in both planes, so each plane is viewed as (N, NG, GS / 2) for its scales."""
+    x = tl.reshape(_code_f32(c), [N, NG, GS // 2]) * sc[:, :, None]
+    if ZERO:
+        x += z[:, :, None]
+    return tl.reshape(x, [N, H])
+
+
+@triton.jit
+def _planes_qk(q0, q1, qsum, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+               FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
+               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Scores (R, N) from a key tile of packed words (N, H), two codes a byte: one dot per code plane against the
+    query's matching half (q0 = q[:, 0::2], q1 = q[:, 1::2]); the codes are never interleaved into channel order."""
+    c0 = _code(w, 0, BITS)
+    c1 = _code(w, 1, BITS)
+    if NG == 1:
+        d = _dot(q0, tl.trans(_operand(c0, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)
+        d += _dot(q1, tl.trans(_operand(c1, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)
+        s = sc[None, :] * d
+        if ZERO:
+            s += (z - MAGIC * sc)[None, :] * qsum[:, None]
+        elif MAGIC != 0:
+            s -= (MAGIC * sc)[None, :] * qsum[:, None]
+    else:
+        s = _dot(q0, tl.trans(_plane_values(c0, sc, z, N, H, NG, GS, ZERO).to(DT)), IEEE)
+        s += _dot(q1, tl.trans(_plane_values(c1, sc, z, N, H, NG, GS, ZERO).to(DT)), IEEE)
+    return s
+
+
+@triton.jit
+def _planes_pv(p, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+               FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
+               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Weights p (R, N) times a value tile of packed words (N, H) -> the two planes' outputs (R, H) each (channels
+    0::2 and 1::2) and the per-row correction (R,) every channel gets (as :func:`_pv`)."""
+    c0 = _code(w, 0, BITS)
+    c1 = _code(w, 1, BITS)
+    corr = tl.zeros([p.shape[0]], tl.float32)
+    if NG == 1:
+        pv = (p * sc[None, :]).to(DT)
+        a0 = _dot(pv, _operand(c0, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
+        a1 = _dot(pv, _operand(c1, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
+        if ZERO:
+            corr += tl.sum(p * z[None, :], 1)
+        if MAGIC != 0:
+            corr -= MAGIC * tl.sum(pv.to(tl.float32), 1)
+    else:
+        pd = p.to(DT)
+        a0 = _dot(pd, _plane_values(c0, sc, z, N, H, NG, GS, ZERO).to(DT), IEEE)
+        a1 = _dot(pd, _plane_values(c1, sc, z, N, H, NG, GS, ZERO).to(DT), IEEE)
+    return a0, a1, corr
+
+
+@triton.jit
+def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2, H_loc, split,
+                        sqb, sqh, sqd,
+                        kcb, kch, kcs: tl.constexpr, ksb, ksh, kss: tl.constexpr, kzb, kzh, kzs: tl.constexpr,
+                        vcb, vch, vcs: tl.constexpr, vsb, vsh, vss: tl.constexpr, vzb, vzh, vzs: tl.constexpr,
+                        sob, soh, sos, sod, slb, slh, sls,
+                        G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                        K_NG: tl.constexpr, K_GS: tl.constexpr, K_FMT: tl.constexpr, K_BITS: tl.constexpr,
+                        K_CPW: tl.constexpr, K_WB: tl.constexpr, K_ZERO: tl.constexpr, K_MAGIC: tl.constexpr,
+                        K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
+                        V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
+                        V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
+                        V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr):
+    """:func:`decode_split` for K and V both stored two 4-bit codes a byte (INT4: uniform_int, QuaRot, RateQuant's
+    4-bit groups), without putting the codes back into channel order: the query is loaded as its two halves
+    q[:, 0::2] and q[:, 1::2] (once per program), each byte's low and high codes are two planes, scores are one dot
+    per plane, values accumulate one output per plane, and the partial output is written back to the even and odd
+    channels once per range. Same arguments and results as decode_split (PREFETCH is ignored)."""
+    H: tl.constexpr = D // 2
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_loc
+    j = pid_bh % H_loc
+    h = tl.load(Heads + j)
+    n_len = tl.load(Lens + b).to(tl.int32)
+    lo = pid_s * split
+    hi = tl.minimum(lo + split, n_len)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_h = tl.arange(0, H)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    qp = Q + b * sqb + heads[:, None] * sqh + (2 * offs_h)[None, :] * sqd
+    q0 = tl.load(qp, mask=g_ok[:, None], other=0.0).to(KDT)  # (BLOCK_G, H) channels 0, 2, 4, ...
+    q1 = tl.load(qp + sqd, mask=g_ok[:, None], other=0.0).to(KDT)  # channels 1, 3, 5, ...
+    qsum = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc0 = tl.zeros([BLOCK_G, H], tl.float32)
+    acc1 = tl.zeros([BLOCK_G, H], tl.float32)
+    corr = tl.zeros([BLOCK_G], tl.float32)
+    kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
+    vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        wk, sk, zk = _load_tile(kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
+        wv, sv, zv = _load_tile(vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
+        s = _planes_qk(q0, q1, qsum, wk, sk, zk, BLOCK_N, H, K_NG, K_GS, K_FMT, K_BITS, K_ZERO, K_MAGIC,
+                       K_MAGIC_BITS, KDT, IEEE)
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+        m_i, alpha, p, l_i = _online(s, m_i, l_i)
+        a0, a1, c = _planes_pv(p, wv, sv, zv, BLOCK_N, H, V_NG, V_GS, V_FMT, V_BITS, V_ZERO, V_MAGIC, V_MAGIC_BITS,
+                               VDT, IEEE)
+        acc0 = acc0 * alpha[:, None] + a0
+        acc1 = acc1 * alpha[:, None] + a1
+        corr = corr * alpha + c
+    has = l_i > 0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    op = MidO + b * sob + heads[:, None] * soh + pid_s * sos + (2 * offs_h)[None, :] * sod
+    tl.store(op, (acc0 + corr[:, None]) * inv[:, None], mask=g_ok[:, None])
+    tl.store(op + sod, (acc1 + corr[:, None]) * inv[:, None], mask=g_ok[:, None])
+    tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
+
+
+@triton.jit
 def decode_combine(MidO, MidL, Q, Knew, Vnew, Out, RotV, Lens, Seen, Valid, n_splits, scale_log2, H_kv,
                    sob, soh, sos, sod, slb, slh, sls, sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
                    s_ob, s_oh, s_od, s_valid,

@@ -281,7 +281,17 @@ def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
 BLOCK_N = 64
 # Tuned on an H100 (scripts/bench_quant_attention.py --tune, INT4 g32 at 8 x 32768, commit e9d3ab8): 8 programs per
 # SM and a 3-stage pipeline keep enough packed bytes in flight; results/bench/nvidia-h100-80gb-hbm3-2026-12-07-e9d3ab8*.md.
-DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_N, "prefetch": False}
+# ``planar``: INT4 layouts read by decode_split_planar (no interleave of the codes into channel order); off until
+# measured on a GPU (the interleave is what bounds the INT4 kernel: fp8 streams at 0.81 of copy bandwidth, quarot4
+# and uniform_int4 at 0.30-0.33 in the same call).
+DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_N, "prefetch": False, "planar": False}
+
+
+def _planar(k_layout: ScalarLayout, v_layout: ScalarLayout, dim: int) -> bool:
+    """Whether the split runs :func:`decode_split_planar` (``DECODE_CONFIG["planar"]``, K and V both 4-bit ints two
+    codes a byte, and half the head dim a valid dot size)."""
+    return (bool(DECODE_CONFIG.get("planar")) and all(lay.fmt == "int" and lay.bits == 4 for lay in (k_layout, v_layout))
+            and dim // 2 >= 16)
 
 
 def _env_config() -> None:
@@ -314,7 +324,8 @@ def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Te
     split = -(-split // block_n) * block_n
     kdt, kmag, kbits, ieee = _dot_type(k_layout, ks.dtype)  # metadata is kept in the model dtype
     vdt, vmag, vbits, _ = _dot_type(v_layout, vs.dtype)
-    K.decode_split[(n_splits, B * H_loc)](
+    kernel = K.decode_split_planar if _planar(k_layout, v_layout, D) else K.decode_split
+    kernel[(n_splits, B * H_loc)](
         q, kc, ks, kz if kz is not None else ks, vc, vs, vz if vz is not None else vs, lengths, heads, mid_o, mid_l,
         float(scaling) * LOG2E, H_loc, split, *q.stride(),
         *_strides3(kc, kc), *_strides3(ks, ks), *_strides3(kz, ks),
