@@ -67,9 +67,15 @@ model dtype), the chunk's own k, v are copied after it, and the dense prefill ke
 buffer is one layer's past in the model dtype, as large as what the reference path materialises.
 
 Speed: the first version (one batched 3-D dot per group) read 0.08-0.25 of the copy bandwidth on an H100
-(results/bench/nvidia-h100-80gb-hbm3-2026-12-07-9f262d5.md); this 2-D version is not measured yet. Tunables:
-``DECODE_CONFIG`` (tile, warps, stages, the kernel's own prefetch of the next tile), overridable with
-``KVBENCH_QUANT_DECODE``; ``scripts/bench_quant_attention.py --tune`` times a grid and picks one.
+(results/bench/nvidia-h100-80gb-hbm3-2026-12-07-9f262d5.md). This 2-D version, tuned (``DECODE_CONFIG``: 8 programs
+per SM, 3 stages; slot strides as constexprs so the metadata is copied asynchronously), reads at 8 x 32768 on an
+H100: fp8 0.81 of copy bandwidth, INT4 g32 0.33, QuaRot INT4 0.30, INT2 0.19
+(results/bench/nvidia-h100-80gb-hbm3-2026-12-07-e9d3ab8-quant-tune.md). fp8 and QuaRot handle their metadata the
+same way, so the INT gap is the unpacking of sub-byte codes into channel order (``tl.join`` + ``tl.reshape``).
+``decode_split_planar`` (``DECODE_CONFIG["planar"]``, INT4 only) never interleaves: the query is split into its even
+and odd channels once, each byte's two codes are two planes, one dot and one accumulator per plane; off until a
+GPU run of ``scripts/bench_quant_attention.py --tune`` measures it. Tunables are overridable with
+``KVBENCH_QUANT_DECODE``.
 
 Rotation (QuaRot): the append kernel rotates the new key and the group's queries with R_K (and the value with
 R_V) in fp32 (R = H diag(s) / sqrt(D), built once per store from the codec's counted signs), so the kernels
