@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # end to end (make test-slow; CI runs it): keeps make test under 5 minutes
 def test_bench_smoke_measures_every_engine_and_merges_calls(tmp_path):
     """The first call in a fresh interpreter: the benchmark (every module of scripts/bench/ and what they import
     while measuring) runs on the GPU machine, so it imports neither lm-eval, wandb nor Hydra."""

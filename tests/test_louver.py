@@ -370,6 +370,7 @@ def test_fused_grid_store_gives_the_reference_tokens_logits_and_reads(interpret,
     assert seen["must"] > 0 and seen["missed"] == 0 and seen["booked"]
 
 
+@pytest.mark.slow  # end to end (make test-slow; CI runs it): keeps make test under 5 minutes
 def test_fused_grid_on_the_trained_model_gives_the_reference_tokens(interpret):
     """The embedded model on its own task at ratio 0.9 (index=grid): greedy tokens identical, logits within 1e-3."""
     from tests.test_quest_fused import _trained, _trained_prompts

@@ -91,6 +91,7 @@ def _trained(dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype, local_files_only=True)
 
 
+@pytest.mark.slow  # end to end (make test-slow; CI runs it): keeps make test under 5 minutes
 def test_fused_quest_on_the_trained_model_gives_the_reference_tokens(interpret):
     """The embedded model on its own task at ratio 0.9 (quest's defaults: pages of 16, two dense layers), two
     samples: greedy tokens identical, logits within 1e-3."""
