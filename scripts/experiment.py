@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"(the leaderboard: python -m scripts.leaderboard)")
     out = results_dir(args.name, args.size, args.results)
     if "command" in spec:
+        if args.plan or args.analyze:
+            print(f"{args.name} runs a script of its own (no grid to plan or analyze): "
+                  f"{' '.join(map(str, spec['command'].get(args.size or 'full', [])))} -> {out}")
+            return 0
         return run_command(spec, args.size, out)
     grid = G.load_grid(path, size=args.size)
     parts = G.plan(grid)

@@ -28,6 +28,13 @@ def test_every_experiment_is_listed_with_its_question(capsys):
         E.main(["q4_monotonee"])
 
 
+def test_plan_counts_cells_and_never_runs_a_command_experiment(tmp_path, capsys):
+    assert E.main(["q1_lkv_generalization", "--plan", "--results", str(tmp_path)]) == 0
+    assert "runs a script of its own" in capsys.readouterr().out and not any(tmp_path.iterdir())
+    assert E.main(["q5_composition", "--size", "smoke", "--plan", "--results", str(tmp_path)]) == 0
+    assert "q5_composition: 4 cells, 0 done, 4 to run" in capsys.readouterr().out  # full (the gate) + 3
+
+
 def test_q4_plans_every_eviction_method_over_the_fine_grid():
     grid = G.load_grid(E.CONF / "q4_monotone.yaml")
     parts = G.plan(grid)
