@@ -66,8 +66,9 @@ def run_command(spec: dict, size: str | None, out: Path) -> int:
     return subprocess.run([sys.executable, *argv], cwd=REPO).returncode
 
 
-def analyze(spec: dict, grid: dict, out: Path) -> dict | None:
-    """Run the spec's analysis over the rows in ``out`` (run with the grid's settings); write answer.{md,json}."""
+def analyze(spec: dict, grid: dict | None, out: Path) -> dict | None:
+    """Run the spec's analysis over the rows in ``out`` (run with the grid's settings; a command experiment's
+    analysis reads its script's own outputs there); write answer.{md,json}."""
     from scripts.experiments.questions import ANALYSES
 
     name = spec.get("analysis")
@@ -75,7 +76,8 @@ def analyze(spec: dict, grid: dict, out: Path) -> dict | None:
         return None
     if name not in ANALYSES:
         raise SystemExit(f"error: unknown analysis {name!r}; available: {', '.join(ANALYSES)}")
-    rows = list(G.rows_by_cell(G.read_rows(out), dict(grid["settings"])).values()) if (out / "runs").is_dir() else []
+    rows = (list(G.rows_by_cell(G.read_rows(out), dict(grid["settings"])).values())
+            if grid is not None and (out / "runs").is_dir() else [])
     ans = ANALYSES[name](rows, results=out, **(spec.get("analysis_args") or {}))
     out.mkdir(parents=True, exist_ok=True)
     (out / "answer.md").write_text(ans.markdown())
@@ -111,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"(the leaderboard: python -m scripts.leaderboard)")
     out = results_dir(args.name, args.size, args.results)
     if "command" in spec:
-        if args.plan or args.analyze:
-            print(f"{args.name} runs a script of its own (no grid to plan or analyze): "
+        if args.plan:
+            print(f"{args.name} runs a script of its own (no grid to plan): "
                   f"{' '.join(map(str, spec['command'].get(args.size or 'full', [])))} -> {out}")
             return 0
-        return run_command(spec, args.size, out)
+        code = 0 if args.analyze else run_command(spec, args.size, out)
+        if code == 0:
+            analyze(spec, None, out)
+        return code
     grid = G.load_grid(path, size=args.size)
     parts = G.plan(grid)
     if args.plan:

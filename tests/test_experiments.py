@@ -91,6 +91,33 @@ def test_composition_compares_with_both_parts_at_equal_bytes():
     assert "compose[snapkv+kivi]" in ans.table
 
 
+def test_overhead_splits_each_step_against_full(tmp_path):
+    (tmp_path / "rows").mkdir()
+    cell = {"kind": "cell", "engine": "kvbench", "batch": 8, "context": 32768, "status": "ok", "kernel": "fused",
+            "prefill_tok_s": 20000.0}
+    prof = {"kind": "profile", "batch": 8, "context": 32768}
+    rows = [{**cell, "label": "full", "decode_ms_p50": 17.4}, {**prof, "label": "full", "categories": {"attention": 10.0}},
+            {**cell, "label": "ratequant:0.75", "decode_ms_p50": 24.0, "calibrate_ms": 584.0},
+            {**prof, "label": "ratequant:0.75", "categories": {"attention": 15.0, "kv write / copy": 1.0}}]
+    (tmp_path / "rows" / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = Q.overhead([], results=tmp_path)
+    assert "ratequant:0.75 at 8 x 32768 at 1.38x" in a.answer
+    assert "15.00 (+5.00)" in a.table and "584 (4 %)" in a.table  # 8 x 32768 tokens at 20k tok/s = 13.1 s prefill
+
+
+def test_lkv_generalization_answers_from_the_studys_summary(tmp_path):
+    summary = {"model": "tiny", "ratio": 0.85, "trained_at": 2048, "n": 100,
+               "mean": {"seen@4096": {"full": 1.0, "lkv": 0.9, "snapkv": 0.7, "adakv": 0.8},
+                        "held_out@4096": {"full": 1.0, "lkv": 0.5, "snapkv": 0.8, "adakv": 0.8}},
+               "lkv_minus": {"seen@4096": {"snapkv": {"diff": 0.2, "se": 0.05}, "adakv": {"diff": 0.1, "se": 0.04}},
+                             "held_out@4096": {"snapkv": {"diff": -0.3, "se": 0.05},
+                                               "adakv": {"diff": -0.3, "se": 0.05}}}}
+    (tmp_path / "tiny.json").write_text(json.dumps(summary))
+    a = Q.lkv_generalization([], results=tmp_path)
+    assert "on held_out tasks it falls below" in a.answer and "on seen tasks it never falls below" in a.answer
+    assert "| seen@4096 | 2 |" in a.table
+
+
 @pytest.mark.slow
 def test_q4_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert E.main(["q4_monotone", "--size", "smoke", "--results", str(tmp_path)]) == 0
@@ -109,6 +136,7 @@ def test_every_experiment_runs_its_smoke_size(name, tmp_path):
     assert E.main([name, "--size", "smoke", "--results", str(tmp_path)]) == 0
     out = tmp_path / f"{name}-smoke"
     assert out.is_dir() and any(out.iterdir())
+    ans = json.loads((out / "answer.json").read_text())  # every experiment answers, from rows or its script's output
+    assert ans["answer"] and "yet" not in ans["answer"]
     if "command" not in E.specs()[name]:
-        ans = json.loads((out / "answer.json").read_text())
-        assert ans["rows"] >= 2 and ans["answer"]
+        assert ans["rows"] >= 2

@@ -10,6 +10,8 @@ the functions take rows (dicts) and return an :class:`Answer`, so tests can feed
   its interval and p-value.
 - ``composition`` (question 5): each ``compose`` row against its selector alone and its quantizer alone at
   the nearest achieved bytes (within ``tolerance``), paired differences; does the composition beat both?
+- ``lkv_generalization`` (question 1) and ``overhead`` (question 2) read what their experiments' scripts wrote
+  (the LKV study's summary JSON; the bench's rows) instead of run rows.
 """
 
 from __future__ import annotations
@@ -195,7 +197,92 @@ def composition(rows: list[dict], *, results: Path | None = None, tolerance: flo
                   "\n".join(lines), {"cells": n, "beats_both": beats_both})
 
 
-ANALYSES = {"monotone": monotone, "equal_bytes": equal_bytes, "composition": composition}
+# ------------------------------------------------------------------------------------------- question 1
+
+
+def lkv_generalization(rows: list[dict], *, results: Path | None = None, **_: Any) -> Answer:
+    """From scripts/experiments/lkv_length_generalization.py's summary (``<results>/*.json``): accuracy per task split
+    (seen / held-out) and length, and LKV's paired difference to SnapKV and AdaKV with its standard error."""
+    files = sorted(Path(results).glob("*.json")) if results else []
+    if not files:
+        return Answer("Generalization of learned eviction", "No results yet: run the experiment first.", "", {})
+    data = json.loads(files[-1].read_text())
+    mean, minus = data.get("mean", {}), data.get("lkv_minus", {})
+    methods = sorted({m for v in mean.values() for m in v}, key=lambda m: (m != "full", m != "lkv", m))
+    lines = ["| split @ length | x training length | " + " | ".join(methods) + " | LKV - SnapKV | LKV - AdaKV |",
+             "|---|---:|" + "---:|" * len(methods) + "---|---|"]
+    worst: dict[str, float] = {}
+    for key in mean:
+        split, length = key.split("@")
+        rel = int(length) / float(data.get("trained_at") or 1)
+        d = minus.get(key, {})
+        cells = " | ".join(f"{mean[key].get(m, float('nan')):.3f}" for m in methods)
+        diffs = [f"{d[b]['diff']:+.3f} ± {d[b]['se']:.3f}" if b in d else "-" for b in ("snapkv", "adakv")]
+        lines.append(f"| {key} | {rel:g} | {cells} | {diffs[0]} | {diffs[1]} |")
+        for b in ("snapkv", "adakv"):
+            if b in d:
+                worst[split] = min(worst.get(split, float("inf")), d[b]["diff"] - 1.96 * d[b]["se"])
+    lengths = sorted({int(k.split("@")[1]) for k in mean})
+    holds = {split: lo >= 0 for split, lo in worst.items()}
+    answer = (f"{data.get('model')} at ratio {data.get('ratio')}, LKV trained at {data.get('trained_at')} tokens and "
+              f"evaluated at {', '.join(map(str, lengths))} (n={data.get('n')}): "
+              + "; ".join(f"on {split} tasks it {'never falls' if ok else 'falls'} below SnapKV and AdaKV beyond noise"
+                          for split, ok in sorted(holds.items())) + ".")
+    return Answer("Generalization of learned eviction: does LKV hold at longer contexts and on held-out tasks?",
+                  answer, "\n".join(lines), {"holds": holds, "lengths": lengths})
+
+
+# ------------------------------------------------------------------------------------------- question 2
+
+CATEGORIES = ("attention", "kv write / copy", "gemm", "norm", "elementwise / reduce", "other")
+
+
+def overhead(rows: list[dict], *, results: Path | None = None, **_: Any) -> Answer:
+    """From scripts/bench's rows (``<results>/rows/*.jsonl``): per cell and method, decode ms and x full; the
+    profiled step's time by kernel category and each category's difference to full's (what the method's machinery
+    adds: quantize/append shows under kv write / copy, reading a layout under attention); calibration as a share
+    of the prefill."""
+    bench = []
+    for p in sorted(Path(results).glob("rows/*.jsonl")) if results else []:
+        bench += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    cells = {(r["batch"], r["context"], r.get("label", "full")): r for r in bench
+             if r.get("kind") == "cell" and r.get("status") == "ok" and r.get("engine") == "kvbench"}
+    profs = {(r["batch"], r["context"], r.get("label", "full")): r for r in bench if r.get("kind") == "profile"}
+    if not cells:
+        return Answer("Overhead by component", "No bench rows yet: run the experiment first.", "", {})
+    head = ["cell", "method", "kernel", "decode ms", "x full"] + [f"{c} ms (vs full)" for c in CATEGORIES] + [
+        "calibrate ms (% of prefill)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    slowest = (0.0, "")
+    for (B, S, label), c in sorted(cells.items()):
+        full = cells.get((B, S, "full"))
+        x = c["decode_ms_p50"] / full["decode_ms_p50"] if full else float("nan")
+        prof, fprof = profs.get((B, S, label)), profs.get((B, S, "full"))
+        cats = []
+        for cat in CATEGORIES:
+            if prof is None:
+                cats.append("-")
+                continue
+            ms = prof["categories"].get(cat, 0.0)
+            ref = (fprof or {}).get("categories", {}).get(cat)
+            cats.append(f"{ms:.2f}" + (f" ({ms - ref:+.2f})" if ref is not None and label != "full" else ""))
+        cal = c.get("calibrate_ms")
+        prefill_ms = B * S / c["prefill_tok_s"] * 1e3 if c.get("prefill_tok_s") else None
+        cal_txt = "-" if cal is None else f"{cal:.0f}" + (f" ({100 * cal / prefill_ms:.0f} %)" if prefill_ms else "")
+        lines.append(f"| {B} x {S} | {label} | {c.get('kernel')} | {c['decode_ms_p50']:.2f} | {x:.2f} | "
+                     + " | ".join(cats) + f" | {cal_txt} |")
+        if label != "full" and x == x and x > slowest[0]:
+            slowest = (x, f"{label} at {B} x {S}")
+    device = next((r.get("device") or r.get("gpu") for r in bench if r.get("kind") == "command"), None)
+    answer = (f"Over {len(cells)} cells{f' on {device}' if device else ''}, the costliest machinery is "
+              f"{slowest[1]} at {slowest[0]:.2f}x full's decode step; the table splits each step by kernel category."
+              if slowest[1] else "Only full was measured: no method overhead to report.")
+    return Answer("Overhead by component: what each method's machinery costs per decode step and per prefill",
+                  answer, "\n".join(lines), {"cells": len(cells)})
+
+
+ANALYSES = {"monotone": monotone, "equal_bytes": equal_bytes, "composition": composition,
+            "lkv_generalization": lkv_generalization, "overhead": overhead}
 
 
 def main(argv: list[str] | None = None) -> int:
