@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from methods.api import CalibrationContext, KVStats, LayerSpec, MethodBase, ModelSpec
+from methods.stores import PartsGraphState
 
 __all__ = ["Compose", "ComposedStore", "HeadStores"]
 
@@ -298,7 +299,7 @@ class ComposedStore:
         self.store.graph_advance(steps)
 
 
-class HeadStores:
+class HeadStores(PartsGraphState):
     """One layer as one store per kv head (each serving its query group), for selections whose heads keep
     different counts. ``extend`` slices each head's queries and K/V, runs its store and concatenates the outputs
     (device ops only); ``kernel`` is fused and the step graph-safe when every head's store is."""
@@ -333,13 +334,5 @@ class HeadStores:
             bytes_full=sum(p.bytes_full for p in parts),
         )
 
-    def graph_snapshot(self) -> list:
-        return [st.graph_snapshot() for st in self.stores]
-
-    def graph_restore(self, snap: list) -> None:
-        for st, s in zip(self.stores, snap):
-            st.graph_restore(s)
-
-    def graph_advance(self, steps: int) -> None:
-        for st in self.stores:
-            st.graph_advance(steps)
+    def graph_parts(self) -> list:  # the CUDA-graph protocol: each head's store (PartsGraphState)
+        return self.stores

@@ -62,7 +62,7 @@ from torch import Tensor
 from methods.api import CalibrationContext, KVStats, LayerSpec, MethodBase, ModelSpec
 from methods.capture import Capture
 from methods.quant_base import integer_bits, ratio_to_bits
-from methods.stores import DenseStore
+from methods.stores import DenseStore, PartsGraphState
 
 BASES = ("kivi", "quarot", "uniform_int", "turboquant_kqv")
 ALLOCATIONS = ("calibrated", "uniform", "mismatched")
@@ -388,7 +388,7 @@ def _fingerprint(model: Any) -> str:
     return h.hexdigest()[:12]
 
 
-class GroupedStore:
+class GroupedStore(PartsGraphState):
     """One layer as one base-quantizer store per (K width, V width) group of its kv heads, each built by the base's
     own ``store`` for a sub-layer of those heads (``n_kv_heads`` = the group's heads, ``n_q_heads`` = their query
     heads), so every base's layout, kernels and byte accounting serve RateQuant unchanged (KIVI's packed codes and
@@ -481,17 +481,8 @@ class GroupedStore:
         new.groups = [st.fork() for st in self.groups]
         return new
 
-    # -- CUDA-graph protocol (graph_safe: every group's store implements it) -------------------------
-    def graph_snapshot(self) -> list:
-        return [st.graph_snapshot() for st in self.groups]
-
-    def graph_restore(self, snap: list) -> None:
-        for st, s in zip(self.groups, snap):
-            st.graph_restore(s)
-
-    def graph_advance(self, steps: int) -> None:
-        for st in self.groups:
-            st.graph_advance(steps)
+    def graph_parts(self) -> list:  # the CUDA-graph protocol (graph_safe: every group's store implements it)
+        return self.groups
 
     def stats(self) -> KVStats:
         parts = [st.stats() for st in self.groups]

@@ -18,8 +18,8 @@ from __future__ import annotations
 from methods.stores.codec import CodecStore
 from methods.stores.common import attend, causal_slot_mask, scatter_slots, slot_destinations, walk_tensors
 from methods.stores.dense import DenseStore, FusedDenseStore
-from methods.stores.slot import SlotStore
+from methods.stores.slot import PartsGraphState, SlotStore
 from methods.stores.sparse_read import SparseReadStore
 
 __all__ = ["attend", "walk_tensors", "slot_destinations", "causal_slot_mask", "scatter_slots", "SlotStore", "DenseStore",
-           "FusedDenseStore", "CodecStore", "SparseReadStore"]
+           "FusedDenseStore", "CodecStore", "SparseReadStore", "PartsGraphState"]

@@ -170,6 +170,25 @@ class SlotStore:
         return stored
 
 
+class PartsGraphState:
+    """The CUDA-graph protocol of a store made of stores (RateQuant's width groups, compose's per-head stores):
+    each part snapshots, restores and advances its own state. The store names its parts in ``graph_parts``."""
+
+    def graph_parts(self) -> list:
+        raise NotImplementedError
+
+    def graph_snapshot(self) -> list:
+        return [st.graph_snapshot() for st in self.graph_parts()]
+
+    def graph_restore(self, snap: list) -> None:
+        for st, s in zip(self.graph_parts(), snap):
+            st.graph_restore(s)
+
+    def graph_advance(self, steps: int) -> None:
+        for st in self.graph_parts():
+            st.graph_advance(steps)
+
+
 class CounterGraphState:
     """The CUDA-graph protocol of a store whose decode step advances only ``lengths`` / ``seen`` (device) and
     ``hi`` / ``uniform`` (host): :class:`~methods.stores.FusedDenseStore` and the fused
