@@ -78,7 +78,8 @@ def analyze(spec: dict, grid: dict | None, out: Path) -> dict | None:
         raise SystemExit(f"error: unknown analysis {name!r}; available: {', '.join(ANALYSES)}")
     rows = (list(G.rows_by_cell(G.read_rows(out), dict(grid["settings"])).values())
             if grid is not None and (out / "runs").is_dir() else [])
-    ans = ANALYSES[name](rows, results=out, **(spec.get("analysis_args") or {}))
+    args = (grid if grid is not None else spec).get("analysis_args") or {}  # a size may set its own
+    ans = ANALYSES[name](rows, results=out, **args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answer.md").write_text(ans.markdown())
     data = {"question": ans.question, "answer": ans.answer, "evidence": ans.evidence, "rows": len(rows)}
