@@ -78,6 +78,24 @@ def read_wandb_offline(path):
     return summary, config, kinds
 
 
+def random_qa_prompts(lengths, *, q_len: int, seed: int = 0, vocab: int = 250) -> list[Prompt]:
+    """Prompts of random token ids in [3, vocab): contexts of ``lengths`` tokens and questions of ``q_len``."""
+    g = torch.Generator().manual_seed(seed)
+    return [Prompt(context=torch.randint(3, vocab, (n,), generator=g).tolist(),
+                   question=torch.randint(3, vocab, (q_len,), generator=g).tolist()) for n in lengths]
+
+
+# 16 prompts for the GPU end-to-end tests: 8 equal and 8 ragged lengths (one row shorter than a prefill chunk)
+GPU_LENGTHS = [300] * 8 + [300, 170, 233, 64, 129, 300, 31, 250]
+
+
+def gpu_tiny_model(dtype: str):
+    """The embedded trained tiny model on the GPU in ``dtype`` ("float32" / "bfloat16")."""
+    from harness.loading import load
+
+    return load({"path": "models/kvbench-tiny", "dtype": dtype}, device="cuda").model
+
+
 def logits_error_until_divergence(ref, fast) -> float:
     """Largest relative logit difference (over each row's largest |logit|) between two generations, taken per
     row over the steps up to and including the first step whose greedy tokens differ: after that the two rows

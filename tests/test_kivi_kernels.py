@@ -21,7 +21,13 @@ from methods.kernels.kivi_attention import (  # noqa: E402
     kivi_decode_attention_reference,
 )
 from methods.kivi import Kivi, KiviStore  # noqa: E402
-from tests.helpers import graph_steps_without_sync, logits_error_until_divergence  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    GPU_LENGTHS,
+    gpu_tiny_model,
+    graph_steps_without_sync,
+    logits_error_until_divergence,
+    random_qa_prompts,
+)
 
 
 def _fields(bits, B, H_kv, D, G, R, S, *, dtype=torch.float32, device="cpu", seed=0):
@@ -181,28 +187,15 @@ def test_kivi_kernels_match_reference_on_gpu(bits):
                 assert torch.equal(a[n], b[n]), (dtype, L, n)
 
 
-def _tiny_model(dtype):
-    from harness.loading import load
-
-    return load({"path": "models/kvbench-tiny", "dtype": dtype}, device="cuda").model
-
-
-def _gpu_prompts():
-    g = torch.Generator().manual_seed(0)
-    lengths = [300] * 8 + [300, 170, 233, 64, 129, 300, 31, 250]
-    return [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
-                   question=torch.randint(3, 250, (8,), generator=g).tolist()) for n in lengths]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [0.75, 0.875], ids=["kivi4", "kivi2"])
 def test_fused_kivi_gives_the_reference_tokens_on_gpu(ratio):
     """The trained tiny model, 16 prompts (8 equal + 8 ragged lengths), CUDA-graph decode crossing key windows
     (R = 128): fp32 logits to 1e-4 and the same greedy tokens; in bf16 logits to 1e-2 of their scale and at least
     14 of 16 rows with the same tokens (the kernels keep scale x code in fp32 where the reference rounds to bf16)."""
-    prompts = _gpu_prompts()
+    prompts = random_qa_prompts(GPU_LENGTHS, q_len=8)
     for dtype in ("float32", "bfloat16"):
-        model = _tiny_model(dtype)
+        model = gpu_tiny_model(dtype)
         outs = {}
         for fused in ("off", "on"):
             engine = Engine(model, Kivi(ratio=ratio, fused=fused), prefill_chunk=128)
@@ -223,7 +216,7 @@ def test_fused_kivi_gives_the_reference_tokens_on_gpu(ratio):
 @torch.inference_mode()  # as Engine.generate: the H100 run outside it failed to capture (an inference tensor
 # of an earlier generate, updated in place)
 def test_fused_kivi_decode_step_is_captured_and_does_not_sync():
-    model = _tiny_model("bfloat16")
+    model = gpu_tiny_model("bfloat16")
     engine = Engine(model, Kivi(ratio=0.75, residual_length=32))
     state = engine.new_state(2, 96)
     assert state.graph_safe and state.kernel == "fused"

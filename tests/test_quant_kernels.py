@@ -21,7 +21,7 @@ from methods.quarot import QuaRot  # noqa: E402
 from methods.ratequant import GroupedCodecStore, RateQuant  # noqa: E402
 from methods.stores import CodecStore  # noqa: E402
 from methods.uniform_int import UniformInt  # noqa: E402
-from tests.helpers import divergences_not_near_ties, logits_error_until_divergence  # noqa: E402
+from tests.helpers import divergences_not_near_ties, gpu_tiny_model, logits_error_until_divergence  # noqa: E402
 
 # (K layout, V layout): packed widths 1/2/4/8 (byte words) and 3/5/7 (bits-byte words), groups, fp8
 LAYOUTS = [
@@ -328,12 +328,6 @@ def test_kernels_match_reference_on_gpu(layouts):
         assert float((got - want).abs().max()) <= float(step) * 1.01
 
 
-def _tiny_model(dtype):
-    from harness.loading import load
-
-    return load({"path": "models/kvbench-tiny", "dtype": dtype}, device="cuda").model
-
-
 GPU_METHODS = [lambda f: UniformInt(ratio=0.75, fused=f), lambda f: QuaRot(ratio=0.75, fused=f),
                lambda f: Fp8(fused=f), lambda f: UniformInt(ratio=0.875, fused=f)]
 
@@ -347,9 +341,9 @@ def test_fused_store_gives_the_reference_tokens_on_gpu(make):
     prompts = _prompts([300] * 8, q_len=8) + _prompts([300, 170, 233, 64, 129, 300, 31, 250], q_len=8, seed=1)
     # 2-bit codes: the fp32 paths agree to 1e-4 but a greedy step can tie to that precision (H100, e9d3ab8: row 0
     # parted at step 3); every parting must be such a tie
-    _compare(_tiny_model("float32"), make, prompts, n_new=12, chunk=128, tol=1e-4,
+    _compare(gpu_tiny_model("float32"), make, prompts, n_new=12, chunk=128, tol=1e-4,
              near_ties=make("off").ratio == 0.875)
-    model = _tiny_model("bfloat16")
+    model = gpu_tiny_model("bfloat16")
     outs = {}
     for fused in ("off", "on"):
         outs[fused] = Engine(model, make(fused), prefill_chunk=128).generate(prompts, max_new_tokens=12,
@@ -367,7 +361,7 @@ def test_fused_store_gives_the_reference_tokens_on_gpu(make):
 @pytest.mark.parametrize("make", [lambda f: UniformInt(ratio=0.75, fused=f), lambda f: QuaRot(ratio=0.75, fused=f)],
                          ids=["uniform_int", "quarot"])
 def test_fused_decode_step_is_captured_and_does_not_sync(make):
-    model = _tiny_model("bfloat16")
+    model = gpu_tiny_model("bfloat16")
     engine = Engine(model, make("auto"))
     state = engine.new_state(2, 64)
     assert state.graph_safe and state.kernel == "fused"
@@ -391,7 +385,7 @@ def test_fused_decode_step_is_captured_and_does_not_sync(make):
 
 @pytest.mark.gpu
 def test_ratequant_grouped_store_on_gpu():
-    model = _tiny_model("float32")
+    model = gpu_tiny_model("float32")
     bits = torch.tensor([2, 3, 4, 4, 5, 8, 4, 2] * 2)[: 2 * 4 * 2]  # (K, layer, head) then V
 
     def make(f):

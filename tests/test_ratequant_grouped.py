@@ -13,6 +13,7 @@ pytest.importorskip("triton", reason="the fused kernels need Triton (pip install
 from harness.engine import Engine, Prompt  # noqa: E402
 from methods.api import LayerSpec  # noqa: E402
 from methods.ratequant import GroupedStore, RateQuant  # noqa: E402
+from tests.helpers import GPU_LENGTHS, gpu_tiny_model, random_qa_prompts  # noqa: E402
 
 KIVI_SMALL = {"group_size": 16, "residual_length": 32}  # head_dim 32: the smallest shape the KIVI kernels serve
 
@@ -142,12 +143,6 @@ def test_ratequant_over_kivi_gives_the_reference_tokens(interpret, llama_4kv):
 # -- GPU (pytest -m gpu on the GPU machine) ---------------------------------------------------------
 
 
-def _tiny_model(dtype):
-    from harness.loading import load
-
-    return load({"path": "models/kvbench-tiny", "dtype": dtype}, device="cuda").model
-
-
 # kvbench-tiny: 4 layers, 2 kv heads: layer 0 both heads (4, 4) (one store), the others mixed
 GPU_BITS = [4, 4, 2, 3, 4, 8, 5, 4] + [4, 4, 6, 5, 4, 2, 3, 4]
 
@@ -157,12 +152,9 @@ def test_ratequant_over_kivi_gives_the_reference_tokens_on_gpu():
     """The trained tiny model, KIVI's defaults (group 32, ring 128), 16 prompts (equal and ragged lengths), CUDA-graph
     decode crossing key windows: fp32 logits to 1e-4 and the same greedy tokens; bf16 logits to 1e-2 of their scale
     and at least 14 of 16 rows with the same tokens (as the fused KIVI test)."""
-    g = torch.Generator().manual_seed(0)
-    lengths = [300] * 8 + [300, 170, 233, 64, 129, 300, 31, 250]
-    prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
-                      question=torch.randint(3, 250, (8,), generator=g).tolist()) for n in lengths]
+    prompts = random_qa_prompts(GPU_LENGTHS, q_len=8)
     for dtype in ("float32", "bfloat16"):
-        model = _tiny_model(dtype)
+        model = gpu_tiny_model(dtype)
         outs = {}
         for fused in ("off", "on"):
             engine = Engine(model, _method("kivi", fused, GPU_BITS, 4, 2), prefill_chunk=128)
@@ -183,7 +175,7 @@ def test_ratequant_over_kivi_gives_the_reference_tokens_on_gpu():
 
 @pytest.mark.gpu
 def test_ratequant_over_kivi_decode_step_is_captured_and_does_not_sync():
-    model = _tiny_model("bfloat16")
+    model = gpu_tiny_model("bfloat16")
     engine = Engine(model, _method("kivi", "auto", GPU_BITS, 4, 2, {"residual_length": 32}))
     state = engine.new_state(2, 96)
     assert state.graph_safe and state.kernel == "fused"

@@ -25,7 +25,7 @@ from methods.kernels.turboquant_attention import (  # noqa: E402
 from methods.quantizers import TurboQuantizer  # noqa: E402
 from methods.stores import CodecStore  # noqa: E402
 from methods.turboquant import TurboQuantKQV, TurboQuantKV, TurboQuantQKQV  # noqa: E402
-from tests.helpers import logits_error_until_divergence  # noqa: E402
+from tests.helpers import gpu_tiny_model, logits_error_until_divergence  # noqa: E402
 
 # (K: mse bits, sketch m; V: mse bits, sketch m; rotate): KV, KQV, QKQV at 4 bits, QJL alone on K, no rotation
 CODECS = [((4, 0), (4, 0), True), ((4, 0), (3, 32), True), ((3, 32), (3, 32), True), ((0, 64), (2, 0), True),
@@ -237,12 +237,6 @@ def test_turboquant_kernels_match_reference_on_gpu(spec):
             assert float(same) > 0.999, (dtype, x, float(same))
 
 
-def _tiny_model(dtype):
-    from harness.loading import load
-
-    return load({"path": "models/kvbench-tiny", "dtype": dtype}, device="cuda").model
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [TurboQuantKV, TurboQuantKQV, TurboQuantQKQV], ids=["kv", "kqv", "qkqv"])
 def test_fused_turboquant_gives_the_reference_tokens_on_gpu(cls):
@@ -254,7 +248,7 @@ def test_fused_turboquant_gives_the_reference_tokens_on_gpu(cls):
     prompts = [Prompt(context=torch.randint(3, 250, (n,), generator=g).tolist(),
                       question=torch.randint(3, 250, (8,), generator=g).tolist()) for n in lengths]
     for dtype, tol, rows in (("float32", 1e-3, 15), ("bfloat16", 4e-2, 14)):  # bf16: H100 0.017-0.031 over all steps
-        model = _tiny_model(dtype)
+        model = gpu_tiny_model(dtype)
         outs = {}
         for fused in ("off", "on"):
             engine = Engine(model, cls(ratio=0.75, fused=fused), prefill_chunk=128)
@@ -268,7 +262,7 @@ def test_fused_turboquant_gives_the_reference_tokens_on_gpu(cls):
 
 @pytest.mark.gpu
 def test_fused_turboquant_decode_step_is_captured_and_does_not_sync():
-    model = _tiny_model("bfloat16")
+    model = gpu_tiny_model("bfloat16")
     engine = Engine(model, TurboQuantKQV(ratio=0.75))
     state = engine.new_state(2, 64)
     assert state.graph_safe and state.kernel == "fused"
