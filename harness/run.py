@@ -421,17 +421,26 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     return out
 
 
-def _quiet_lm_eval_bars() -> None:
-    """lm-eval draws a bar while it builds the requests (milliseconds, before the real work): keep it off
-    the terminal; the generate / loglikelihood bars are ours."""
+def _lean_lm_eval() -> None:
+    """Two things lm-eval does on every ``simple_evaluate`` that a row does not need, off:
+
+    - the bar it draws while it builds the requests (milliseconds, before the real work): the generate /
+      loglikelihood bars are ours;
+    - ``add_env_info``: torch's ``collect_env`` in subprocesses (``pip list``, ``nvidia-smi``, ...), about
+      1.2 s a run on 2 CPU cores, repeated by each of a grid's hundreds of cells in one process. The row
+      records its environment itself (``harness.results.environment``: torch, transformers, lm-eval,
+      device, driver, git sha)."""
     import functools
 
     import lm_eval.api.task as task_mod
+    import lm_eval.evaluator as evaluator_mod
 
     if not getattr(task_mod.tqdm, "_kvbench_quiet", False):
         quiet = functools.partial(task_mod.tqdm, disable=True)
         quiet._kvbench_quiet = True  # type: ignore[attr-defined]
         task_mod.tqdm = quiet
+    if hasattr(evaluator_mod, "add_env_info"):
+        evaluator_mod.add_env_info = lambda results: None
 
 
 def _accuracy_pass(cfg: Any, engine: Any, tok: Any, samples: list[dict]) -> dict[str, Any]:
@@ -444,7 +453,7 @@ def _accuracy_pass(cfg: Any, engine: Any, tok: Any, samples: list[dict]) -> dict
 
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    _quiet_lm_eval_bars()
+    _lean_lm_eval()
     task = cfg.task
     max_len = cfg.model.get("max_length") or getattr(engine.model.config, "max_position_embeddings", None)
     splitter = PromptSplitter(

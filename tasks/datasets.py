@@ -91,7 +91,7 @@ def _options(kw: dict, what: str) -> dict:
         )
     n = kw.get("n", kw.get("limit"))
     return {
-        "count_tokens": _synthetic().token_counter(resolve_tokenizer(kw)),
+        "tokenizer": resolve_tokenizer(kw),
         "context_length": int(length),
         "n": 100 if n is None else int(n),
         "seed": int(kw.get("seed", 0)),
@@ -106,8 +106,9 @@ def _to_dataset(rows: list[dict]) -> dict:
 
 
 def synthetic_dataset(task: str, **kw) -> dict:
-    """``{"test": Dataset}`` of ``n`` samples of synthetic ``task`` (fields of ``make_samples``)."""
-    return _to_dataset(_synthetic().make_samples(task, **_options(kw, f"kvbench_{task}")))
+    """``{"test": Dataset}`` of ``n`` samples of synthetic ``task`` (fields of ``make_samples``), made once
+    per process for a tokenizer object (``tasks.synthetic.SAMPLES``: a grid's cells share them)."""
+    return _to_dataset(_synthetic().SAMPLES.samples(task, **_options(kw, f"kvbench_{task}")))
 
 
 # One entry point per task YAML (`custom_dataset: !function datasets.<task>`); lm-eval calls it with the
@@ -124,7 +125,8 @@ kv_retrieval = functools.partial(synthetic_dataset, "kv_retrieval")
 def ppl(**kw) -> dict:
     """lm-eval dataset of ``kvbench_ppl``: documents (``id``, ``text``, ``num_tokens``) for perplexity."""
     opts = _options(kw, "kvbench_ppl")
-    return _to_dataset(_synthetic().make_ppl_docs(**opts, file=kw.get("ppl_file")))
+    count = _synthetic().token_counter(opts.pop("tokenizer"))
+    return _to_dataset(_synthetic().make_ppl_docs(**opts, count_tokens=count, file=kw.get("ppl_file")))
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:

@@ -57,6 +57,8 @@ __all__ = [
     "sample_seed_key",
     "make_sample",
     "make_samples",
+    "SampleMemo",
+    "SAMPLES",
     "make_ppl_docs",
     "score",
     "token_counter",
@@ -777,6 +779,48 @@ def make_samples(
         )
         for i in range(n)
     ]
+
+
+class SampleMemo:
+    """:func:`make_samples` for a tokenizer object, remembered sample by sample within one process.
+
+    Fitting a sample to its token budget tokenizes its whole prompt three or four times (``_fit_units``);
+    at 4096 tokens that is about 40 ms a sample on one CPU core, 4 s for a 100-sample cell, which every
+    method's cell of a grid (scripts/leaderboard.py runs hundreds in one process) repeated identically.
+    A sample depends only on (task, tokenizer, context_length, seed, split, index), so it is made once;
+    callers get deep copies. The tokenizer is held by the entry and compared by identity, so another
+    tokenizer never reads this one's samples; the least recently made entries go first beyond
+    ``max_entries`` (task, tokenizer, length, seed, split) combinations.
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple, tuple[object, CountTokens, dict[int, dict]]] = {}
+
+    def samples(self, task: str, tokenizer: object, *, context_length: int, n: int, seed: int,
+                split: str = "eval") -> list[dict]:
+        """The same list :func:`make_samples` returns for ``token_counter(tokenizer)``."""
+        import copy
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        key = (task, id(tokenizer), context_length, seed, split)
+        entry = self._entries.pop(key, None)
+        if entry is None or entry[0] is not tokenizer:
+            entry = (tokenizer, token_counter(tokenizer), {})
+        self._entries[key] = entry  # most recently used last
+        while len(self._entries) > self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        _, count, made = entry
+        for i in range(n):
+            if i not in made:
+                made[i] = make_sample(task, count_tokens=count, context_length=context_length, seed=seed,
+                                      index=i, split=split)
+        return [copy.deepcopy(made[i]) for i in range(n)]
+
+
+SAMPLES = SampleMemo()
+"""The process's memo of fitted samples (tasks/datasets.py reads every kvbench task through it)."""
 
 
 # --------------------------------------------------------------------------------------------------

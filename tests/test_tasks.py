@@ -108,6 +108,33 @@ def test_deterministic(task, count):
     assert len({s["id"] for s in a + c}) == 6
 
 
+def test_sample_memo_gives_make_samples_and_tokenizes_once(tokenizer, count):
+    """A grid's cells share a task's samples (tasks.synthetic.SAMPLES): the memo returns what
+    make_samples does, fits each sample once per tokenizer object, and hands out copies."""
+    calls = []
+
+    class Counting:  # a tokenizer object that counts its encodes
+        def encode(self, text, add_special_tokens=False):
+            calls.append(1)
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    memo, tok = S.SampleMemo(max_entries=2), Counting()
+    first = memo.samples("niah_multikey", tok, context_length=512, n=3, seed=7)
+    assert first == S.make_samples("niah_multikey", count_tokens=count, context_length=512, n=3, seed=7)
+    made, expected = len(calls), [dict(x, answers=list(x["answers"])) for x in first[:2]]
+    first[0]["answers"].append("mutated by a caller")
+    again = memo.samples("niah_multikey", tok, context_length=512, n=2, seed=7)
+    assert len(calls) == made and again == expected
+    other = Counting()  # another tokenizer object never reads this one's samples
+    memo.samples("niah_multikey", other, context_length=512, n=1, seed=7)
+    assert len(calls) > made
+    for seed in (1, 2, 3):  # beyond max_entries the oldest entry goes
+        memo.samples("niah_single", tok, context_length=512, n=1, seed=seed)
+    assert len(memo._entries) == 2
+    with pytest.raises(ValueError, match="non-negative int"):
+        memo.samples("niah_single", tok, context_length=512, n=-1, seed=0)
+
+
 def test_deterministic_across_processes():
     """Same bytes in a fresh interpreter with another hash seed (string seeds are SHA-512 based)."""
     here = digest([S.make_samples(t, count_tokens=words, context_length=300, n=2, seed=3) for t in S.TASKS])
