@@ -37,6 +37,31 @@ def test_prompt_is_tokenized_once_and_split_at_a_token_boundary(tok):
             assert tok.decode(ctx) == s["context"] and tok.decode(q) == s["question"]
 
 
+def test_prompts_are_tokenized_once_per_process_and_tokenizer(tok):
+    """A grid's cells share prompt tokenizations (lm_eval_adapter._TokenizedPrompts): a second splitter
+    gets the same split without calling the tokenizer; another tokenizer object tokenizes itself."""
+    from harness.lm_eval_adapter import _TokenizedPrompts
+
+    calls = []
+
+    class Counting:
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return tok(text, **kw)
+
+    memo, counting = _TokenizedPrompts(max_entries=2), Counting()
+    s = make_samples("niah_single", count_tokens=token_counter(tok), context_length=300, n=1, seed=0)[0]
+    prompt, cut = s["context"] + s["question"], len(s["context"])
+    first = memo.split(counting, prompt, add_special_tokens=True, cut=cut)
+    assert memo.split(counting, prompt, add_special_tokens=True, cut=cut) == first and len(calls) == 1
+    ids, i = first
+    assert ids == tok(prompt)["input_ids"] and tok.decode(ids[i:]) == s["question"]
+    memo.split(Counting(), prompt, add_special_tokens=True, cut=cut)
+    assert len(calls) == 2
+    assert memo.split(counting, prompt, add_special_tokens=True, cut=None) == (ids, len(ids))
+    assert len(memo._memo) == 2  # least recently used out first
+
+
 def test_middle_truncation_is_counted(tok):
     splitter = PromptSplitter(tokenizer=tok, context_field="context", max_length=100)
     (s,) = make_samples("niah_single", count_tokens=token_counter(tok), context_length=300, n=1, seed=0)
