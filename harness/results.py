@@ -274,9 +274,13 @@ def environment(device: Any = None) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - lm-eval is optional for GPU-side scripts
         lm_eval_version = None
     status = _git("status", "--porcelain", "--untracked-files=no")
+    sha, dirty = _git("rev-parse", "HEAD"), None if status is None else bool(status)
+    if os.environ.get("KVBENCH_GIT_SHA"):  # a copy of a tree whose .git is not its own (the GPU machine's, DEVELOPERS.md)
+        sha = os.environ["KVBENCH_GIT_SHA"]
+        dirty = {"0": False, "1": True}.get(os.environ.get("KVBENCH_GIT_DIRTY", ""))
     env = {
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_sha": sha,
+        "git_dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

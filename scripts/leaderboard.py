@@ -163,8 +163,9 @@ Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the re
 ```
 
 On the GPU machine (the tree of a commit that has this runner; `.whl` from `scripts/fetch_gpu_wheels.sh`):
-`run carry=[".whl"] command=". scripts/gpu_env.sh || exit 1; python -m scripts.leaderboard --models tiny
---max-minutes 8 --pack $OUT/rows.tar.gz"`, then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
+`run carry=[".whl"] command="export KVBENCH_GIT_SHA=<sha of HEAD here> KVBENCH_GIT_DIRTY=0; . scripts/gpu_env.sh ||
+exit 1; python -m scripts.leaderboard --models tiny --max-minutes 8 --pack $OUT/rows.tar.gz"` (the machine's `.git`
+is not the commit you sent: DEVELOPERS.md), then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
 python -m scripts.leaderboard --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
 
 ## Commits and machines

@@ -378,3 +378,16 @@ def test_a_truncated_prompt_is_in_the_reason_and_samples_are_kept(tmp_path, monk
     line = summary_line(row, "x.json", metric="accuracy")
     assert line.startswith("ok      streaming_llm ratio=0.5 niah_single@256: accuracy ") and line.endswith("-> x.json")
     assert "achieved 0.5" in line and "cut in the middle" in line
+
+
+def test_a_row_names_the_commit_the_caller_sent(monkeypatch):
+    """The GPU machine's copy of the tree carries a .git that is not the sent commit (DEVELOPERS.md): the row takes
+    KVBENCH_GIT_SHA / KVBENCH_GIT_DIRTY when they are set, and its own git otherwise."""
+    monkeypatch.delenv("KVBENCH_GIT_SHA", raising=False)
+    own = R.environment()
+    assert own["git_sha"] is None or len(own["git_sha"]) == 40  # None: a tree without git
+    monkeypatch.setenv("KVBENCH_GIT_SHA", "0" * 40)
+    monkeypatch.setenv("KVBENCH_GIT_DIRTY", "0")
+    assert (R.environment()["git_sha"], R.environment()["git_dirty"]) == ("0" * 40, False)
+    monkeypatch.delenv("KVBENCH_GIT_DIRTY")
+    assert R.environment()["git_dirty"] is None  # not known: not claimed clean
