@@ -140,3 +140,20 @@ def test_every_experiment_runs_its_smoke_size(name, tmp_path):
     assert ans["answer"] and "yet" not in ans["answer"]
     if "command" not in E.specs()[name]:
         assert ans["rows"] >= 2
+
+
+@pytest.mark.slow
+def test_fused_divergence_reports_every_row(tmp_path, monkeypatch):
+    """scripts/experiments/fused_divergence.py under the interpreter: a fused quantizer agrees with its reference to
+    fp32 noise on every row, and the JSON names each row's parting step (none) and errors."""
+    from scripts.experiments import fused_divergence as FD
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "d.json"
+    assert FD.main(["fp8", "--ratio", "0.5", "--lengths", "24,9", "--q-len", "3", "--new", "2", "--chunk", "16",
+                    "--variants", "default", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["reference"]["kernel"], report["variants"]["default"]["kernel"]) == ("reference", "fused")
+    rows = report["variants"]["default"]["rows"]
+    assert [r["parts_at"] for r in rows] == [None, None] and max(r["max_err"] for r in rows) < 1e-4
+    assert [len(r["err_per_step"]) for r in rows] == [2, 2]

@@ -291,6 +291,8 @@ GPU_LAYOUTS = [
     (ScalarLayout("int", 4, 128, 0.95), ScalarLayout("int", 4, 128, 0.95)),  # quarot at 4 bits
     (ScalarLayout("fp8", 8, 128), ScalarLayout("fp8", 8, 128)),
     (ScalarLayout("int", 2, 32), ScalarLayout("int", 8, 32)),
+    (ScalarLayout("int", 2, 32), ScalarLayout("int", 2, 32)),  # uniform_int at 2 bits (its end-to-end test parts on
+    # the H100 at 03f98cf, fp32, row 0 at step 3 with a logit error of 0.61; the interpreter agrees to 1e-6)
     (ScalarLayout("int", 3, 128), ScalarLayout("int", 5, 128)),
 ]
 
