@@ -444,12 +444,27 @@ def bench_section(bench_dir: Path) -> str:
            + ", ".join(f"<code>{esc(r)}</code>" for r in reports) + "). Commands:</p><ul>"
            + "".join(f"<li><code>{esc(c)}</code></li>" for c in commands) + "</ul>",
            "<table class=sortable><thead><tr>", *(f"<th>{h}</th>" for h in (
-               "engine", "batch", "context", "kernel", "CUDA graph", "decode ms p50", "tokens/s", "roofline frac",
-               "peak decode GB", "commit")), "</tr></thead><tbody>"]
-    for d in sorted(cells, key=lambda d: (d.get("batch") or 0, d.get("context") or 0, str(d.get("engine")))):
-        out.append(f"<tr><td>{esc(d.get('engine'))}</td><td>{d.get('batch')}</td><td>{d.get('context')}</td>"
+               "engine", "method", "ratio", "batch", "context", "kernel", "CUDA graph", "decode ms p50",
+               "x full (same call)", "tokens/s", "KV GB read / step", "roofline frac", "peak decode GB", "commit")),
+           "</tr></thead><tbody>"]
+
+    def full_ms(d: dict) -> float | None:  # full's decode in the same call and cell: the only fair divisor
+        for f in cells:
+            if (f.get("method") == "full" and f.get("engine") == d.get("engine") and f.get("call") == d.get("call")
+                    and (f.get("batch"), f.get("context")) == (d.get("batch"), d.get("context"))):
+                return _f(f.get("decode_ms_p50"))
+        return None
+
+    for d in sorted(cells, key=lambda d: (d.get("batch") or 0, d.get("context") or 0, str(d.get("engine")),
+                                          d.get("method") != "full", str(d.get("label") or d.get("method")))):
+        ms, ref = _f(d.get("decode_ms_p50")), full_ms(d)
+        rel = ms / ref if ms is not None and ref else None
+        read = _f(d.get("kv_bytes_read_per_step"))
+        out.append(f"<tr><td>{esc(d.get('engine'))}</td><td>{esc(d.get('method') or '')}</td>"
+                   f"<td>{_fmt(_f(d.get('ratio')), '.4g')}</td><td>{d.get('batch')}</td><td>{d.get('context')}</td>"
                    f"<td>{esc(d.get('kernel'))}</td><td>{'yes' if d.get('cuda_graph') else 'no'}</td>"
-                   f"<td>{_fmt(_f(d.get('decode_ms_p50')), '.2f')}</td><td>{_fmt(_f(d.get('tokens_s')), '.0f')}</td>"
+                   f"<td>{_fmt(ms, '.2f')}</td><td>{_fmt(rel, '.2f')}</td><td>{_fmt(_f(d.get('tokens_s')), '.0f')}</td>"
+                   f"<td>{_fmt(None if read is None else read / 1e9, '.2f')}</td>"
                    f"<td>{_fmt(_f(d.get('roofline_frac')), '.2f')}</td>"
                    f"<td>{_fmt(_f(d.get('peak_mem_decode_bytes')) / 1e9, '.2f')}</td><td>{esc(d.get('commit'))}</td></tr>")
     out.append("</tbody></table>")

@@ -55,6 +55,15 @@ def test_each_open_question_has_its_section(page):
     assert page.count("Not answered yet") == 4 and "make experiment NAME=q5_composition" in page
 
 
+def test_engine_benchmark_names_each_method_and_its_multiple_of_full(page):
+    """The committed bench rows (results/bench/rows): one line per method and ratio, with decode ms over full's
+    in the same call (a table of bare "kvbench" lines could not be read)."""
+    bench = page[page.index('id="bench"'):]
+    for col in ("<th>method</th>", "<th>ratio</th>", "<th>x full (same call)</th>", "<th>KV GB read / step</th>"):
+        assert col in bench, col
+    assert re.search(r"<td>full</td><td>0</td>.*?<td>1\.00</td>", bench)
+
+
 def test_every_method_and_model_is_on_the_page(page):
     for m in methods():
         assert f"<td>{m}</td>" in page, m
