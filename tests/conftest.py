@@ -43,3 +43,12 @@ def interpret():
 
     if not interpret_mode():
         pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")
+
+
+def pytest_runtest_logreport(report):
+    """``KVBENCH_FAILURES=<file>``: each failure's traceback appended to that file as it happens. On the GPU machine
+    a call's timeout kills pytest before its summary, and the tracebacks with it (DEVELOPERS.md)."""
+    path = os.environ.get("KVBENCH_FAILURES")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # xdist: the controller writes, once
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
