@@ -300,6 +300,37 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
     return written
 
 
+def run_workers(base_argv: list[str], tasks: list[str], n: int, *, cwd: Path = REPO) -> list[str]:
+    """Run a grid in ``n`` processes on this machine, worker i on ``tasks[i::n]`` (a task's gate and its cells stay
+    in one worker), all sharing its GPU (``harness.gpu_share``: accuracy passes side by side, each probe alone and
+    shared). ``base_argv``: the worker's command without ``--tasks`` (it must accept ``--tasks``,
+    ``--written-to FILE`` and ``--no-tables``). Returns the run_ids the workers wrote; a worker that fails is
+    reported and the others go on (its rows written so far are kept)."""
+    import subprocess
+    import tempfile
+
+    from harness import gpu_share
+
+    n = max(1, min(n, len(tasks)))
+    with tempfile.TemporaryDirectory(prefix="kvbench-workers-") as tmp:
+        env = {**os.environ, gpu_share.ENV: str(Path(tmp) / "lock")}
+        procs = []
+        for i in range(n):
+            out = Path(tmp) / f"written-{i}.json"
+            argv = [*base_argv, "--tasks", ",".join(tasks[i::n]), "--written-to", str(out), "--no-tables"]
+            print(f"[grid] worker {i}: {' '.join(tasks[i::n])}", file=sys.stderr, flush=True)
+            procs.append((i, out, subprocess.Popen(argv, cwd=cwd, env=env)))
+        written: list[str] = []
+        for i, out, proc in procs:
+            rc = proc.wait()
+            if rc != 0:
+                print(f"[grid] worker {i} exited with {rc}; the rows it wrote are kept, run again to resume",
+                      file=sys.stderr, flush=True)
+            if out.is_file():
+                written += json.loads(out.read_text())
+    return written
+
+
 def threshold_of(grid: dict) -> float | None:
     t = grid.get("min_full_accuracy")
     return None if t is None else float(t)

@@ -341,20 +341,35 @@ def _probe_key(cfg: Any, batch: int) -> str:
 
 def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
          probe_cache: dict | None = None) -> dict[str, Any]:
+    from . import gpu_share
+    from .devices import pin_error
+
+    if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
+        raise RuntimeError(f"no GPU for this job: {pin_error()}")
+    out: dict[str, Any] = {}
+    with gpu_share.shared():  # grid workers beside it on this GPU, but no probe (harness/gpu_share.py)
+        ready = _evaluate(cfg, method, samples, ctx, out)
+    if cfg.bench.enabled:
+        with gpu_share.exclusive():  # the probe alone on the GPU among the workers
+            _probe(cfg, ready, out, probe_cache)
+    out["status"] = "ok"
+    out["reason"] = out.get("reason")
+    return out
+
+
+def _evaluate(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Load, validate and calibrate, then the accuracy pass: its columns go into ``out``; returns what the probe
+    needs (the engine, the loaded model, its spec and the resolved config)."""
     import torch
     from omegaconf import OmegaConf
 
     from methods.api import ModelSpec
 
     from . import settings as S
-    from .devices import pin_error
     from .loading import load
-    from .measure import nominal_weights_bytes, throughput_probe
-    from .session import Unsupported, open_session, probe_batch
+    from .measure import nominal_weights_bytes
+    from .session import Unsupported, open_session
 
-    out: dict[str, Any] = {}
-    if pin_error():  # hydra/launcher=joblib_gpus could not give this job a GPU of its own: never run unpinned
-        raise RuntimeError(f"no GPU for this job: {pin_error()}")
     t0 = time.perf_counter()
     _log(f"loading model {cfg.model.name}")
     loaded = load(OmegaConf.to_container(cfg.model, resolve=True), device=cfg.device.name,
@@ -382,43 +397,57 @@ def _run(cfg: Any, method: Any, samples: list[dict], ctx: dict[str, Any], *,
     out.update(_accuracy_pass(cfg, engine, tok, samples))
     out["kernel"] = engine.kernel  # the path that ran: fused kernels (CUDA) or the reference
 
-    if cfg.bench.enabled:
-        batch, batch_from = probe_batch(config)  # the run's batch_size unless bench.batch_size is set
-        out["probe_batch_from"] = batch_from
-        key = None if probe_cache is None else _probe_key(cfg, batch)
-        if key is not None and key in probe_cache:
-            _log("throughput probe: measured earlier in this process for the same model, method and ratio")
-            probe = dict(probe_cache[key])
-        else:
-            _log(f"throughput probe: {batch} ({batch_from}) x {cfg.bench.context_length} random tokens, "
-                 f"{cfg.bench.decode_steps} decode steps (after a short warm-up)")
-            tp = time.perf_counter()
-            probe = throughput_probe(
-                engine, batch_size=batch, context_length=int(cfg.bench.context_length),
-                decode_steps=int(cfg.bench.decode_steps), vocab_size=spec.vocab_size, seed=int(cfg.seed),
-            )
-            _log(f"throughput probe done in {time.perf_counter() - tp:.1f}s")
-            if key is not None:
-                probe_cache[key] = dict(probe)
-        kv_read = probe.pop("probe_kv_bytes_read_per_step")
-        out.update(probe)
-        slow = []  # why this GPU row's decode speed is not the fast path's (an ok row still says so)
-        if engine.graph_error:
-            slow.append(f"decode ran without a CUDA graph: {engine.graph_error}")
-        if loaded.device.type == "cuda" and engine.fused is None:
-            slow.append(f"decode steps ran through the model's modules: {engine.fused_layers_reason}")
-        if slow:
-            out["reason"] = "; ".join([r for r in (out.get("reason"),) if r] + slow)
-        if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
-            from .devices import roofline_ms
+    return {"engine": engine, "loaded": loaded, "model": model, "spec": spec, "config": config}
 
-            roof = roofline_ms(model, kv_bytes=kv_read)  # over every GPU a split model spans (harness/devices.py)
-            if roof:
-                out["roofline_ms"] = roof["roofline_ms"]
-                out["roofline_frac"] = roof["roofline_ms"] / out["decode_ms_p50"]
-    out["status"] = "ok"
-    out["reason"] = out.get("reason")
-    return out
+
+def _probe(cfg: Any, ready: dict[str, Any], out: dict[str, Any], probe_cache: dict | None) -> None:
+    """The throughput probe's columns into ``out``: measured here, or copied from an earlier probe of the same
+    model, method, ratio and shape (``probe_cache`` in this process; ``gpu_share.ProbeFile`` across workers)."""
+    from . import gpu_share
+    from .measure import throughput_probe
+    from .session import probe_batch
+
+    engine, loaded, model, spec, config = (ready[k] for k in ("engine", "loaded", "model", "spec", "config"))
+    shared_probes = gpu_share.probe_file()
+    batch, batch_from = probe_batch(config)  # the run's batch_size unless bench.batch_size is set
+    out["probe_batch_from"] = batch_from
+    key = None if probe_cache is None and shared_probes is None else _probe_key(cfg, batch)
+    earlier = shared_probes.get(key) if shared_probes is not None and key is not None else None
+    if key is not None and probe_cache is not None and key in probe_cache:
+        _log("throughput probe: measured earlier in this process for the same model, method and ratio")
+        probe = dict(probe_cache[key])
+    elif earlier is not None:
+        _log("throughput probe: measured earlier by another worker for the same model, method and ratio")
+        probe = dict(earlier)
+    else:
+        _log(f"throughput probe: {batch} ({batch_from}) x {cfg.bench.context_length} random tokens, "
+             f"{cfg.bench.decode_steps} decode steps (after a short warm-up)")
+        tp = time.perf_counter()
+        probe = throughput_probe(
+            engine, batch_size=batch, context_length=int(cfg.bench.context_length),
+            decode_steps=int(cfg.bench.decode_steps), vocab_size=spec.vocab_size, seed=int(cfg.seed),
+        )
+        _log(f"throughput probe done in {time.perf_counter() - tp:.1f}s")
+        if key is not None and probe_cache is not None:
+            probe_cache[key] = dict(probe)
+        if key is not None and shared_probes is not None:
+            shared_probes.put(key, probe)
+    kv_read = probe.pop("probe_kv_bytes_read_per_step")
+    out.update(probe)
+    slow = []  # why this GPU row's decode speed is not the fast path's (an ok row still says so)
+    if engine.graph_error:
+        slow.append(f"decode ran without a CUDA graph: {engine.graph_error}")
+    if loaded.device.type == "cuda" and engine.fused is None:
+        slow.append(f"decode steps ran through the model's modules: {engine.fused_layers_reason}")
+    if slow:
+        out["reason"] = "; ".join([r for r in (out.get("reason"),) if r] + slow)
+    if loaded.device.type == "cuda" and out.get("decode_ms_p50"):
+        from .devices import roofline_ms
+
+        roof = roofline_ms(model, kv_bytes=kv_read)  # over every GPU a split model spans (harness/devices.py)
+        if roof:
+            out["roofline_ms"] = roof["roofline_ms"]
+            out["roofline_frac"] = roof["roofline_ms"] / out["decode_ms_p50"]
 
 
 def _lean_lm_eval() -> None:

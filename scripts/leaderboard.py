@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import grid as G
-from harness.grid import gate_passes, pack, plan, read_rows, rows_by_cell, run_grid, threshold_of
+from harness.grid import gate_passes, pack, plan, read_rows, rows_by_cell, run_grid, run_workers, threshold_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,8 @@ Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the re
 On the GPU machine (the tree of a commit that has this runner; `.whl` from `scripts/fetch_gpu_wheels.sh`):
 `run carry=[".whl"] command="export KVBENCH_GIT_SHA=<sha of HEAD here> KVBENCH_GIT_DIRTY=0; . scripts/gpu_env.sh ||
 exit 1; python -m scripts.leaderboard --models tiny --max-minutes 8 --pack $OUT/rows.tar.gz"` (the machine's `.git`
-is not the commit you sent: DEVELOPERS.md), then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
+is not the commit you sent: DEVELOPERS.md; `--workers 4` runs four processes on its GPU, each probe alone: the tiny
+model's cells are host-bound; not yet timed on the GPU, compare the cost table), then here `tar -xzf <files_at>/rows.tar.gz -C results/leaderboard &&
 python -m scripts.leaderboard --tables`. smollm2 first needs its weights there: `scripts/smollm2_gpu.py`.
 
 ## Commits and machines
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help="comma-separated subset of methods (full always runs: it is the gate)")
     ap.add_argument("--max-minutes", type=float, help="start no new cell after this long (resume later)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes sharing this machine's GPU, each on its own tasks: accuracy passes side by side, "
+                         "each throughput probe alone (harness/gpu_share.py); cells are host-bound on small models")
+    ap.add_argument("--written-to", type=Path, help=argparse.SUPPRESS)  # a worker's run_ids, for its parent
+    ap.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent writes them
     ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimated cost, run nothing")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from the rows")
@@ -268,9 +274,24 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     cmd = " ".join(["python -m scripts.leaderboard", *(argv if argv is not None else sys.argv[1:])])
-    written = run_grid(grid, parts, results=args.results, max_minutes=args.max_minutes, extra=list(args.overrides))
+    if args.workers > 1:
+        tasks = list(dict.fromkeys(c.task for part in parts.values() for c in part["gate"]))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // min(args.workers, max(1, len(tasks))))
+        base = [sys.executable, "-m", "scripts.leaderboard", "--grid", str(args.grid), "--results", str(args.results),
+                "--threads", str(threads), *(["--models", args.models] if args.models else []),
+                *(["--lengths", args.lengths] if args.lengths else []),
+                *(["--methods", args.methods] if args.methods else []),
+                *(["--max-minutes", str(args.max_minutes)] if args.max_minutes is not None else []), *args.overrides]
+        written = run_workers(base, tasks, args.workers)
+    else:
+        written = run_grid(grid, parts, results=args.results, max_minutes=args.max_minutes,
+                           extra=list(args.overrides))
+    if args.written_to:
+        args.written_to.write_text(json.dumps(written))
     if args.pack:
         pack(args.results, written, args.pack)
+    if args.no_tables:
+        return 0
     try:
         counts = write_tables(grid, args.results, [cmd] if written else [])
     except Exception as e:  # noqa: BLE001 - the rows are written; tables can be rebuilt with --tables

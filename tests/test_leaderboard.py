@@ -86,6 +86,28 @@ def test_runner_rows_gate_resume_and_shared_probe(tmp_path, capsys):
     assert "tiny @ 256" in L.estimate(L.load_grid(grid_path), G.plan(L.load_grid(grid_path)), G.read_rows(res))
 
 
+@pytest.mark.slow
+def test_workers_share_the_gpu_and_the_probes(tmp_path, capfd):
+    """--workers 2: each worker takes its own tasks (gate and cells together), the rows are the ordinary ones, each
+    method x ratio is probed once across the workers (harness/gpu_share.py), and the parent packs and tabulates."""
+    grid_path = _grid(tmp_path)
+    res = tmp_path / "res"
+    assert L.main(["--grid", str(grid_path), "--results", str(res), "--methods", "streaming_llm", "--workers", "2",
+                   "--pack", str(tmp_path / "rows.tgz")]) == 0
+    err = capfd.readouterr().err
+    rows = [json.loads(p.read_text()) for p in (res / "runs").glob("*.json")]
+    got = {(r["task"], r["method"], r["ratio"]) for r in rows}
+    eviction = G.family_ratios()["eviction"]
+    assert got == ({(t, "full", 0.0) for t in ("niah_single", "common_words", "niah_multikey")}
+                   | {(t, "streaming_llm", r) for t in ("niah_single", "niah_multikey") for r in eviction})
+    assert all(r["status"] == "ok" for r in rows)
+    assert "[grid] worker 0: niah_single niah_multikey" in err and "[grid] worker 1: common_words" in err
+    assert err.count("throughput probe done") == 1 + len(eviction)  # one probe per method x ratio, all workers
+    with tarfile.open(tmp_path / "rows.tgz") as tar:
+        assert {n for n in tar.getnames() if n.startswith("runs/")} == {f"runs/{r['run_id']}.json" for r in rows}
+    assert "niah_single 1.00 ✓" in (res / "README.md").read_text()
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown method"):
         G.plan(L.load_grid(), only_methods=["snapkvv"])
