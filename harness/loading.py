@@ -7,6 +7,7 @@ Loaded models are cached per process, so a Hydra multirun loads each model once.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def load(model_cfg: dict[str, Any], *, device: str | None = "auto", split_over: 
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, revision=revision, dtype=dtype, attn_implementation="sdpa", **offline
+                path, revision=revision, config=config, dtype=dtype, attn_implementation="sdpa", **offline
             ).to(dev)
         except OSError as e:
             raise _not_found(path, revision, e) from e
@@ -171,6 +172,7 @@ class _Source:
     tok_path: str
     offline: dict
     key: tuple  # the cache key without the device(s)
+    rope: dict | None = None  # model.rope: RoPE scaling applied to the config (:func:`apply_rope`)
 
 
 def _source(model_cfg: dict[str, Any]) -> _Source:
@@ -183,15 +185,32 @@ def _source(model_cfg: dict[str, Any]) -> _Source:
     random_init = bool(model_cfg.get("random_init", False))
     tok_path = _local(str(model_cfg.get("tokenizer") or model_cfg["path"]))
     offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE", "1") != "0" else {}
-    key = (path, revision, random_init, model_cfg.get("random_seed"), model_cfg.get("dtype"), tok_path)
-    return _Source(path, revision, random_init, tok_path, offline, key)
+    rope = model_cfg.get("rope") or None
+    key = (path, revision, random_init, model_cfg.get("random_seed"), model_cfg.get("dtype"), tok_path,
+           json.dumps(rope, sort_keys=True))
+    return _Source(path, revision, random_init, tok_path, offline, key, rope)
+
+
+def apply_rope(config: Any, rope: dict | None) -> Any:
+    """``model.rope`` (e.g. ``{rope_type: linear, factor: 4}``) merged into the config's ``rope_parameters`` (its
+    ``rope_theta`` kept), and ``max_position_embeddings`` stretched by the factor, so the model's rotary module
+    (which the fused decoder calls too) and the runner's window checks both see it. Position interpolation on a
+    model never trained with it: whether it still retrieves is the experiment's to measure (the full-cache row)."""
+    if not rope:
+        return config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({k: v for k, v in rope.items()})
+    config.rope_parameters = params
+    factor = float(rope.get("factor", 1.0))
+    config.max_position_embeddings = int(config.max_position_embeddings * factor)
+    return config
 
 
 def _config_and_tokenizer(src: _Source) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(src.path, revision=src.revision, **src.offline)
+        config = apply_rope(AutoConfig.from_pretrained(src.path, revision=src.revision, **src.offline), src.rope)
         tokenizer = AutoTokenizer.from_pretrained(
             src.tok_path, revision=None if src.tok_path != src.path else src.revision, **src.offline)
     except (OSError, ValueError) as e:
@@ -226,7 +245,8 @@ def _load_split(model_cfg: dict[str, Any], *, device: str | None, split_over: An
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, revision=revision, dtype=dtype, attn_implementation="sdpa", device_map=device_map, **offline)
+                path, revision=revision, config=config, dtype=dtype, attn_implementation="sdpa",
+                device_map=device_map, **offline)
         except OSError as e:
             raise _not_found(path, revision, e) from e
         weights = str(model_cfg.get("weights") or "trained")

@@ -58,6 +58,17 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
+def _rope_ok(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("rope_type"), str) and bool(v["rope_type"].strip())
+            and _is_number(v.get("factor", 1.0)) and v.get("factor", 1.0) >= 1)
+
+
+def rope_factor(model: dict[str, Any]) -> float:
+    """How far ``model.rope`` stretches the model's window (1 without it): its ``factor``."""
+    rope = model.get("rope") if isinstance(model, dict) else None
+    return float(rope.get("factor", 1.0)) if isinstance(rope, dict) and _is_number(rope.get("factor", 1.0)) else 1.0
+
+
 SCHEMA: tuple[Setting, ...] = (
     Setting("ratio", "a finite number: the target fraction of KV bytes removed, 0 <= ratio < 1 (a ratio a "
             "method cannot honour gives a skipped row)", _is_number),
@@ -82,6 +93,9 @@ SCHEMA: tuple[Setting, ...] = (
             lambda v: isinstance(v, str) and bool(v.strip()), nullable=True),
     Setting("model.dtype", ", ".join(DTYPES), lambda v: v in DTYPES, nullable=True, optional=True),
     Setting("model.max_length", "an integer >= 1, or null (the model's max_position_embeddings)", _int_at_least(1),
+            nullable=True, optional=True),
+    Setting("model.rope", "null, or RoPE scaling as transformers' rope_parameters, e.g. {rope_type: linear, "
+            "factor: 4}: rope_type a string, factor a number >= 1 (the window grows by it)", lambda v: _rope_ok(v),
             nullable=True, optional=True),
     Setting("task.name", "a task name", lambda v: isinstance(v, str) and bool(v.strip())),
     Setting("task.file", "the path of a UTF-8 text file, or null", lambda v: isinstance(v, str) and bool(v.strip()),
@@ -239,6 +253,9 @@ def fit_problems(config: dict[str, Any], *, max_pos: int | None = None, source: 
         max_pos, source = max_positions(found[0]), found[1]
         if max_pos is None:
             return []
+        if rope_factor(model) != 1.0:  # the loader stretches the window by model.rope's factor (harness/loading.py)
+            max_pos = int(max_pos * rope_factor(model))
+            source = f"{source} x model.rope factor {rope_factor(model):g}"
     name = model.get("name")
     if source and Path(source).is_absolute() and Path(source).is_relative_to(REPO):
         source = str(Path(source).relative_to(REPO))

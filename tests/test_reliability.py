@@ -391,3 +391,35 @@ def test_a_row_names_the_commit_the_caller_sent(monkeypatch):
     assert (R.environment()["git_sha"], R.environment()["git_dirty"]) == ("0" * 40, False)
     monkeypatch.delenv("KVBENCH_GIT_DIRTY")
     assert R.environment()["git_dirty"] is None  # not known: not claimed clean
+
+
+def test_rope_scaling_stretches_the_window_and_the_positions():
+    """model.rope (issue 23, question 1: contexts beyond the trained window): the loader merges it into the config's
+    rope_parameters and stretches max_position_embeddings by its factor; the window check before loading agrees;
+    linear scaling by 2 puts position 2p where p was; a malformed value is refused naming the setting."""
+    import torch
+
+    from harness import settings as S
+    from harness.loading import load
+
+    base = {"name": "tiny", "path": "models/kvbench-tiny", "dtype": "float32"}
+    rope = {"rope_type": "linear", "factor": 2.0}
+    cfg = {"context_length": 12000, "task": {"name": "niah_single"}, "bench": {"enabled": False}}
+    assert "does not fit" in " ".join(S.fit_problems({**cfg, "model": base}))
+    assert S.fit_problems({**cfg, "model": {**base, "rope": rope}}) == []
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    a = AutoConfig.from_pretrained(base["path"])
+    b = load({**base, "rope": rope}, device="cpu").model
+    assert (a.max_position_embeddings * 2, a.rope_parameters["rope_theta"]) == (
+        b.config.max_position_embeddings, b.config.rope_parameters["rope_theta"])
+    x = torch.zeros(1, 1, 8)
+    for u, v in zip(LlamaRotaryEmbedding(a)(x, position_ids=torch.tensor([[10]])),
+                    b.model.rotary_emb(x, position_ids=torch.tensor([[20]]))):
+        torch.testing.assert_close(u, v)
+    def rope_problems(value):
+        return [m for m in S.check({"model": {**base, "rope": value}}) if m.startswith("model.rope")]
+
+    assert rope_problems(rope) == [] and rope_problems(None) == []
+    assert "rope_type" in rope_problems({"factor": 4})[0] and rope_problems({"rope_type": "linear", "factor": 0.5})
