@@ -83,14 +83,27 @@ class Evaluator:
         self._loaded: dict[str, tuple] = {}
         self._samples: dict[tuple, list] = {}
 
-    def load(self, model_name: str) -> tuple:
-        if model_name not in self._loaded:
+    def load(self, model_name: str, rope: dict | None = None) -> tuple:
+        key = f"{model_name} {json.dumps(rope, sort_keys=True)}"
+        if key not in self._loaded:
             from harness.loading import load
 
-            cfg = model_config(model_name)
+            cfg = {**model_config(model_name), **({"rope": rope} if rope else {})}
             loaded = load(cfg, device=self.args.device)
-            self._loaded = {model_name: (cfg, loaded, stop_ids(loaded.tokenizer))}  # one model at a time
-        return self._loaded[model_name]
+            self._loaded = {key: (cfg, loaded, stop_ids(loaded.tokenizer))}  # one model at a time
+        return self._loaded[key]
+
+    def rope_for(self, model_name: str, context_length: int) -> dict | None:
+        """RoPE scaling for a context beyond the model's window when ``args.rope_beyond_window`` names a
+        rope_type (e.g. linear): factor = the smallest power of two that fits prompt + generation; None within."""
+        kind = getattr(self.args, "rope_beyond_window", None)
+        if not kind:
+            return None
+        window = int(self.load(model_name)[1].model.config.max_position_embeddings)
+        need = int(context_length) + int(self.args.max_new_tokens)
+        if need <= window:
+            return None
+        return {"rope_type": str(kind), "factor": float(2 ** math.ceil(math.log2(need / window)))}
 
     def samples(self, model_name: str, task: str, context_length: int) -> list:
         key = (model_name, task, context_length)
@@ -113,7 +126,10 @@ class Evaluator:
                                  "seed": self.args.seed, "protocol": self.args.protocol,
                                  "max_new": self.args.max_new_tokens, "chunk": self.args.prefill_chunk,
                                  "params": params}
-        cfg, loaded, _ = self.load(model_name)
+        rope = self.rope_for(model_name, ctx)
+        if rope:  # only then: the cache keys of runs within the window stay as they were
+            ident["rope"] = rope
+        cfg, loaded, _ = self.load(model_name, rope)
         ident["run_on"] = {"path": str(cfg.get("path")), "device": loaded.device.type, "dtype": str(loaded.dtype)}
         if hasattr(method, "cache_identity"):  # trained weights a method loads (LKV)
             ident["weights"] = method.cache_identity(loaded.model.config._name_or_path)
@@ -126,7 +142,7 @@ class Evaluator:
         from harness.session import Unsupported, open_session
         from tasks.synthetic import score
 
-        cfg, loaded, stops = self.load(model_name)
+        cfg, loaded, stops = self.load(model_name, rope)
         try:  # validate -> calibrate -> engine, as the runner does (harness/session.py)
             engine = open_session(model=loaded.model, tokenizer=loaded.tokenizer, method=method, device=loaded.device,
                                   dtype=loaded.dtype, seed=int(self.args.seed),

@@ -423,3 +423,16 @@ def test_rope_scaling_stretches_the_window_and_the_positions():
 
     assert rope_problems(rope) == [] and rope_problems(None) == []
     assert "rope_type" in rope_problems({"factor": 4})[0] and rope_problems({"rope_type": "linear", "factor": 0.5})
+
+
+def test_an_evaluation_beyond_the_window_takes_rope_scaling(tmp_path):
+    """harness.evaluate.Evaluator (question 1's 16x lengths): --rope-beyond-window gives lengths beyond the model's
+    window the smallest power-of-two linear factor that fits, and none within it."""
+    import argparse
+
+    from harness.evaluate import Evaluator
+
+    ev = Evaluator(argparse.Namespace(rope_beyond_window="linear", max_new_tokens=32, device="cpu"), tmp_path)
+    assert ev.rope_for("tiny", 4096) is None
+    assert ev.rope_for("tiny", 20000) == {"rope_type": "linear", "factor": 4.0}  # 20032 over 8704 positions
+    assert Evaluator(argparse.Namespace(max_new_tokens=32, device="cpu"), tmp_path).rope_for("tiny", 20000) is None

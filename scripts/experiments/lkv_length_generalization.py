@@ -4,6 +4,8 @@ saw, against SnapKV and AdaKV at the same ratio, with the ablations.
 
     python -m scripts.experiments.lkv_length_generalization                 # tiny model, ratio 0.85, n=100 (GPU: minutes)
     python -m scripts.experiments.lkv_length_generalization --smoke         # seconds on a CPU (tests)
+    python -m scripts.experiments.lkv_length_generalization --lengths 2048,4096,8192,32768 --rope-beyond-window linear
+                                                        # 16x the training length: RoPE scaling beyond the window
 
 Methods (all at ``--ratio``, protocol query-agnostic: the context is compressed before the question):
 ``lkv`` (learned budgets + learned scorer), ``lkv allocation=uniform`` (uniform budgets + the scorer
@@ -101,7 +103,9 @@ def markdown(rows: list[dict], summary: dict, ms: dict, args: argparse.Namespace
     lines = [f"## LKV length generalization ({args.tag})", "",
              "`" + " ".join(["python -m scripts.experiments.lkv_length_generalization", *args.argv]) + "`", "",
              f"Model {args.model}, ratio {args.ratio} (retention {1 - args.ratio:.2f}), LKV trained at "
-             f"{args.trained_at} tokens; {args.n} samples per cell; protocol {args.protocol}. "
+             f"{args.trained_at} tokens; {args.n} samples per cell; protocol {args.protocol}"
+             + (f"; lengths beyond the window with {args.rope_beyond_window} RoPE scaling (model.rope)"
+                if getattr(args, "rope_beyond_window", None) else "") + ". "
              "Accuracy [95% CI]; `achieved` = KV bytes removed at the end of the context (LKV).", "",
              "| split | task | length | " + " | ".join(names) + " | lkv achieved |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
@@ -141,6 +145,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--rope-beyond-window", default=None, metavar="ROPE_TYPE",
+                    help="lengths beyond the model's window run with RoPE scaling of this type (e.g. linear), the "
+                         "factor the smallest power of two that fits (model.rope; the full-cache column says whether "
+                         "the model still retrieves there)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(REPO / "results" / "lkv"))
     ap.add_argument("--tag", default=None)
