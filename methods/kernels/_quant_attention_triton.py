@@ -187,6 +187,27 @@ def _online(s, m_i, l_i):
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
+@triton.jit
+def _split_range(Heads, Lens, H_loc, split):
+    """This split program's (s, b * H_loc + j): split s, row b, local kv head j, its global kv head h and the
+    slots [lo, hi) it reads (``split`` a multiple of BLOCK_N, ``hi`` cut at the row's length)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_loc
+    j = pid_bh % H_loc
+    h = tl.load(Heads + j)
+    n_len = tl.load(Lens + b).to(tl.int32)
+    lo = pid_s * split
+    return pid_s, b, j, h, lo, tl.minimum(lo + split, n_len)
+
+
+@triton.jit
+def _finish(m_i, l_i):
+    """(1 / sum of weights, log2-sum-exp) of a split's online softmax; an empty split: (1, -inf)."""
+    has = l_i > 0
+    return 1.0 / tl.where(has, l_i, 1.0), tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Decode: split kernel over the stored slots, combine kernel that merges the splits and the new token
 
@@ -211,14 +232,7 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     zero points are then a run the compiler can prove contiguous and copies asynchronously with the codes
     (with a runtime stride every tile waited on synchronous 2-byte loads of its metadata; seen in the PTX
     for sm_90: ld.global.b16 in the loop, cp.async after)."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_loc
-    j = pid_bh % H_loc
-    h = tl.load(Heads + j)
-    n_len = tl.load(Lens + b).to(tl.int32)
-    lo = pid_s * split
-    hi = tl.minimum(lo + split, n_len)
+    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
@@ -257,10 +271,8 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
         corr = corr * alpha + c
         if PREFETCH:
             wk, sk, zk, wv, sv, zv = wk2, sk2, zk2, wv2, sv2, zv2
-    has = l_i > 0
-    inv = 1.0 / tl.where(has, l_i, 1.0)
+    inv, lse = _finish(m_i, l_i)
     out = (acc + corr[:, None]) * inv[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :] * sod, out, mask=g_ok[:, None])
     tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
 
@@ -341,14 +353,7 @@ def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scal
     per plane, values accumulate one output per plane, and the partial output is written back to the even and odd
     channels once per range. Same arguments and results as decode_split (PREFETCH is ignored)."""
     H: tl.constexpr = D // 2
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_loc
-    j = pid_bh % H_loc
-    h = tl.load(Heads + j)
-    n_len = tl.load(Lens + b).to(tl.int32)
-    lo = pid_s * split
-    hi = tl.minimum(lo + split, n_len)
+    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split)
     offs_g = tl.arange(0, BLOCK_G)
     offs_h = tl.arange(0, H)
     g_ok = offs_g < G
@@ -378,9 +383,7 @@ def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scal
         acc0 = acc0 * alpha[:, None] + a0
         acc1 = acc1 * alpha[:, None] + a1
         corr = corr * alpha + c
-    has = l_i > 0
-    inv = 1.0 / tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    inv, lse = _finish(m_i, l_i)
     op = MidO + b * sob + heads[:, None] * soh + pid_s * sos + (2 * offs_h)[None, :] * sod
     tl.store(op, (acc0 + corr[:, None]) * inv[:, None], mask=g_ok[:, None])
     tl.store(op + sod, (acc1 + corr[:, None]) * inv[:, None], mask=g_ok[:, None])
