@@ -17,8 +17,9 @@ per-run overheads that ``python -m harness.run -m ...`` would pay:
   retried: a skipped one costs a validate call).
 
 Order: for each model and length, task by task in the grid's order: ``full`` first (the gate: the task
-stays when full-cache accuracy >= ``min_full_accuracy``), then every other method x its family's ratios on
-that task. So a partial run (a GPU call's worth) covers every method on the first tasks. ``--max-minutes`` stops starting new cells
+stays when full-cache accuracy >= ``min_full_accuracy``), then every other method at its ratio nearest 4x
+(``harness.grid.LEAD_RATIO``), then every method at its next ratio, and so on, on that task. So a partial run (a
+GPU call's worth) covers every method on the first tasks before any method's second ratio. ``--max-minutes`` stops starting new cells
 after that long, so a GPU call ends inside its limit and the next call resumes.
 
 Tables: ``results/leaderboard/summary.{md,csv}`` (scripts/aggregate.py over the leaderboard's rows) and

@@ -31,6 +31,11 @@ def test_pinned_grid_covers_every_method_on_both_models():
             (c.method, c.ratio) for c in part["gate"]}
         for method, fam in fams.items():  # every method at each of its family's ratios
             assert {(method, r) for r in ratios[fam]} <= seen, (model, length, method)
+    # run order per task: every method once (at its ratio nearest 4x) before any method's second ratio
+    first = part["cells"][grid["models"][model]["tasks"][0]]
+    n = len([m for m in fams if m != "full"])
+    assert len({c.method for c in first[:n]}) == n
+    assert {c.ratio for c in first[:n] if c.family in ("quantization", "eviction", "sparse")} == {0.75}
     # the per-family ratios are the sweep files' (one source)
     q = yaml.safe_load((REPO / "conf/sweep/quantization.yaml").read_text())["hydra"]["sweeper"]["params"]["ratio"]
     assert ratios["quantization"] == [float(x) for x in str(q).split(",")]
