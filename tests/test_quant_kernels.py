@@ -294,6 +294,7 @@ GPU_LAYOUTS = [
     (ScalarLayout("int", 2, 32), ScalarLayout("int", 2, 32)),  # uniform_int at 2 bits (its end-to-end test parts on
     # the H100 at 03f98cf, fp32, row 0 at step 3 with a logit error of 0.61; the interpreter agrees to 1e-6)
     (ScalarLayout("int", 3, 128), ScalarLayout("int", 5, 128)),
+    (ScalarLayout("int", 1, 32), ScalarLayout("int", 6, 32)),  # eight codes a word, one byte and six
 ]
 
 
@@ -316,14 +317,15 @@ def test_kernels_match_reference_on_gpu(layouts, shape):
         q = torch.randn(B, H_kv * G, D, generator=g, device="cuda").to(dtype)
         kn, vn = torch.randn(2, B, H_kv, D, generator=g, device="cuda").to(dtype)
         lengths = torch.tensor([S, 1234 if S > 1234 else S // 2 + 1, 31][:B], device="cuda")
+        heads = torch.arange(H_kv, dtype=torch.int32, device="cuda")
+        for lay, f in ((lk, kf), (lv, vf)):  # the codes unpacked in channel order first (the decode reads them so)
+            out = torch.empty(B, H_kv, S, D, dtype=dtype, device="cuda")
+            QA.scalar_dequant(_fields(f), heads, out, n_slots=S, layout=lay)
+            torch.testing.assert_close(out, lay.dequantize(*_fields(f)).to(dtype), atol=0, rtol=0)
         args = (q, *_fields(kf), *_fields(vf), lengths, kn, vn)
         want = QA.scalar_decode_attention_reference(*args, k_layout=lk, v_layout=lv, scaling=D**-0.5)
         got = QA.scalar_decode_attention(*args, k_layout=lk, v_layout=lv, scaling=D**-0.5)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-        out = torch.empty(B, H_kv, S, D, dtype=dtype, device="cuda")
-        heads = torch.arange(H_kv, dtype=torch.int32, device="cuda")
-        QA.scalar_dequant(_fields(kf), heads, out, n_slots=S, layout=lk)
-        torch.testing.assert_close(out, lk.dequantize(*_fields(kf)).to(dtype), atol=0, rtol=0)
         got_k = {n: torch.zeros_like(t) for n, t in kf.items()}
         kk = torch.randn(B, H_kv, 64, D, generator=g, device="cuda").to(dtype)
         QA.scalar_append(kk, kk, _fields(got_k), _fields(got_k), torch.arange(H_kv, dtype=torch.int32, device="cuda"),
