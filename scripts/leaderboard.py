@@ -151,7 +151,7 @@ The grid is pinned in `conf/experiment/leaderboard.yaml`; every cell is an ordin
 ## Progress and gate
 
 {status}
-Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the reason in the row),
+Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the reason in the row; kept on resume, `--retry-skipped` reruns them),
 {counts.get('failed', 0)} failed, {counts.get('todo', 0)} still to run (not counting the tasks of gate cells not run yet).
 
 ## Cost per cell (row start to finish, {grid['settings'].get('limit')} samples)

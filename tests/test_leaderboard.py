@@ -144,8 +144,13 @@ def test_resume_keeps_skipped_rows_and_retries_failed_ones(tmp_path, monkeypatch
     assert "1 skipped cell kept" in capsys.readouterr().err
     assert {rid: ((res / "runs" / f"{rid}.json").read_bytes(), (res / "runs" / f"{rid}.json").stat().st_mtime_ns)
             for rid in skipped} == before  # not rewritten
+    history = res / "runs" / "history"
+    assert not [p for rid in skipped for p in history.glob(f"{rid}.*")]  # nor moved to history/
+    assert len([p for rid in failed for p in history.glob(f"{rid}.*")]) == 1  # the failed one's first row is there
     assert run("--retry-skipped") == skipped | failed
     assert all(json.loads((res / "runs" / f"{rid}.json").read_text())["status"] == "skipped" for rid in skipped)
+    assert [p.read_bytes() for rid in skipped for p in history.glob(f"{rid}.*")] == [
+        text for text, _ in before.values()]  # the row it replaced is kept in history/
     # a skipped row of the same cell and settings but another config (a setting the grid leaves free, prefill_chunk)
     # is not this cell's row: the cell runs
     for rid, (text, _) in before.items():
