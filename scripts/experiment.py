@@ -101,7 +101,7 @@ def analyze(spec: dict, grid: dict | None, out: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", nargs="?", help="experiment (conf/experiment/<name>.yaml)")
+    ap.add_argument("name", nargs="?", help="experiment (conf/experiment/<name>.yaml), or the path of a spec of your own")
     ap.add_argument("--list", action="store_true", help="list the experiments and their questions")
     ap.add_argument("--size", default=None, help="a size of the spec (e.g. smoke); default: the full experiment")
     ap.add_argument("--results", type=Path, default=RESULTS)
