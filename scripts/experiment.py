@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         done = G.rows_by_cell(G.read_rows(out), dict(grid["settings"]))
         cells = [c for p in parts.values() for c in p["gate"] + [c for cs in p["cells"].values() for c in cs]]
-        left = [c for c in cells if not G.settled(done.find(c))]
-        skipped = sum(1 for c in cells if (done.find(c) or {}).get("status") == "skipped")
+        skipped = [c for c in cells if (done.find(c) or {}).get("status") == "skipped"]
+        left = [c for c in cells if not G.settled(done.find(c)) or (args.retry_skipped and c in skipped)]
         print(f"{args.name}: {len(cells)} cells, {len(cells) - len(left)} done, {len(left)} to run -> {out}"
-              f"{f' ({skipped} of the done are skipped: --retry-skipped reruns them)' if skipped else ''}")
+              f"{f' ({len(skipped)} of the done are skipped: --retry-skipped reruns them)' if skipped and not args.retry_skipped else ''}")
         return 0
     if not args.analyze:
         worker = [sys.executable, "-m", "scripts.experiment", path.stem if path.parent == CONF else str(path),

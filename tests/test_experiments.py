@@ -41,6 +41,29 @@ def test_workers_are_refused_for_a_command_experiment(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_skipped_cell_counts_as_done_and_is_kept_on_resume(tmp_path, capsys):
+    """A spec given by its path; its one cell is refused before the model loads (16384 tokens on the tiny model's
+    8704): the plan counts it done, a resume keeps its row, --retry-skipped plans and reruns it."""
+    import yaml
+
+    spec = {"question": "q?", "min_full_accuracy": None, "settings": {"limit": 1, "seed": 0, "bench.enabled": False},
+            "models": {"tiny": {"context_lengths": [16384], "tasks": ["niah_single"]}}, "methods": []}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = tmp_path / "res"
+    assert E.main([str(path), "--results", str(res)]) == 0
+    (row,) = (res / "long" / "runs").glob("*.json")
+    assert json.loads(row.read_text())["status"] == "skipped"
+    stamp = row.stat().st_mtime_ns
+    capsys.readouterr()
+    assert E.main([str(path), "--results", str(res), "--plan"]) == 0
+    assert "1 cells, 1 done, 0 to run" in capsys.readouterr().out
+    assert E.main([str(path), "--results", str(res), "--plan", "--retry-skipped"]) == 0
+    assert "1 cells, 0 done, 1 to run" in capsys.readouterr().out
+    assert E.main([str(path), "--results", str(res)]) == 0 and row.stat().st_mtime_ns == stamp
+    assert E.main([str(path), "--results", str(res), "--retry-skipped"]) == 0 and row.stat().st_mtime_ns != stamp
+
+
 def test_q4_plans_every_eviction_method_over_the_fine_grid():
     grid = G.load_grid(E.CONF / "q4_monotone.yaml")
     parts = G.plan(grid)
