@@ -2,9 +2,11 @@
 
 A grid spec (YAML) names models x context lengths x tasks x methods x ratios and the settings every cell
 shares; every cell is an ordinary run of :func:`harness.run.run_job` (same row, same run_id as
-``python -m harness.run``). This module plans the cells, finds the rows already written (resume), runs the
-rest in one process and packs what a GPU call wrote. The entry points are ``scripts/leaderboard.py`` (the
-leaderboard's tables) and ``scripts/experiment.py`` (an experiment's cells and its analysis).
+``python -m harness.run``). This module plans the cells, finds the rows already written (resume: ok and skipped
+cells are done, failed ones rerun; :func:`run_grid`), runs the rest in one process or in ``--workers`` processes on
+one GPU (:func:`execute`, the options every runner shares: :func:`add_run_options`) and packs what a GPU call wrote.
+The entry points are ``scripts/leaderboard.py`` (the leaderboard's tables) and ``scripts/experiment.py`` (an
+experiment's cells and its analysis).
 
 Spec keys:
 
@@ -21,6 +23,7 @@ Spec keys:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -243,6 +246,12 @@ def _lookup(cfg: dict, key: str) -> Any:
     return cfg
 
 
+def settled(row: dict | None) -> bool:
+    """Whether a resume leaves the cell of this row alone (ok, or skipped: :func:`run_grid`'s rule, which also
+    checks that a skipped row has the run_id the cell would write; ``--retry-skipped`` reruns skipped cells)."""
+    return row is not None and row.get("status") in ("ok", "skipped")
+
+
 def gate_passes(row: dict | None, threshold: float | None) -> bool | None:
     """True / False once the full-cache row is ok; None while it is missing or not ok. No threshold: True."""
     if threshold is None:
@@ -255,17 +264,25 @@ def gate_passes(row: dict | None, threshold: float | None) -> bool | None:
 # --------------------------------------------------------------------------------------------- running
 
 
-def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | None, extra: list[str]) -> list[str]:
-    """Run every cell of ``parts`` not done yet; returns the run_ids written by this invocation."""
-    from harness.run import run_job
+def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | None, extra: list[str],
+             retry_skipped: bool = False) -> list[str]:
+    """Run every cell of ``parts`` not done yet; returns the run_ids written by this invocation.
+
+    Resume: a cell whose ok row exists is done (found by cell and settings, as the tables find it); so is one whose
+    *skipped* row exists under the run_id the cell would write now (same config, same weights): its reason (the
+    method refuses this model, ratio or length) would be written again, so the row is kept as it is, unless
+    ``retry_skipped`` (e.g. after LKV's weights were trained or a method learned a model). Failed cells rerun."""
+    from harness.run import run_id_for, run_job
     from harness.sweep import compose
 
     settings = dict(grid["settings"])
     threshold = threshold_of(grid)
     t_start = time.monotonic()
     written: list[str] = []
+    kept: list[str] = []  # skipped cells not rerun
     probe_cache: dict = {}
-    done = rows_by_cell(read_rows(results), settings)
+    by_id = read_rows(results)
+    done = rows_by_cell(by_id, settings)
 
     def out_of_time() -> bool:
         return max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
@@ -278,6 +295,10 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
             return None
         t0, c0 = time.monotonic(), time.process_time()
         cfg = compose(cell.overrides(settings) + [f"results_dir={results}", "progress=false", *extra])
+        prior = None if retry_skipped or not by_id else by_id.get(run_id_for(cfg) or "")
+        if prior is not None and prior.get("status") == "skipped":
+            kept.append(prior["run_id"])
+            return prior
         row = run_job(cfg, method_name=cell.method, probe_cache=probe_cache)
         done.add(row)
         written.append(row["run_id"])
@@ -310,6 +331,51 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
         if out_of_time():
             print(f"[grid] stopped after {max_minutes} minutes; run again to resume", file=sys.stderr, flush=True)
             break
+    if kept:
+        print(f"[grid] {len(kept)} skipped cell{'s' if len(kept) != 1 else ''} kept as they are (their rows say "
+              f"why); --retry-skipped reruns them", file=sys.stderr, flush=True)
+    return written
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options of running a grid that every runner shares (scripts/leaderboard.py, scripts/experiment.py);
+    :func:`execute` reads them. A runner also takes ``--tasks`` (a comma-separated subset: a worker's share)."""
+    ap.add_argument("--max-minutes", type=float, help="start no new cell after this long (resume later)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes sharing this machine's GPU, each on its own tasks: accuracy passes side by side, "
+                         "each throughput probe alone (harness/gpu_share.py); cells are host-bound on small models")
+    ap.add_argument("--retry-skipped", action="store_true",
+                    help="rerun cells whose skipped row exists (default: kept, since the method's reason holds for "
+                         "the same config; failed cells always rerun)")
+    ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
+    ap.add_argument("--written-to", type=Path, help=argparse.SUPPRESS)  # a worker's run_ids, for its parent
+    ap.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent writes them
+
+
+def execute(grid: dict, parts: dict, args: argparse.Namespace, *, results: Path, worker_argv: list[str],
+            extra: list[str] | None = None) -> list[str]:
+    """Run ``parts`` as :func:`add_run_options`' ``args`` say: in this process, or in ``args.workers`` processes
+    (:func:`run_workers`; ``worker_argv``: the runner's command for the same grid, results and extra overrides, to
+    which the worker's share and these options are added). Then write ``--written-to`` and ``--pack`` the rows
+    this invocation (its workers included) wrote; returns their run_ids. Tables and analyses are the caller's."""
+    tasks = list(dict.fromkeys(c.task for part in parts.values() for c in part["gate"]))  # the grid's order
+    if args.workers > 1 and len(tasks) > 1:
+        threads = args.threads or max(1, (os.cpu_count() or 1) // min(args.workers, len(tasks)))
+        written = run_workers([*worker_argv, "--threads", str(threads),
+                               *(["--max-minutes", str(args.max_minutes)] if args.max_minutes is not None else []),
+                               *(["--retry-skipped"] if args.retry_skipped else [])], tasks, args.workers)
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        written = run_grid(grid, parts, results=results, max_minutes=args.max_minutes, extra=list(extra or []),
+                           retry_skipped=args.retry_skipped)
+    if args.written_to:
+        args.written_to.write_text(json.dumps(written))
+    if args.pack:
+        pack(results, written, args.pack)
     return written
 
 

@@ -256,8 +256,7 @@ def run_job(cfg: Any, *, method_name: str | None = None, strict: bool = False,
     from . import results as R
 
     model_cfg = config.get("model") if isinstance(config.get("model"), dict) else {}
-    revision = loading.model_revision(model_cfg) if not problems else None  # retrained weights: new run ids
-    run_id = R.run_id_of({**config, "model": {**model_cfg, "revision": revision}})
+    run_id, revision = _identity(config, weights=not problems)
     results_dir = Path(str(config.get("results_dir") or "results"))  # relative to the working directory
     path = R.row_path(results_dir, run_id)
     existing = R.read_row(path)
@@ -316,6 +315,31 @@ def run_job(cfg: Any, *, method_name: str | None = None, strict: bool = False,
     if logger.get("name") == "wandb":
         _wandb(cfg.logger, config, row, samples, path)
     return row
+
+
+def _identity(config: dict[str, Any], *, weights: bool = True) -> tuple[str, str | None]:
+    """(run_id, model_revision) of a resolved config: the hash of the config with the weights' revision in it
+    (retrained weights: new run ids). ``weights=False`` (a config with problems: its row is a failed one) leaves
+    the revision out."""
+    from . import loading
+    from . import results as R
+
+    model_cfg = config.get("model") if isinstance(config.get("model"), dict) else {}
+    revision = loading.model_revision(model_cfg) if weights else None
+    return R.run_id_of({**config, "model": {**model_cfg, "revision": revision}}), revision
+
+
+def run_id_for(cfg: Any) -> str | None:
+    """The run_id :func:`run_job` gives ``cfg`` when its settings are well-formed, or None when the config does not
+    resolve (a grid asks which row a cell would write: ``harness.grid``'s resume rule for skipped cells)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        return _identity(config)[0] if isinstance(config, dict) else None
+    except (OmegaConfBaseException, KeyError, OSError):
+        return None
 
 
 def _wandb(logger_cfg: Any, config: dict, row: dict, samples: list[dict], path: Path) -> None:

@@ -6,6 +6,7 @@ command, resumable, with its answer written beside its rows.
     python -m scripts.experiment q4_monotone --plan               # cells, done and left
     python -m scripts.experiment q4_monotone --max-minutes 8 --pack $OUT/rows.tar.gz   # a GPU call; resume later
     python -m scripts.experiment q4_monotone --analyze            # only rebuild the answer from the rows
+    python -m scripts.experiment q4_monotone --workers 4 --max-minutes 8 --pack $OUT/rows.tar.gz   # 4 processes, 1 GPU
 
 Two kinds. A *grid* experiment (the spec has ``models``) is a grid of ordinary runs (harness.grid: the
 leaderboard's engine, same rows and run ids as ``python -m harness.run``) written to
@@ -13,6 +14,11 @@ leaderboard's engine, same rows and run ids as ``python -m harness.run``) writte
 (scripts/experiments/questions.py) writes ``answer.md`` and ``answer.json`` there: the question, a one-sentence
 answer and the table it rests on. A *command* experiment (the spec has ``command``) runs a script of its own
 (e.g. LKV's length generalization, the bench's overhead profile) with the arguments of the chosen size.
+
+A grid experiment runs as the leaderboard does (``harness.grid.add_run_options``): ``--max-minutes``, ``--pack``,
+``--workers N`` (N processes on one GPU, each on its own tasks, each throughput probe alone; the parent packs every
+row they wrote and writes the answer once they are done), and resume keeps ok and skipped cells
+(``--retry-skipped`` reruns the skipped ones). ``name`` may also be the path of a spec of one's own.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ def specs() -> dict[str, dict]:
 
 
 def spec_path(name: str) -> Path:
+    """conf/experiment/<name>.yaml, or ``name`` itself when it is the path of a YAML file (a spec of one's own;
+    its results go to results/experiments/<its stem>)."""
+    own = Path(name)
+    if own.suffix in (".yaml", ".yml") and own.is_file():
+        return own.resolve()
     path = CONF / f"{name}.yaml"
     if not path.is_file():
         import difflib
@@ -90,14 +101,14 @@ def analyze(spec: dict, grid: dict | None, out: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", nargs="?", help="experiment (conf/experiment/<name>.yaml)")
+    ap.add_argument("name", nargs="?", help="experiment (conf/experiment/<name>.yaml), or the path of a spec of your own")
     ap.add_argument("--list", action="store_true", help="list the experiments and their questions")
     ap.add_argument("--size", default=None, help="a size of the spec (e.g. smoke); default: the full experiment")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--plan", action="store_true", help="print the cells, done and left; run nothing")
     ap.add_argument("--analyze", action="store_true", help="only (re)write the answer from the rows")
-    ap.add_argument("--max-minutes", type=float, help="start no new cell after this long (resume later)")
-    ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
+    G.add_run_options(ap)  # --max-minutes --threads --workers --retry-skipped --pack (and a worker's hidden options)
+    ap.add_argument("--tasks", help=argparse.SUPPRESS)  # a worker's share of the grid's tasks (comma-separated)
     args = ap.parse_args(argv)
     if args.list or not args.name:
         for name, spec in specs().items():
@@ -112,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if "question" not in spec:
         raise SystemExit(f"error: {path.name} is not an experiment with a question; run it with its own entry point "
                          f"(the leaderboard: python -m scripts.leaderboard)")
-    out = results_dir(args.name, args.size, args.results)
+    out = results_dir(path.stem, args.size, args.results)
     if "command" in spec:
+        if args.workers > 1:
+            raise SystemExit(f"error: {args.name} runs a script of its own; --workers applies to grid experiments "
+                             f"(run it without --workers)")
         if args.plan:
             print(f"{args.name} runs a script of its own (no grid to plan): "
                   f"{' '.join(map(str, spec['command'].get(args.size or 'full', [])))} -> {out}")
@@ -123,17 +137,21 @@ def main(argv: list[str] | None = None) -> int:
             analyze(spec, None, out)
         return code
     grid = G.load_grid(path, size=args.size)
-    parts = G.plan(grid)
+    parts = G.plan(grid, tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None)
     if args.plan:
         done = G.rows_by_cell(G.read_rows(out), dict(grid["settings"]))
         cells = [c for p in parts.values() for c in p["gate"] + [c for cs in p["cells"].values() for c in cs]]
-        left = [c for c in cells if (done.find(c) or {}).get("status") != "ok"]
-        print(f"{args.name}: {len(cells)} cells, {len(cells) - len(left)} done, {len(left)} to run -> {out}")
+        skipped = [c for c in cells if (done.find(c) or {}).get("status") == "skipped"]
+        left = [c for c in cells if not G.settled(done.find(c)) or (args.retry_skipped and c in skipped)]
+        print(f"{args.name}: {len(cells)} cells, {len(cells) - len(left)} done, {len(left)} to run -> {out}"
+              f"{f' ({len(skipped)} of the done are skipped: --retry-skipped reruns them)' if skipped and not args.retry_skipped else ''}")
         return 0
     if not args.analyze:
-        written = G.run_grid(grid, parts, results=out, max_minutes=args.max_minutes, extra=[])
-        if args.pack:
-            G.pack(out, written, args.pack)
+        worker = [sys.executable, "-m", "scripts.experiment", path.stem if path.parent == CONF else str(path),
+                  "--results", str(args.results.resolve()), *(["--size", args.size] if args.size else [])]
+        G.execute(grid, parts, args, results=out, worker_argv=worker)
+        if args.no_tables:  # a worker: the parent answers once every worker is done
+            return 0
     analyze(spec, grid, out)
     return 0
 

@@ -13,8 +13,9 @@ per-run overheads that ``python -m harness.run -m ...`` would pay:
   is composed in-process;
 - the throughput probe (random tokens, task-independent by design) runs once per (model, length, method,
   ratio) and the rows of the other tasks copy its columns (``run_job(probe_cache=...)``);
-- resume is run_job's own rule: a cell whose ok row exists is not rerun (skipped and failed cells are
-  retried: a skipped one costs a validate call).
+- resume (``harness.grid.run_grid``): a cell whose ok row exists is not rerun, nor one whose skipped row exists
+  under the same run_id (the method's reason holds for the same config; its row is kept as written;
+  ``--retry-skipped`` reruns them, e.g. after LKV's weights were trained); failed cells are retried.
 
 Order: for each model and length, task by task in the grid's order: ``full`` first (the gate: the task
 stays when full-cache accuracy >= ``min_full_accuracy``), then every other method at its ratio nearest 4x
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import grid as G
-from harness.grid import gate_passes, pack, plan, read_rows, rows_by_cell, run_grid, run_workers, threshold_of
+from harness.grid import gate_passes, plan, read_rows, rows_by_cell, threshold_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +152,7 @@ The grid is pinned in `conf/experiment/leaderboard.yaml`; every cell is an ordin
 ## Progress and gate
 
 {status}
-Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the reason in the row),
+Cells: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (with the reason in the row; kept on resume, `--retry-skipped` reruns them),
 {counts.get('failed', 0)} failed, {counts.get('todo', 0)} still to run (not counting the tasks of gate cells not run yet).
 
 ## Cost per cell (row start to finish, {grid['settings'].get('limit')} samples)
@@ -223,9 +224,9 @@ def estimate(grid: dict, parts: dict, rows: dict[str, dict]) -> str:
         med[(m, L)][dev] = sorted(ts)[len(ts) // 2]
     out = []
     for (model, length), part in parts.items():
-        n_gate_todo = sum(1 for c in part["gate"] if not (done.find(c) or {}).get("status") == "ok")
+        n_gate_todo = sum(1 for c in part["gate"] if not G.settled(done.find(c)))
         tasks_in = [c.task for c in part["gate"] if gate_passes(done.find(c), threshold) is not False]
-        n = sum(1 for t in tasks_in for c in part["cells"][t] if (done.find(c) or {}).get("status") != "ok")
+        n = sum(1 for t in tasks_in for c in part["cells"][t] if not G.settled(done.find(c)))
         cost = ", ".join(f"{dev}: {(n + n_gate_todo) * s / 3600:.1f} h at {s:.0f} s/cell" for dev, s in med[(model, length)].items())
         out.append(f"{model} @ {length}: {n_gate_todo} gate cells + up to {n} cells to run "
                    f"({len(tasks_in)} tasks in or undecided){'; ' + cost if cost else ''}")
@@ -240,14 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", help="comma-separated subset of context lengths")
     ap.add_argument("--tasks", help="comma-separated subset of tasks")
     ap.add_argument("--methods", help="comma-separated subset of methods (full always runs: it is the gate)")
-    ap.add_argument("--max-minutes", type=float, help="start no new cell after this long (resume later)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared machine)")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="processes sharing this machine's GPU, each on its own tasks: accuracy passes side by side, "
-                         "each throughput probe alone (harness/gpu_share.py); cells are host-bound on small models")
-    ap.add_argument("--written-to", type=Path, help=argparse.SUPPRESS)  # a worker's run_ids, for its parent
-    ap.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent writes them
-    ap.add_argument("--pack", type=Path, help="write the rows this invocation produced to this .tar.gz")
+    G.add_run_options(ap)  # --max-minutes --threads --workers --retry-skipped --pack (and a worker's hidden options)
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimated cost, run nothing")
     ap.add_argument("--tables", action="store_true", help="only rebuild the tables from the rows")
     ap.add_argument("--wandb", metavar="PROJECT", help="log every grid row to this W&B project (offline) and exit")
@@ -270,27 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         print(json.dumps(write_tables(grid, args.results, [])))
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     cmd = " ".join(["python -m scripts.leaderboard", *(argv if argv is not None else sys.argv[1:])])
-    if args.workers > 1:
-        tasks = list(dict.fromkeys(c.task for part in parts.values() for c in part["gate"]))
-        threads = args.threads or max(1, (os.cpu_count() or 1) // min(args.workers, max(1, len(tasks))))
-        base = [sys.executable, "-m", "scripts.leaderboard", "--grid", str(args.grid), "--results", str(args.results),
-                "--threads", str(threads), *(["--models", args.models] if args.models else []),
-                *(["--lengths", args.lengths] if args.lengths else []),
-                *(["--methods", args.methods] if args.methods else []),
-                *(["--max-minutes", str(args.max_minutes)] if args.max_minutes is not None else []), *args.overrides]
-        written = run_workers(base, tasks, args.workers)
-    else:
-        written = run_grid(grid, parts, results=args.results, max_minutes=args.max_minutes,
-                           extra=list(args.overrides))
-    if args.written_to:
-        args.written_to.write_text(json.dumps(written))
-    if args.pack:
-        pack(args.results, written, args.pack)
+    worker = [sys.executable, "-m", "scripts.leaderboard", "--grid", str(args.grid.resolve()),
+              "--results", str(args.results.resolve()), *(["--models", args.models] if args.models else []),
+              *(["--lengths", args.lengths] if args.lengths else []),
+              *(["--methods", args.methods] if args.methods else []), *args.overrides]
+    written = G.execute(grid, parts, args, results=args.results, worker_argv=worker, extra=list(args.overrides))
     if args.no_tables:
         return 0
     try:

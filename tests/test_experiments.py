@@ -35,6 +35,35 @@ def test_plan_counts_cells_and_never_runs_a_command_experiment(tmp_path, capsys)
     assert "q5_composition: 4 cells, 0 done, 4 to run" in capsys.readouterr().out  # full (the gate) + 3
 
 
+def test_workers_are_refused_for_a_command_experiment(tmp_path):
+    with pytest.raises(SystemExit, match="--workers applies to grid experiments"):
+        E.main(["q1_lkv_generalization", "--workers", "2", "--results", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_skipped_cell_counts_as_done_and_is_kept_on_resume(tmp_path, capsys):
+    """A spec given by its path; its one cell is refused before the model loads (16384 tokens on the tiny model's
+    8704): the plan counts it done, a resume keeps its row, --retry-skipped plans and reruns it."""
+    import yaml
+
+    spec = {"question": "q?", "min_full_accuracy": None, "settings": {"limit": 1, "seed": 0, "bench.enabled": False},
+            "models": {"tiny": {"context_lengths": [16384], "tasks": ["niah_single"]}}, "methods": []}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = tmp_path / "res"
+    assert E.main([str(path), "--results", str(res)]) == 0
+    (row,) = (res / "long" / "runs").glob("*.json")
+    assert json.loads(row.read_text())["status"] == "skipped"
+    stamp = row.stat().st_mtime_ns
+    capsys.readouterr()
+    assert E.main([str(path), "--results", str(res), "--plan"]) == 0
+    assert "1 cells, 1 done, 0 to run" in capsys.readouterr().out
+    assert E.main([str(path), "--results", str(res), "--plan", "--retry-skipped"]) == 0
+    assert "1 cells, 0 done, 1 to run" in capsys.readouterr().out
+    assert E.main([str(path), "--results", str(res)]) == 0 and row.stat().st_mtime_ns == stamp
+    assert E.main([str(path), "--results", str(res), "--retry-skipped"]) == 0 and row.stat().st_mtime_ns != stamp
+
+
 def test_q4_plans_every_eviction_method_over_the_fine_grid():
     grid = G.load_grid(E.CONF / "q4_monotone.yaml")
     parts = G.plan(grid)
@@ -128,6 +157,39 @@ def test_q4_smoke_runs_end_to_end_and_resumes(tmp_path, capsys):
     n = len(list((out / "runs").glob("*.json")))
     assert E.main(["q4_monotone", "--size", "smoke", "--results", str(tmp_path)]) == 0  # resume: nothing reruns
     assert len(list((out / "runs").glob("*.json"))) == n
+
+
+@pytest.mark.slow
+def test_workers_run_a_grid_experiment_and_the_parent_answers_once(tmp_path, capfd):
+    """--workers 2 on a grid experiment (a spec given by its path): each worker takes its own task, the throughput
+    probe runs once per method x ratio across them (harness/gpu_share.py, as the leaderboard's workers), the parent
+    packs every row the workers wrote and writes the answer once, from all of them."""
+    import tarfile
+
+    import yaml
+
+    spec = {"question": "Does accuracy rise with compression?", "analysis": "monotone", "min_full_accuracy": 0.8,
+            "settings": {"limit": 2, "seed": 0, "protocol": "query_agnostic", "prefill_chunk": 64, "batch_size": 1,
+                         "device": "auto", "bench.context_length": 128, "bench.decode_steps": 3},
+            "models": {"tiny": {"context_lengths": [256], "tasks": ["niah_single", "niah_multikey"]}},
+            "methods": [{"method": "knorm", "ratios": [0.25, 0.5]}]}
+    path = tmp_path / "two_tasks.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = tmp_path / "res"
+    assert E.main([str(path), "--results", str(res), "--workers", "2", "--pack", str(tmp_path / "rows.tgz")]) == 0
+    cap = capfd.readouterr()
+    out = res / "two_tasks"
+    rows = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert {(r["task"], r["method"], r["ratio"]) for r in rows} == {
+        (t, m, r) for t in ("niah_single", "niah_multikey") for m, r in (("full", 0.0), ("knorm", 0.25), ("knorm", 0.5))}
+    assert all(r["status"] == "ok" for r in rows)
+    assert "[grid] worker 0: niah_single" in cap.err and "[grid] worker 1: niah_multikey" in cap.err
+    assert cap.err.count("throughput probe done") == 3  # full, knorm@0.25, knorm@0.5: once across the workers
+    with tarfile.open(tmp_path / "rows.tgz") as tar:
+        assert {n for n in tar.getnames() if n.startswith("runs/")} == {f"runs/{r['run_id']}.json" for r in rows}
+    assert cap.out.count("**Answer.**") == 1  # the parent's analysis, not the workers'
+    ans = json.loads((out / "answer.json").read_text())
+    assert ans["rows"] == 6 and ans["evidence"]["curves"] == 2
 
 
 @pytest.mark.slow

@@ -113,6 +113,63 @@ def test_workers_share_the_gpu_and_the_probes(tmp_path, capfd):
     assert "niah_single 1.00 ✓" in (res / "README.md").read_text()
 
 
+def test_resume_keeps_skipped_rows_and_retries_failed_ones(tmp_path, monkeypatch, capsys):
+    """A cell whose skipped row exists (same run_id) is not rerun on resume and its row file is left as written;
+    a failed cell reruns; --retry-skipped reruns the skipped ones. CPU, no model load: at 16384 tokens every cell is
+    refused before loading (the tiny model holds 8704), and the runs at 256 break (a stand-in for a broken run)."""
+    import harness.run as HR
+
+    def broken(*a, **k):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(HR, "_run", broken)
+    grid = {"min_full_accuracy": None, "settings": {"limit": 1, "seed": 0, "device": "cpu", "bench.enabled": False},
+            "models": {"tiny": {"context_lengths": [16384, 256], "tasks": ["niah_single"]}},
+            "methods": []}  # full only: the gate cell at each length
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    res = tmp_path / "res"
+
+    def run(*more):
+        out = tmp_path / "written.json"
+        assert L.main(["--grid", str(path), "--results", str(res), "--no-tables", "--written-to", str(out), *more]) == 0
+        return set(json.loads(out.read_text()))
+
+    first = run()
+    rows = {p.stem: json.loads(p.read_text()) for p in (res / "runs").glob("*.json")}
+    assert first == set(rows) and len(rows) == 2
+    skipped = {rid for rid, r in rows.items() if r["status"] == "skipped"}
+    failed = {rid for rid, r in rows.items() if r["status"] == "failed"}
+    assert [rows[r]["context_length"] for r in skipped] == [16384] and len(failed) == 1
+    assert all("does not fit" in rows[r]["reason"] for r in skipped)
+    before = {rid: ((res / "runs" / f"{rid}.json").read_bytes(), (res / "runs" / f"{rid}.json").stat().st_mtime_ns)
+              for rid in skipped}
+    capsys.readouterr()
+    assert run() == failed  # resume: only the failed cell reruns
+    assert "1 skipped cell kept" in capsys.readouterr().err
+    assert {rid: ((res / "runs" / f"{rid}.json").read_bytes(), (res / "runs" / f"{rid}.json").stat().st_mtime_ns)
+            for rid in skipped} == before  # not rewritten
+    history = res / "runs" / "history"
+    assert not [p for rid in skipped for p in history.glob(f"{rid}.*")]  # nor moved to history/
+    assert len([p for rid in failed for p in history.glob(f"{rid}.*")]) == 1  # the failed one's first row is there
+    assert run("--retry-skipped") == skipped | failed
+    assert all(json.loads((res / "runs" / f"{rid}.json").read_text())["status"] == "skipped" for rid in skipped)
+    assert [p.read_bytes() for rid in skipped for p in history.glob(f"{rid}.*")] == [
+        text for text, _ in before.values()]  # the row it replaced is kept in history/
+    # a skipped row of the same cell and settings but another config (a setting the grid leaves free, prefill_chunk)
+    # is not this cell's row: the cell runs
+    for rid, (text, _) in before.items():
+        (res / "runs" / f"{rid}.json").unlink()
+        row = json.loads(text)
+        config = json.loads(row["config"])
+        config["prefill_chunk"] += 1
+        row.update(run_id=f"other-{rid}", config=json.dumps(config, sort_keys=True), finished_at="9999")
+        (res / "runs" / f"other-{rid}.json").write_text(json.dumps(row))
+    assert G.rows_by_cell(G.read_rows(res), grid["settings"]).find(G.plan(grid)[("tiny", 16384)]["gate"][0])[
+        "run_id"].startswith("other-")  # what the tables see for the cell
+    assert run() == skipped | failed
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown method"):
         G.plan(L.load_grid(), only_methods=["snapkvv"])
