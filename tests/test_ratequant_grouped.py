@@ -131,6 +131,7 @@ def llama_4kv():
                               seed=0)
 
 
+@pytest.mark.slow  # 12 s under the interpreter; the grouping itself is checked in the default suite (above)
 def test_ratequant_over_kivi_gives_the_reference_tokens(interpret, llama_4kv):
     """Through the engine (2 layers: one with widths (2, 8), (4, 4) x 2, (3, 5), one with every head at (4, 4) = one
     KIVI store; a ragged batch whose padded prefill chunk takes the reference path, row 0's key window filling

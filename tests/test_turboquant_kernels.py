@@ -165,6 +165,7 @@ def test_fused_store_decode_matches_reference_store(interpret):
     assert stores["on"].stats().bytes_stored == stores["off"].stats().bytes_stored
 
 
+@pytest.mark.slow  # 17 s under the interpreter; the kernels are held to their references in the default suite
 def test_fused_turboquant_gives_the_reference_tokens(interpret, tiny_llama):
     """turboquant_kqv through the engine: fused prefill chunks (the first over an empty store, the next over a
     stored past, decoded by the dequantize kernel), then fused decode steps: same greedy tokens, logits to 1e-4,
