@@ -252,6 +252,19 @@ def settled(row: dict | None) -> bool:
     return row is not None and row.get("status") in ("ok", "skipped")
 
 
+def reads_weights(cell: Cell) -> bool:
+    """Whether the cell's method reads trained weights (declares ``needs_weights``: LKV, a composition with it). Its
+    skipped row is retried on resume (a validate call): training the weights lifts the skip under the same run_id,
+    where every other skip reason (ratio, model, length) is fixed by the run_id."""
+    from methods import catalog
+
+    try:
+        method = catalog.build(cell.method, ratio=cell.ratio, **dict(cell.knobs))
+    except Exception:  # noqa: BLE001 - a config the runner refuses is its own (failed) row, not this rule's
+        return False
+    return bool(getattr(method, "needs_weights", False))
+
+
 def gate_passes(row: dict | None, threshold: float | None) -> bool | None:
     """True / False once the full-cache row is ok; None while it is missing or not ok. No threshold: True."""
     if threshold is None:
@@ -271,7 +284,8 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
     Resume: a cell whose ok row exists is done (found by cell and settings, as the tables find it); so is one whose
     *skipped* row exists under the run_id the cell would write now (same config, same weights): its reason (the
     method refuses this model, ratio or length) would be written again, so the row is kept as it is, unless
-    ``retry_skipped`` (e.g. after LKV's weights were trained or a method learned a model). Failed cells rerun."""
+    ``retry_skipped`` (e.g. after a method learned a model) or the method reads trained weights
+    (:func:`reads_weights`: LKV's skip for missing weights is lifted by training them). Failed cells rerun."""
     from harness.run import run_id_for, run_job
     from harness.sweep import compose
 
@@ -296,7 +310,7 @@ def run_grid(grid: dict, parts: dict, *, results: Path, max_minutes: float | Non
         t0, c0 = time.monotonic(), time.process_time()
         cfg = compose(cell.overrides(settings) + [f"results_dir={results}", "progress=false", *extra])
         prior = None if retry_skipped or not by_id else by_id.get(run_id_for(cfg) or "")
-        if prior is not None and prior.get("status") == "skipped":
+        if prior is not None and prior.get("status") == "skipped" and not reads_weights(cell):
             kept.append(prior["run_id"])
             return prior
         row = run_job(cfg, method_name=cell.method, probe_cache=probe_cache)

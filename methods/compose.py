@@ -190,6 +190,11 @@ class Compose(MethodBase):
         self.selector_method.calibrate(ctx)
         self.quantizer_method.calibrate(ctx)
 
+    @property
+    def needs_weights(self) -> bool:
+        """Whether a part reads trained weights (LKV): a missing file is then a skip that training lifts."""
+        return any(getattr(m, "needs_weights", False) for m in (self.selector_method, self.quantizer_method))
+
     def cache_identity(self, model_name: str) -> str | None:
         """The trained weights a part reads (LKV), for caches keyed by them (harness.evaluate)."""
         ids = [f"{part}={ident}" for part, m in (("selector", self.selector_method), ("quantizer", self.quantizer_method))

@@ -15,7 +15,8 @@ per-run overheads that ``python -m harness.run -m ...`` would pay:
   ratio) and the rows of the other tasks copy its columns (``run_job(probe_cache=...)``);
 - resume (``harness.grid.run_grid``): a cell whose ok row exists is not rerun, nor one whose skipped row exists
   under the same run_id (the method's reason holds for the same config; its row is kept as written;
-  ``--retry-skipped`` reruns them, e.g. after LKV's weights were trained); failed cells are retried.
+  ``--retry-skipped`` reruns them; LKV's, whose skip training its weights lifts, are always retried); failed cells
+  are retried.
 
 Order: for each model and length, task by task in the grid's order: ``full`` first (the gate: the task
 stays when full-cache accuracy >= ``min_full_accuracy``), then every other method at its ratio nearest 4x
