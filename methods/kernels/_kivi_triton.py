@@ -20,18 +20,18 @@ def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.con
          V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr):
     """The packed key group n0 / GS and the values of slots n0 .. n0+GS-1 below hi, as stored (nothing loaded
     when n0 >= hi): key bytes (D, GS/K_CPW, K_WBP) (a channel's GS codes per row), key scale and zero (D,),
-    value bytes (GS, D/V_CPW, V_WBP), value scales and zeros (GS, D/GS); nothing is converted here."""
+    value bytes (GS, D/V_CPW, V_WBP) (their words per code with ``KVBENCH_UNPACK=direct``: raw_words), value scales and zeros (GS, D/GS); nothing is converted here."""
     V_NG: tl.constexpr = D // GS
     gi = n0 // GS
     offs_d = tl.arange(0, D)
     d_ok = offs_d < tl.where(n0 < hi, D, 0)
-    kr = raw_words(KC + gi * kcg, offs_d, d_ok, GS * K_BITS // 8, GS // K_CPW, K_WB, K_WBP)
+    kr = raw_words(KC + gi * kcg, offs_d, d_ok, GS * K_BITS // 8, GS, K_CPW, K_WB, K_WBP)
     ks = tl.load(KS + gi * ksg + offs_d, mask=d_ok, other=0.0)
     kz = tl.load(KZ + gi * kzg + offs_d, mask=d_ok, other=0.0)
     offs_n = n0 + tl.arange(0, GS)
     n_ok = offs_n < hi
     sn = offs_n.to(tl.int64)
-    vr = raw_words(VC, offs_n, n_ok, vcs, D // V_CPW, V_WB, V_WBP)
+    vr = raw_words(VC, offs_n, n_ok, vcs, D, V_CPW, V_WB, V_WBP)
     grp = tl.arange(0, V_NG)[None, :]
     vs = tl.load(VS + sn[:, None] * vss + grp, mask=n_ok[:, None], other=0.0)
     vz = tl.load(VZ + sn[:, None] * vzs + grp, mask=n_ok[:, None], other=0.0)

@@ -7,20 +7,34 @@ scale), ``BITS``, ``GS`` (channels per scale group), ``CPW`` (codes per packed w
 ``ZERO`` (a zero point is stored), ``MAGIC`` / ``MAGIC_BITS`` (the float the dot operand carries on top of the
 code: codes become 16-bit floats by an OR into the mantissa, no integer-to-float conversion; 0 = convert)."""
 
+import os
+
 import triton
 import triton.language as tl
 
 from ._common_triton import rnd
+
+# How packed words become codes in channel order, fixed when this module is imported (``KVBENCH_UNPACK``):
+# "tree" (default): a tile loads each packed word once and a tree of joins interleaves its code planes (fewest
+# loads; the INT4 decode's measured path); "direct": each channel loads its own word (a byte read 8 // BITS times,
+# from L1) and shifts its code out, no join or reshape. "direct" is the cross-check for a GPU-only difference in
+# the join tree (a 2-bit store parts from its reference on the H100 at 03f98cf while the interpreter agrees):
+# run ``KVBENCH_UNPACK=direct python -m scripts.experiments.fused_divergence ...`` beside the default.
+UNPACK_DIRECT = tl.constexpr(os.environ.get("KVBENCH_UNPACK", "tree") == "direct")
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
 
 
 @triton.jit
-def _words(C, offs_n, n_ok, s_slot, NW: tl.constexpr, WB: tl.constexpr):
-    """Packed words (N, NW) of slots ``offs_n``: word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept
-    as uint8, so a tile holds 4 codes-bytes per register; int32 up to 3 bytes, int64 above)."""
-    i = tl.arange(0, NW)[None, :]
+def _words(C, offs_n, n_ok, s_slot, COLS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr):
+    """Packed words (N, COLS / CPW) of slots ``offs_n`` (``UNPACK_DIRECT``: (N, COLS), column c holding the word of
+    code c): word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept as uint8, so a tile holds 4
+    codes-bytes per register; int32 up to 3 bytes, int64 above)."""
+    if UNPACK_DIRECT:
+        i = (tl.arange(0, COLS) // CPW)[None, :]
+    else:
+        i = tl.arange(0, COLS // CPW)[None, :]
     ptr = C + offs_n[:, None].to(tl.int64) * s_slot + i * WB
     m = n_ok[:, None]
     if WB == 1:
@@ -44,7 +58,11 @@ def _code(w, j: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _unpack(w, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
     """Words (N, D / CPW) -> codes (N, D) uint8 in channel order (code j of word i is channel CPW * i + j): a
-    tree of joins interleaves the CPW code planes (each join adds an in-register axis; the reshape merges it)."""
+    tree of joins interleaves the CPW code planes (each join adds an in-register axis; the reshape merges it).
+    ``UNPACK_DIRECT``: words (N, D), one per channel (:func:`_words`), each shifted by its code's place."""
+    if UNPACK_DIRECT:
+        sh = ((tl.arange(0, D) % CPW) * BITS)[None, :]
+        return ((w >> sh.to(w.dtype)) & ((1 << BITS) - 1)).to(tl.uint8)
     if CPW == 1:
         c = w
     elif CPW == 2:
@@ -99,7 +117,7 @@ def _load_tile(C, S, Z, offs_n, n_ok, cs, ss, zs, D: tl.constexpr, NG: tl.conste
                WB: tl.constexpr, ZERO: tl.constexpr):
     """The raw tile of slots ``offs_n``: packed words (N, D / CPW), scales and zero points ((N,) with one group,
     (N, NG) with several; zeros of the scale's shape when not stored)."""
-    w = _words(C, offs_n, n_ok, cs, D // CPW, WB)
+    w = _words(C, offs_n, n_ok, cs, D, CPW, WB)
     if NG == 1:
         sc = tl.load(S + offs_n.to(tl.int64) * ss, mask=n_ok, other=0.0).to(tl.float32)
         if ZERO:
