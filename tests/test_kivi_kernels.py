@@ -23,6 +23,7 @@ from methods.kernels.kivi_attention import (  # noqa: E402
 from methods.kivi import Kivi, KiviStore  # noqa: E402
 from tests.helpers import (  # noqa: E402
     GPU_LENGTHS,
+    divergences_not_near_ties,
     gpu_tiny_model,
     graph_steps_without_sync,
     logits_error_until_divergence,
@@ -192,7 +193,7 @@ def test_kivi_kernels_match_reference_on_gpu(bits):
 def test_fused_kivi_gives_the_reference_tokens_on_gpu(ratio):
     """The trained tiny model, 16 prompts (8 equal + 8 ragged lengths), CUDA-graph decode crossing key windows
     (R = 128): fp32 logits to 1e-4 and the same greedy tokens; in bf16 logits to 1e-2 of their scale and at least
-    14 of 16 rows with the same tokens (the kernels keep scale x code in fp32 where the reference rounds to bf16)."""
+    rows parting only at near ties (the kernels keep scale x code in fp32 where the reference rounds to bf16)."""
     prompts = random_qa_prompts(GPU_LENGTHS, q_len=8)
     for dtype in ("float32", "bfloat16"):
         model = gpu_tiny_model(dtype)
@@ -208,7 +209,10 @@ def test_fused_kivi_gives_the_reference_tokens_on_gpu(ratio):
                 torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
         else:
             assert logits_error_until_divergence(ref, fast) < 4e-2  # bf16 noise: H100 measured 0.010-0.031 (max over all steps)
-            assert sum(x == y for x, y in zip(ref.tokens, fast.tokens)) >= 14
+            # rows part only at near ties (a count of identical rows was too strict for 40 greedy tokens of random
+            # prompts: kivi4 on the H100 at 03f98cf kept 9 of 16 with the logits within the bound above)
+            bad = divergences_not_near_ties(ref, fast, 1e-1)
+            assert not bad, bad
         assert fast.stats_context.bytes_stored == ref.stats_context.bytes_stored
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="the fused kernels need Triton (pip install
 from harness.engine import Engine, Prompt  # noqa: E402
 from methods.api import LayerSpec  # noqa: E402
 from methods.ratequant import GroupedStore, RateQuant  # noqa: E402
-from tests.helpers import GPU_LENGTHS, gpu_tiny_model, random_qa_prompts  # noqa: E402
+from tests.helpers import GPU_LENGTHS, divergences_not_near_ties, gpu_tiny_model, random_qa_prompts  # noqa: E402
 
 KIVI_SMALL = {"group_size": 16, "residual_length": 32}  # head_dim 32: the smallest shape the KIVI kernels serve
 
@@ -152,7 +152,7 @@ GPU_BITS = [4, 4, 2, 3, 4, 8, 5, 4] + [4, 4, 6, 5, 4, 2, 3, 4]
 def test_ratequant_over_kivi_gives_the_reference_tokens_on_gpu():
     """The trained tiny model, KIVI's defaults (group 32, ring 128), 16 prompts (equal and ragged lengths), CUDA-graph
     decode crossing key windows: fp32 logits to 1e-4 and the same greedy tokens; bf16 logits to 1e-2 of their scale
-    and at least 14 of 16 rows with the same tokens (as the fused KIVI test)."""
+    and rows parting only at near ties (as the fused KIVI test)."""
     prompts = random_qa_prompts(GPU_LENGTHS, q_len=8)
     for dtype in ("float32", "bfloat16"):
         model = gpu_tiny_model(dtype)
@@ -170,7 +170,8 @@ def test_ratequant_over_kivi_gives_the_reference_tokens_on_gpu():
             for a, b in zip(ref.logits, fast.logits):
                 n = min(len(a), len(b))
                 assert float((a[:n] - b[:n]).abs().max() / a[:n].abs().max()) < 1e-2
-            assert sum(x == y for x, y in zip(ref.tokens, fast.tokens)) >= 14
+            bad = divergences_not_near_ties(ref, fast, 1e-1)  # rows part only at near ties (as the fused KIVI test)
+            assert not bad, bad
         assert fast.stats_context.bytes_stored == ref.stats_context.bytes_stored
 
 
