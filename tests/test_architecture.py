@@ -172,7 +172,7 @@ def test_there_is_one_capture():
 
 
 SCRIPT_ROLES = {"train": "trainers", "experiments": "the papers' experiments and diagnostics"}
-SHELL_HELPERS = {"fetch_gpu_wheels.sh", "gpu_env.sh"}  # sourced or run on the way to the GPU machine
+SHELL_HELPERS = {"fetch_gpu_wheels.sh", "gpu_env.sh", "gpu_jobs.sh"}  # sourced or run on the way to the GPU machine
 
 
 def _runs_as_module(path: Path) -> bool:
