@@ -191,6 +191,13 @@ def _source(model_cfg: dict[str, Any]) -> _Source:
     return _Source(path, revision, random_init, tok_path, offline, key, rope)
 
 
+def tokenizer_path(model_cfg: dict[str, Any]) -> str:
+    """The local directory (or hub id) :func:`load` reads a model config's tokenizer from, without loading the
+    model: a GGUF model's is its converted checkpoint (converted here the first time). Scripts that tokenize in
+    worker processes before the model loads (scripts/train/lkv.py) ask this."""
+    return _source(model_cfg).tok_path
+
+
 def apply_rope(config: Any, rope: dict | None) -> Any:
     """``model.rope`` (e.g. ``{rope_type: linear, factor: 4}``) merged into the config's ``rope_parameters`` (its
     ``rope_theta`` kept), and ``max_position_embeddings`` stretched by the factor, so the model's rotary module

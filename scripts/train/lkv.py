@@ -3,6 +3,8 @@
 
     python -m scripts.train.lkv --model tiny --ratios 0.5,0.75,0.85      # one GPU call, ~4 min
     python -m scripts.train.lkv --smoke                                  # seconds on a CPU (tests)
+    python -m scripts.train.lkv --model smollm2_135m --ratios 0.25,0.5,0.75,0.9 --variants joint \
+        --n-per-task 128 --steps 300 --device cuda                       # the real model (scripts/gpu_jobs.sh lkv_smollm2)
 
 Data: the synthetic task generators' ``train`` split (seeds never used for evaluation), at
 ``--context-length`` tokens, tasks ``--tasks`` (default: every task but ``niah_multikey`` and
@@ -376,12 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse(argv)
     t_all = time.perf_counter()
-    from harness.loading import load
+    from harness.loading import load, tokenizer_path
     from methods.api import ModelSpec
 
     cfg = model_config(args.model)
-    tok_src = str(cfg.get("tokenizer") or cfg["path"])
-    tok_path = str(REPO / tok_src) if (REPO / tok_src).exists() else tok_src
+    tok_path = tokenizer_path(cfg)  # a GGUF model's: its converted checkpoint (harness/loading.py)
 
     t = time.perf_counter()  # the data first: worker processes fork before CUDA starts
     train_items = make_items(tok_path, args.tasks, args.n_per_task, args.context_length, args.seed, args.workers)
