@@ -76,7 +76,8 @@ def status_table(grid: dict, parts: dict, rows: dict[str, dict]) -> tuple[str, d
             ok = gate_passes(row, threshold)
             acc = "" if not row or row.get("accuracy") is None else f"{row['accuracy']:.2f}"
             gate_cells.append(f"{cell.task} {acc or '?'}{' ✓' if ok else (' ✗' if ok is False else '')}")
-            counts["ok" if row and row.get("status") == "ok" else "todo"] += 1
+            st = row.get("status") if row else "todo"
+            counts[st if st in ("ok", "skipped", "failed") else "todo"] += 1  # a gate cell that ran counts as what it is
             if ok:
                 passed.append(cell.task)
         todo = {"ok": 0, "skipped": 0, "failed": 0, "todo": 0}
