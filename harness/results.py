@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import gzip
 import hashlib
 import json
@@ -258,6 +259,15 @@ def _git(*args: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _code_state() -> tuple[str | None, bool | None]:
+    """(HEAD sha, tree dirty) the first time this process stamps a row, then the same for every later row: the
+    modules a process runs are those it imported, so a commit made while a long grid runs must not relabel its
+    later rows (a CPU grid of session 11 stamped rows with a commit made after its start)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
 def environment(device: Any = None) -> dict[str, Any]:
     """The fingerprint of what produced a row."""
     import torch
@@ -273,8 +283,7 @@ def environment(device: Any = None) -> dict[str, Any]:
             lm_eval_version = version("lm_eval")
     except Exception:  # noqa: BLE001 - lm-eval is optional for GPU-side scripts
         lm_eval_version = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    sha, dirty = _git("rev-parse", "HEAD"), None if status is None else bool(status)
+    sha, dirty = _code_state()
     if os.environ.get("KVBENCH_GIT_SHA"):  # a copy of a tree whose .git is not its own (the GPU machine's, DEVELOPERS.md)
         sha = os.environ["KVBENCH_GIT_SHA"]
         dirty = {"0": False, "1": True}.get(os.environ.get("KVBENCH_GIT_DIRTY", ""))

@@ -391,6 +391,15 @@ def test_a_row_names_the_commit_the_caller_sent(monkeypatch):
     assert (R.environment()["git_sha"], R.environment()["git_dirty"]) == ("0" * 40, False)
     monkeypatch.delenv("KVBENCH_GIT_DIRTY")
     assert R.environment()["git_dirty"] is None  # not known: not claimed clean
+    # the process's first stamp holds for its later rows (a commit made while a grid runs relabels nothing)
+    monkeypatch.delenv("KVBENCH_GIT_SHA")
+    calls = []
+    monkeypatch.setattr(R, "_git", lambda *a: calls.append(a) or ("f" * 40 if a[0] == "rev-parse" else ""))
+    R._code_state.cache_clear()
+    try:
+        assert [R.environment()["git_sha"] for _ in range(3)] == ["f" * 40] * 3 and len(calls) == 2
+    finally:
+        R._code_state.cache_clear()
 
 
 def test_rope_scaling_stretches_the_window_and_the_positions():
