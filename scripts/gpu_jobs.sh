@@ -60,8 +60,12 @@ bench() {
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }
 
-lkv_smollm2() {
+need_smollm2() {  # the wheel reassembled and converted by the three `receive` calls
     python -m scripts.smollm2_gpu receive --require >>"$OUT/jobs.log" 2>&1 || { log "smollm2 is not on this machine"; return 1; }
+}
+
+lkv_smollm2() {
+    need_smollm2 || return 1
     timeout "${1:-480}" python -m scripts.train.lkv --model smollm2_135m --ratios 0.25,0.5,0.75,0.9 --variants joint \
         --n-per-task 128 --steps 300 --device cuda >"$OUT/lkv.log" 2>&1
     log "lkv_smollm2: rc=$?"; tail -n 15 "$OUT/lkv.log" | tee -a "$OUT/jobs.log"
@@ -69,7 +73,7 @@ lkv_smollm2() {
 }
 
 smollm2() {
-    python -m scripts.smollm2_gpu receive --require >>"$OUT/jobs.log" 2>&1 || { log "smollm2 is not on this machine"; return 1; }
+    need_smollm2 || return 1
     timeout $(( ${1:-8} * 60 + 120 )) python -m scripts.leaderboard --models smollm2_135m --workers 2 \
         --max-minutes "${1:-8}" --pack "$OUT/rows-smollm2.tar.gz" 2>"$OUT/smollm2.log" | tail -n 1 | tee -a "$OUT/jobs.log"
     log "smollm2 leaderboard: rc=${PIPESTATUS[0]}"
