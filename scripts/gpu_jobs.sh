@@ -6,9 +6,10 @@
 #     export KVBENCH_GIT_SHA=<sha> KVBENCH_GIT_DIRTY=0; bash scripts/gpu_jobs.sh diag tests:300 leaderboard:4
 #
 # Jobs (NAME or NAME:<seconds or minutes>):
-#   diag            fused_divergence of the stores whose GPU tests part (uniform_int and kivi at 2 bits), with the
-#                   default unpacking and KVBENCH_UNPACK=direct -> $OUT/diag.tar.gz (JSON + log per run)
-#   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt
+#   diag            fused_divergence of uniform_int and kivi at 2 bits, default unpacking (direct for 4+ codes a word)
+#                   and KVBENCH_UNPACK=tree (the join tree that parted on the H100 at 765db5e) -> $OUT/diag.tar.gz
+#   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt; the files of
+#                   GPU_TESTS="tests/test_a.py ..." first when set (then the rest of tests/)
 #   leaderboard[:M] the tiny model's grid, 4 workers, new cells for M minutes (default 8) -> $OUT/rows.tar.gz
 #   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768 -> $OUT/bench.tar.gz
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
@@ -28,7 +29,7 @@ log() { echo "[gpu_jobs $(date +%H:%M:%S)] $*" | tee -a "$OUT/jobs.log"; }
 
 diag() {
     local d=/tmp/diag; mkdir -p $d
-    for mode in tree direct; do
+    for mode in auto tree; do
         KVBENCH_UNPACK=$mode timeout 90 python -m scripts.experiments.fused_divergence uniform_int --ratio 0.875 \
             --variants default nograph '{"num_stages": 1}' --out $d/int2-$mode.json >/dev/null 2>$d/int2-$mode.log
         log "diag uniform_int 0.875 ($mode): rc=$?"; tail -n 25 $d/int2-$mode.log | tee -a "$OUT/jobs.log"
@@ -41,7 +42,7 @@ diag() {
 
 tests() {
     KVBENCH_FAILURES="$OUT/failures.txt" timeout "${1:-520}" python -m pytest -m gpu -p no:cacheprovider -v \
-        --tb=short tests >"$OUT/pytest.log" 2>&1
+        --tb=short ${GPU_TESTS:-} tests >"$OUT/pytest.log" 2>&1
     log "pytest -m gpu: rc=$? ($(grep -cE ' PASSED' "$OUT/pytest.log") passed, $(grep -cE ' FAILED| ERROR' "$OUT/pytest.log") failed)"
     grep -E " FAILED| ERROR|passed|failed" "$OUT/pytest.log" | tail -n 20 | tee -a "$OUT/jobs.log"
 }

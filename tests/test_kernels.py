@@ -178,3 +178,35 @@ def test_graph_decode_step_does_not_sync_with_host(tiny_llama):
         torch.cuda.set_sync_debug_mode("default")
     step.finish()
     assert state.layers[0].lengths.tolist() == [22, 22] and state.layers[0].hi == 22
+
+
+def _returns_before_more_code(stmts, where, found):
+    """``where`` of every ``if`` that holds a return and is followed by more statements in its block."""
+    import ast
+
+    for i, st in enumerate(stmts):
+        if isinstance(st, ast.If):
+            if i < len(stmts) - 1 and any(isinstance(x, ast.Return) for x in ast.walk(st)):
+                found.append(f"{where}:{st.lineno}")
+            _returns_before_more_code(st.body, where, found)
+            _returns_before_more_code(st.orelse, where, found)
+        elif isinstance(st, (ast.For, ast.While, ast.With)):
+            _returns_before_more_code(st.body, where, found)
+    return found
+
+
+def test_no_triton_function_returns_early_from_an_if():
+    """Triton's compiler goes on past a ``return`` inside a compile-time ``if`` (only the rest of that branch is
+    skipped), so code after the ``if`` is compiled too; the interpreter returns as Python does. ``_unpack``'s early
+    return compiled its join tree on the direct path's words on the H100 (765db5e, a reshape error no CPU test saw).
+    Every ``@triton.jit`` function ends its branches with one return after them instead."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "methods"
+    found: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list):
+                _returns_before_more_code(fn.body, f"{path.relative_to(root.parent)} {fn.name}", found)
+    assert not found, f"return inside an if with code after it (use if/else and one return): {found}"

@@ -9,7 +9,7 @@ otherwise) whose code planes a tree of joins puts back in order (no gather)."""
 import triton
 import triton.language as tl
 
-from ._quant_attention_triton import UNPACK_DIRECT, _unpack, _words
+from ._quant_attention_triton import TREE_MAX_CPW, _unpack, _words
 
 
 @triton.jit
@@ -19,18 +19,18 @@ def unpack_rows(ptr, offs, ok, stride, BITS: tl.constexpr, COLS: tl.constexpr):
     kernels (:mod:`methods.kernels._quant_attention_triton`)."""
     CPW: tl.constexpr = 8 // BITS if 8 % BITS == 0 else 8  # codes per packed word
     WB: tl.constexpr = 1 if 8 % BITS == 0 else BITS  # bytes per word
-    w = _words(ptr, offs, ok, stride, COLS, CPW, WB)  # (ROWS, COLS / CPW), (ROWS, COLS) when UNPACK_DIRECT
+    w = _words(ptr, offs, ok, stride, COLS, CPW, WB)  # (ROWS, COLS / CPW), (ROWS, COLS) unpacked directly
     return _unpack(w, offs.shape[0], COLS, BITS, CPW).to(tl.int32)
 
 
 @triton.jit
 def raw_words(C, offs, ok, stride, COLS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, WBP: tl.constexpr):
     """The packed words (COLS / CPW of WB bytes) of rows ``C + offs[r] * stride`` (where ``ok``) loaded as they
-    are: uint8 (R, COLS / CPW, WBP), WBP = WB rounded up to a power of two (``UNPACK_DIRECT``: (R, COLS, WBP), the
-    word of each code). Nothing consumes them here, so a loop can issue the next tile's loads before it computes
+    are: uint8 (R, COLS / CPW, WBP), WBP = WB rounded up to a power of two (unpacked directly, CPW > ``TREE_MAX_CPW``:
+    (R, COLS, WBP), the word of each code). Nothing consumes them here, so a loop can issue the next tile's loads before it computes
     with this one (:func:`words_of` assembles the words when they are used; one-byte words stay uint8, four a
     register)."""
-    if UNPACK_DIRECT:
+    if CPW > TREE_MAX_CPW:
         w = (tl.arange(0, COLS) // CPW)[None, :, None]
     else:
         w = tl.arange(0, COLS // CPW)[None, :, None]

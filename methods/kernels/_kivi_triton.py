@@ -20,7 +20,8 @@ def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.con
          V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr):
     """The packed key group n0 / GS and the values of slots n0 .. n0+GS-1 below hi, as stored (nothing loaded
     when n0 >= hi): key bytes (D, GS/K_CPW, K_WBP) (a channel's GS codes per row), key scale and zero (D,),
-    value bytes (GS, D/V_CPW, V_WBP) (their words per code with ``KVBENCH_UNPACK=direct``: raw_words), value scales and zeros (GS, D/GS); nothing is converted here."""
+    value bytes (GS, D/V_CPW, V_WBP) (the word of each code where unpacked directly: raw_words), value scales
+    and zeros (GS, D/GS); nothing is converted here."""
     V_NG: tl.constexpr = D // GS
     gi = n0 // GS
     offs_d = tl.arange(0, D)

@@ -14,13 +14,20 @@ import triton.language as tl
 
 from ._common_triton import rnd
 
-# How packed words become codes in channel order, fixed when this module is imported (``KVBENCH_UNPACK``):
-# "tree" (default): a tile loads each packed word once and a tree of joins interleaves its code planes (fewest
-# loads; the INT4 decode's measured path); "direct": each channel loads its own word (a byte read 8 // BITS times,
-# from L1) and shifts its code out, no join or reshape. "direct" is the cross-check for a GPU-only difference in
-# the join tree (a 2-bit store parts from its reference on the H100 at 03f98cf while the interpreter agrees):
-# run ``KVBENCH_UNPACK=direct python -m scripts.experiments.fused_divergence ...`` beside the default.
-UNPACK_DIRECT = tl.constexpr(os.environ.get("KVBENCH_UNPACK", "tree") == "direct")
+# How packed words become codes in channel order, fixed when this module is imported (``KVBENCH_UNPACK``): a layout
+# of CPW codes a word is unpacked by a tree of joins when CPW <= TREE_MAX_CPW (a tile loads each packed word once and
+# the joins interleave its code planes: fewest loads, the INT4 decode's measured path), else directly (each channel
+# loads its own word, a byte read CPW times from L1, and shifts its code out; no join or reshape).
+# "auto" (default): the tree for two codes a word (INT4) only. On the H100 (Triton 3.6, commit 765db5e) the compiled
+# 4-way tree put 2-bit codes out of channel order at head dim 64 (kernel-level dequant off by two steps; uniform_int
+# and KIVI at 2 bits parted from their references) while the interpreter agrees: tests/test_quant_kernels.py
+# ``test_unpack_modes_match_the_reference_on_gpu``. "tree": the tree for every width (the diagnosis's cross-check);
+# "direct": never (the planar INT4 kernel is off then).
+_UNPACK_MODES = {"auto": 2, "tree": 8, "direct": 0}
+_UNPACK = os.environ.get("KVBENCH_UNPACK", "auto")
+if _UNPACK not in _UNPACK_MODES:
+    raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default auto)")
+TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
@@ -28,10 +35,10 @@ UNPACK_DIRECT = tl.constexpr(os.environ.get("KVBENCH_UNPACK", "tree") == "direct
 
 @triton.jit
 def _words(C, offs_n, n_ok, s_slot, COLS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr):
-    """Packed words (N, COLS / CPW) of slots ``offs_n`` (``UNPACK_DIRECT``: (N, COLS), column c holding the word of
-    code c): word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept as uint8, so a tile holds 4
+    """Packed words (N, COLS / CPW) of slots ``offs_n`` (unpacked directly, CPW > ``TREE_MAX_CPW``: (N, COLS),
+    column c holding the word of code c): word i is bytes i*WB .. i*WB + WB - 1, little-endian (bytes kept as uint8, so a tile holds 4
     codes-bytes per register; int32 up to 3 bytes, int64 above)."""
-    if UNPACK_DIRECT:
+    if CPW > TREE_MAX_CPW:
         i = (tl.arange(0, COLS) // CPW)[None, :]
     else:
         i = tl.arange(0, COLS // CPW)[None, :]
@@ -59,21 +66,25 @@ def _code(w, j: tl.constexpr, BITS: tl.constexpr):
 def _unpack(w, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
     """Words (N, D / CPW) -> codes (N, D) uint8 in channel order (code j of word i is channel CPW * i + j): a
     tree of joins interleaves the CPW code planes (each join adds an in-register axis; the reshape merges it).
-    ``UNPACK_DIRECT``: words (N, D), one per channel (:func:`_words`), each shifted by its code's place."""
-    if UNPACK_DIRECT:
+    Direct (CPW > ``TREE_MAX_CPW``): words (N, D), one per channel (:func:`_words`), each shifted by its code's
+    place. One return after the branches: Triton's compiler goes on past a return inside a compile-time ``if``, so an
+    early return would compile the tree after it as well (the interpreter would not)."""
+    if CPW > TREE_MAX_CPW:
         sh = ((tl.arange(0, D) % CPW) * BITS)[None, :]
-        return ((w >> sh.to(w.dtype)) & ((1 << BITS) - 1)).to(tl.uint8)
-    if CPW == 1:
-        c = w
-    elif CPW == 2:
-        c = tl.join(_code(w, 0, BITS), _code(w, 1, BITS))
-    elif CPW == 4:
-        c = tl.join(tl.join(_code(w, 0, BITS), _code(w, 2, BITS)), tl.join(_code(w, 1, BITS), _code(w, 3, BITS)))
+        c = ((w >> sh.to(w.dtype)) & ((1 << BITS) - 1)).to(tl.uint8)
     else:
-        c = tl.join(
-            tl.join(tl.join(_code(w, 0, BITS), _code(w, 4, BITS)), tl.join(_code(w, 2, BITS), _code(w, 6, BITS))),
-            tl.join(tl.join(_code(w, 1, BITS), _code(w, 5, BITS)), tl.join(_code(w, 3, BITS), _code(w, 7, BITS))))
-    return tl.reshape(c, [N, D])
+        if CPW == 1:
+            t = w
+        elif CPW == 2:
+            t = tl.join(_code(w, 0, BITS), _code(w, 1, BITS))
+        elif CPW == 4:
+            t = tl.join(tl.join(_code(w, 0, BITS), _code(w, 2, BITS)), tl.join(_code(w, 1, BITS), _code(w, 3, BITS)))
+        else:
+            t = tl.join(
+                tl.join(tl.join(_code(w, 0, BITS), _code(w, 4, BITS)), tl.join(_code(w, 2, BITS), _code(w, 6, BITS))),
+                tl.join(tl.join(_code(w, 1, BITS), _code(w, 5, BITS)), tl.join(_code(w, 3, BITS), _code(w, 7, BITS))))
+        c = tl.reshape(t, [N, D])
+    return c
 
 
 @triton.jit

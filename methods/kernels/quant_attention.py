@@ -296,7 +296,7 @@ DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_
 def _planar(k_layout: ScalarLayout, v_layout: ScalarLayout, dim: int) -> bool:
     """Whether the split runs :func:`decode_split_planar` (``DECODE_CONFIG["planar"]``, K and V both 4-bit ints two
     codes a byte, and half the head dim a valid dot size)."""
-    if _kernels().UNPACK_DIRECT.value:  # KVBENCH_UNPACK=direct: the planar kernel reads whole words only
+    if _kernels().TREE_MAX_CPW.value < 2:  # KVBENCH_UNPACK=direct: the planar kernel reads whole words only
         return False
     return (bool(DECODE_CONFIG.get("planar")) and all(lay.fmt == "int" and lay.bits == 4 for lay in (k_layout, v_layout))
             and dim // 2 >= 16)
