@@ -429,8 +429,13 @@ class _GraphStep:
     Capture runs the step's Python once: the stores' ``graph_snapshot`` / ``graph_restore`` undo what the
     warm-up and the capture did to them (device counters and host bounds), and ``finish`` tells them how
     many steps the replays advanced. The engine's host counters (forward passes, attention calls) are
-    advanced per replay here, since a replay runs no Python."""
+    advanced per replay here, since a replay runs no Python.
 
+    Every method runs in inference mode, whoever calls it: the state's tensors were made there (prefill), and a
+    store's ``graph_restore`` writes into them in place, which torch refuses outside it (RateQuant over KIVI's
+    capture failed so when a test captured outside ``generate``, H100, 765db5e)."""
+
+    @torch.inference_mode()
     def __init__(self, engine: Engine, state: KVState, batch: int):
         dev = engine.device
         self.engine, self.state = engine, state
@@ -457,6 +462,7 @@ class _GraphStep:
                 layer.graph_restore(snap)
             engine.n_forward, state.attention_calls = n_forward, calls
 
+    @torch.inference_mode()
     def __call__(self, tok: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
         self.tok.copy_(tok[:, None])
         self.pos.copy_(pos[:, None])
@@ -467,6 +473,7 @@ class _GraphStep:
         self.state.attention_calls += len(self.state.layers)
         return self.logits
 
+    @torch.inference_mode()
     def finish(self) -> None:
         for layer in self.state.layers:
             layer.graph_advance(self.replays)

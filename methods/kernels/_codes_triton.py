@@ -9,7 +9,7 @@ otherwise) whose code planes a tree of joins puts back in order (no gather)."""
 import triton
 import triton.language as tl
 
-from ._quant_attention_triton import TREE_MAX_CPW, _unpack, _words
+from ._quant_attention_triton import TREE_MAX_CPW, _or, _store_codes, _unpack, _words  # noqa: F401 (re-exported)
 
 
 @triton.jit
@@ -56,12 +56,14 @@ def words_of(raw, WB: tl.constexpr, WBP: tl.constexpr):
 @triton.jit
 def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
     """Pack ``codes`` (..., 8) int32 (the last axis: 8 consecutive codes) into words of BITS bytes stored at
-    ``ptr + word_off`` (...,) where ``ok``: the layout of :func:`methods.quantizers.pack_codes`."""
+    ``ptr + word_off`` (...,) where ``ok``: the layout of :func:`methods.quantizers.pack_codes`. The caller builds
+    the 8-code axis by how it loads, not by reshaping codes (a reshape before packing misordered 2-bit codes on
+    the H100: :func:`methods.kernels._quant_attention_triton._store_codes`); the fields are joined by an OR."""
     j = tl.arange(0, 8)
     if BITS <= 3:
-        w = tl.sum(codes << (j * BITS), axis=len(codes.shape) - 1)
+        w = tl.reduce(codes << (j * BITS), len(codes.shape) - 1, _or)
     else:
-        w = tl.sum(codes.to(tl.int64) << (j * BITS).to(tl.int64), axis=len(codes.shape) - 1)
+        w = tl.reduce(codes.to(tl.int64) << (j * BITS).to(tl.int64), len(codes.shape) - 1, _or)
     for k in tl.static_range(BITS):
         tl.store(ptr + word_off + k, ((w >> (8 * k)) & 255).to(tl.uint8), mask=ok)
 

@@ -176,8 +176,7 @@ def append(Knew, Vnew, Lens, Valid, KC, KS, KZ, KR, VC, VS, VZ, VR, snb, snh, sv
             x = tl.load(VR + slot * vrs + offs_d).to(tl.float32)  # the value of slot L - R, leaving the window
             out = L - R
             _quantize_store(x, VC + b64 * vcb + h * vch + out * vcs, VS + b64 * vsb + h * vsh + out * vss,
-                            VZ + b64 * vzb + h * vzh + out * vzs, D, D // GS, GS, 0, V_BITS, V_CPW, V_WB, V_WBP,
-                            True, 1.0, META)
+                            VZ + b64 * vzb + h * vzh + out * vzs, D, D // GS, GS, 0, V_BITS, True, 1.0, META)
         tl.debug_barrier()  # every thread has read the ring slot before it is overwritten
         tl.store(VR + slot * vrs + offs_d, v.to(VR.dtype.element_ty))
         tl.store(KR + slot * krs + offs_d, k.to(KR.dtype.element_ty))
@@ -186,20 +185,23 @@ def append(Knew, Vnew, Lens, Valid, KC, KS, KZ, KR, VC, VS, VZ, VR, snb, snh, sv
             CB: tl.constexpr = GS * K_BITS // 8  # bytes of one channel's group
             g0 = ((L + 1 - R) // GS).to(tl.int64)
             kf = k.to(tl.float32)
+            wi = tl.arange(0, GS // 8)
             for t in tl.static_range(R // GS):
-                tok = t * GS + tl.arange(0, GS)  # ring slot == block position (the block starts at a multiple of R)
-                last = (tok == R - 1)[None, :]
-                x = tl.load(KR + tok[None, :] * krs + offs_d[:, None], mask=~last, other=0.0).to(tl.float32)
-                x = tl.where(last, kf[:, None], x)  # (D, GS): the new key from registers, not the ring
-                lo = tl.min(x, 1)
-                scale = _round_meta(tl.math.div_rn(tl.max(x, 1) - lo, tl.full(lo.shape, LEVELS, tl.float32)), META)
+                # (D, GS / 8, 8): channel, word, code of the word; loaded in that shape, no reshape (see
+                # _quant_attention_triton._store_codes: a reshape before packing misordered codes on the H100)
+                tok = t * GS + wi[:, None] * 8 + tl.arange(0, 8)[None, :]  # ring slot == block position
+                last = (tok == R - 1)[None, :, :]
+                x = tl.load(KR + tok[None, :, :] * krs + offs_d[:, None, None], mask=~last, other=0.0).to(tl.float32)
+                x = tl.where(last, kf[:, None, None], x)  # the new key from registers, not the ring
+                lo = tl.min(tl.min(x, 2), 1)
+                scale = _round_meta(tl.math.div_rn(tl.max(tl.max(x, 2), 1) - lo, tl.full(lo.shape, LEVELS, tl.float32)),
+                                    META)
                 zero = _round_meta(lo, META)
-                y = tl.math.div_rn(x - zero[:, None], tl.broadcast_to(tl.maximum(scale, 1.1754943508222875e-38)[:, None],
-                                                                       x.shape))
+                y = tl.math.div_rn(x - zero[:, None, None],
+                                   tl.broadcast_to(tl.maximum(scale, 1.1754943508222875e-38)[:, None, None], x.shape))
                 y = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
                 codes = ((y + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even, as torch.round
-                w = tl.arange(0, GS // 8)
-                store_words(KC + (g0 + t) * kcg, offs_d[:, None] * CB + w[None, :] * K_BITS,
-                            tl.reshape(codes, [D, GS // 8, 8]), tl.full([D, GS // 8], 1, tl.int1), K_BITS)
+                store_words(KC + (g0 + t) * kcg, offs_d[:, None] * CB + wi[None, :] * K_BITS, codes,
+                            tl.full([D, GS // 8], 1, tl.int1), K_BITS)
                 tl.store(KS + (g0 + t) * ksg + offs_d, scale.to(KS.dtype.element_ty))
                 tl.store(KZ + (g0 + t) * kzg + offs_d, zero.to(KZ.dtype.element_ty))

@@ -495,46 +495,66 @@ def _e4m3(y):
 
 
 @triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _store_codes(C, codes, N: tl.constexpr, BITS: tl.constexpr):
+    """Codes (N,) int32 (each < 2^BITS) -> bytes C[0 .. N * BITS / 8), the little-endian bit stream of
+    :func:`methods.quantizers.pack_codes`, eight codes to a word of BITS bytes (for 1, 2, 4 and 8 bits the same
+    bytes as 8 // BITS codes a byte). Built without a reshape: an (N / 8, N) tile holds code c shifted to its place
+    in word c // 8 and zero elsewhere, and an OR along the row makes the word (idempotent, so a layout that holds an
+    element in two threads cannot double it). The reshape-and-sum this replaces packed 2-bit codes out of order on
+    the H100 at head dim 64 (Triton 3.6, 765db5e: ``test_kernels_match_reference_on_gpu[k2g32int-v2-tiny]``) while
+    the interpreter agreed."""
+    NW: tl.constexpr = N // 8
+    c = tl.arange(0, N)
+    wi = tl.arange(0, NW)
+    mine = (c // 8)[None, :] == wi[:, None]  # (NW, N)
+    if BITS <= 3:
+        part = tl.where(mine, codes[None, :] << ((c % 8) * BITS)[None, :], 0)
+    else:
+        part = tl.where(mine, codes.to(tl.int64)[None, :] << ((c % 8) * BITS).to(tl.int64)[None, :], 0)
+    word = tl.reduce(part, 1, _or)  # (NW,)
+    for k in tl.static_range(BITS):
+        tl.store(C + wi * BITS + k, ((word >> (8 * k)) & 255).to(tl.uint8))
+
+
+@triton.jit
 def _quantize_store(x, C, S, Z, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
-                    BITS: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, WBP: tl.constexpr, ZERO: tl.constexpr,
-                    CLIP: tl.constexpr, META: tl.constexpr):
+                    BITS: tl.constexpr, ZERO: tl.constexpr, CLIP: tl.constexpr, META: tl.constexpr):
     """One vector x (D,) fp32 -> codes at C (bytes), scale(s) at S, zero point(s) at Z, as the codec encodes:
     int: per group lo = min * clip, scale = rnd((max * clip - lo) / (2^bits - 1)), zero = rnd(lo),
     code = round_half_even((x - zero) / max(scale, tiny)) clamped; fp8: scale = rnd(absmax / 448),
-    code = e4m3(clamp(x / max(scale, tiny), +-448))."""
-    x3 = tl.reshape(x, [NG, GS])
+    code = e4m3(clamp(x / max(scale, tiny), +-448)). Groups are rows of an (NG, D) mask over x, not a reshape
+    (see :func:`_store_codes`); each channel's scale and zero come back by a max over its one group (exact)."""
+    offs = tl.arange(0, D)
+    mine = (offs // GS)[None, :] == tl.arange(0, NG)[:, None]  # (NG, D): channel d is in group d // GS
     grp = tl.arange(0, NG)
     if FMT == 1:
-        amax = tl.max(tl.abs(x3), 1)  # (NG,)
+        amax = tl.max(tl.where(mine, tl.abs(x)[None, :], 0.0), 1)  # (NG,)
         scale = _round_meta(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), META)
-        s = tl.maximum(scale, 1.1754943508222875e-38)
-        y = tl.math.div_rn(x3, tl.broadcast_to(s[:, None], x3.shape))
+        s = tl.max(tl.where(mine, tl.maximum(scale, 1.1754943508222875e-38)[:, None], 0.0), 0)  # (D,)
+        y = tl.math.div_rn(x, s)
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         codes = _e4m3(y)
     else:
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        lo = tl.min(x3, 1) * CLIP
-        hi = tl.max(x3, 1) * CLIP
+        lo = tl.min(tl.where(mine, x[None, :], float("inf")), 1) * CLIP
+        hi = tl.max(tl.where(mine, x[None, :], float("-inf")), 1) * CLIP
         scale = _round_meta(tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32)), META)
         zero = _round_meta(lo, META)
-        s = tl.maximum(scale, 1.1754943508222875e-38)
-        y = tl.math.div_rn(x3 - zero[:, None], tl.broadcast_to(s[:, None], x3.shape))
+        s = tl.max(tl.where(mine, tl.maximum(scale, 1.1754943508222875e-38)[:, None], 0.0), 0)  # (D,)
+        z = tl.max(tl.where(mine, zero[:, None], float("-inf")), 0)
+        y = tl.math.div_rn(x - z, s)
         y = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
         y = (y + 12582912.0) - 12582912.0  # round half to even (|y| < 2^22), as torch.round
         codes = y.to(tl.int32)
         if ZERO:
             tl.store(Z + grp, zero.to(Z.dtype.element_ty))
     tl.store(S + grp, scale.to(S.dtype.element_ty))
-    c2 = tl.reshape(codes, [D // CPW, CPW])  # word i holds channels CPW*i .. CPW*i + CPW - 1
-    sh = tl.arange(0, CPW) * BITS
-    if WB <= 3:
-        word = tl.sum(c2 << sh[None, :], 1)  # disjoint bit fields: sum == or
-    else:
-        word = tl.sum(c2.to(tl.int64) << sh[None, :].to(tl.int64), 1)
-    k = tl.arange(0, WBP)
-    byte = (word[:, None] >> (8 * k[None, :])) & 255
-    i = tl.arange(0, D // CPW)
-    tl.store(C + i[:, None] * WB + k[None, :], byte.to(tl.uint8), mask=(k < WB)[None, :])
+    _store_codes(C, codes, D, BITS)
 
 
 @triton.jit
@@ -587,11 +607,9 @@ def append(Knew, Vnew, Q, Lens, Heads, KC, KS, KZ, VC, VS, VZ, QR, KR, VR, RotK,
         vx = tl.load(Vnew + b * svnb + h * svnh + t * svnt + offs_d * svnd).to(tl.float32)
     slot64 = slot.to(tl.int64)
     _quantize_store(kx, KC + b * kcb + j * kch + slot64 * kcs, KS + b * ksb + j * ksh + slot64 * kss,
-                    KZ + b * kzb + j * kzh + slot64 * kzs, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_WB, K_WBP,
-                    K_ZERO, K_CLIP, META)
+                    KZ + b * kzb + j * kzh + slot64 * kzs, D, K_NG, K_GS, K_FMT, K_BITS, K_ZERO, K_CLIP, META)
     _quantize_store(vx, VC + b * vcb + j * vch + slot64 * vcs, VS + b * vsb + j * vsh + slot64 * vss,
-                    VZ + b * vzb + j * vzh + slot64 * vzs, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_WB, V_WBP,
-                    V_ZERO, V_CLIP, META)
+                    VZ + b * vzb + j * vzh + slot64 * vzs, D, V_NG, V_GS, V_FMT, V_BITS, V_ZERO, V_CLIP, META)
 
 
 # --------------------------------------------------------------------------------------------------

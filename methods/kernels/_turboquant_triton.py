@@ -11,7 +11,7 @@ in registers while anything else is)."""
 import triton
 import triton.language as tl
 
-from ._codes_triton import dot, dot_f32, fwht, hadamard, store_words, unpack_rows
+from ._codes_triton import _store_codes, dot, dot_f32, fwht, hadamard, unpack_rows
 from ._common_triton import rnd
 
 
@@ -33,8 +33,7 @@ def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.
         bnd = tl.load(BND + offs_b, mask=offs_b < (1 << BITS) - 1, other=float("inf")).to(tl.float32)
         idx = tl.sum((bnd[None, :] < y[:, None]).to(tl.int32), 1)  # (D,) torch.bucketize(y, boundaries)
         y_mse = tl.load(C + idx).to(tl.float32)
-        store_words(CODES, tl.arange(0, D // 8) * BITS, tl.reshape(idx, [D // 8, 8]), tl.full([D // 8], 1, tl.int1),
-                    BITS)
+        _store_codes(CODES, idx, D, BITS)  # packed without a reshape (_quant_attention_triton._store_codes)
     else:
         y_mse = tl.zeros([D], tl.float32)
     if M > 0:
@@ -43,8 +42,7 @@ def _encode(x, NRM, CODES, QJL, GAM, C, BND, SGN, S_, D: tl.constexpr, BITS: tl.
             offs_m = c * CH + tl.arange(0, CH)
             Sm = tl.load(S_ + offs_m[:, None] * D + offs_d[None, :]).to(tl.float32)  # (CH, D)
             bits = (tl.sum(Sm * r[None, :], 1) >= 0).to(tl.int32)  # (CH,)
-            store_words(QJL, c * (CH // 8) + tl.arange(0, CH // 8), tl.reshape(bits, [CH // 8, 8]),
-                        tl.full([CH // 8], 1, tl.int1), 1)
+            _store_codes(QJL + c * (CH // 8), bits, CH, 1)
         tl.store(GAM, rnd(tl.sqrt(tl.sum(r * r, 0)), MDT).to(MDT))
 
 
