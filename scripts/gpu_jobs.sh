@@ -11,6 +11,10 @@
 #   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt; the files of
 #                   GPU_TESTS="tests/test_a.py ..." first when set (then the rest of tests/)
 #   leaderboard[:M] the tiny model's grid, 4 workers, new cells for M minutes (default 8) -> $OUT/rows.tar.gz
+#   rerun[:M]       the tiny grid's cells of the methods in RERUN_METHODS (comma-separated) again, their GPU rows set
+#                   aside in a copy of results/leaderboard (rows a kernel fix made stale; RERUN_WHERE="--tasks ..."
+#                   narrows the cells) -> $OUT/rows.tar.gz; here:
+#                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
 #   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768 -> $OUT/bench.tar.gz
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
@@ -53,6 +57,22 @@ leaderboard() {
     log "leaderboard: rc=${PIPESTATUS[0]}"
 }
 
+rerun() {
+    local d=/tmp/lb; rm -rf $d; cp -r results/leaderboard $d
+    python - "$d/runs" "${RERUN_METHODS:?set RERUN_METHODS}" <<'PY' | tee -a "$OUT/jobs.log"
+import json, pathlib, sys
+runs, methods = pathlib.Path(sys.argv[1]), set(sys.argv[2].split(","))
+gone = [p for p in runs.glob("*.json")
+        if (r := json.loads(p.read_text())).get("method") in methods and str(r.get("device", "")).startswith("NVIDIA")]
+for p in gone:
+    p.unlink()
+print(f"rerun: {len(gone)} GPU rows of {sorted(methods)} set aside")
+PY
+    timeout $(( ${1:-6} * 60 + 90 )) python -m scripts.leaderboard --results $d --models tiny --methods "$RERUN_METHODS" ${RERUN_WHERE:-} \
+        --workers 4 --max-minutes "${1:-6}" --pack "$OUT/rows.tar.gz" 2>"$OUT/rerun.log" | tail -n 1 | tee -a "$OUT/jobs.log"
+    log "rerun: rc=${PIPESTATUS[0]}"
+}
+
 bench() {
     local d=/tmp/bench; mkdir -p $d
     timeout "${1:-300}" python -m scripts.bench_quant_attention --cells 8x32768 --tune \
@@ -83,8 +103,8 @@ smollm2() {
 for job in "$@"; do
     name=${job%%:*}; arg=; [ "$name" != "$job" ] && arg=${job#*:}
     case $name in
-        diag|tests|leaderboard|bench|lkv_smollm2|smollm2) ;;
-        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], bench[:S], lkv_smollm2[:S], smollm2[:M])"; continue ;;
+        diag|tests|leaderboard|rerun|bench|lkv_smollm2|smollm2) ;;
+        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], rerun[:M], bench[:S], lkv_smollm2[:S], smollm2[:M])"; continue ;;
     esac
     t0=$(date +%s); log "start $job"
     $name $arg
