@@ -6,8 +6,8 @@
 #     export KVBENCH_GIT_SHA=<sha> KVBENCH_GIT_DIRTY=0; bash scripts/gpu_jobs.sh diag tests:300 leaderboard:4
 #
 # Jobs (NAME or NAME:<seconds or minutes>):
-#   diag            fused_divergence of uniform_int and kivi at 2 bits, default unpacking (direct for 4+ codes a word)
-#                   and KVBENCH_UNPACK=tree (the join tree that parted on the H100 at 765db5e) -> $OUT/diag.tar.gz
+#   diag            fused_divergence of uniform_int and kivi at 2 bits, with the default unpacking (join tree) and
+#                   KVBENCH_UNPACK=direct -> $OUT/diag.tar.gz (JSON + log per run)
 #   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt; the files of
 #                   GPU_TESTS="tests/test_a.py ..." first when set (then the rest of tests/)
 #   leaderboard[:M] the tiny model's grid, 4 workers, new cells for M minutes (default 8) -> $OUT/rows.tar.gz
@@ -33,7 +33,7 @@ log() { echo "[gpu_jobs $(date +%H:%M:%S)] $*" | tee -a "$OUT/jobs.log"; }
 
 diag() {
     local d=/tmp/diag; mkdir -p $d
-    for mode in auto tree; do
+    for mode in tree direct; do
         KVBENCH_UNPACK=$mode timeout 90 python -m scripts.experiments.fused_divergence uniform_int --ratio 0.875 \
             --variants default nograph '{"num_stages": 1}' --out $d/int2-$mode.json >/dev/null 2>$d/int2-$mode.log
         log "diag uniform_int 0.875 ($mode): rc=$?"; tail -n 25 $d/int2-$mode.log | tee -a "$OUT/jobs.log"

@@ -417,7 +417,7 @@ def test_ratequant_grouped_store_on_gpu():
     _compare(model, make, _prompts([300, 170, 233, 64]), n_new=8, chunk=128, tol=1e-4, const_bytes=const)
 
 
-# -- KVBENCH_UNPACK: the join tree (INT4 by default, every width with "tree") and the direct unpacking -------------
+# -- KVBENCH_UNPACK: the join tree (default) and the direct unpacking ---------------------------------------
 
 _UNPACK_CHECK = r"""
 import json, sys, torch
@@ -444,10 +444,10 @@ print(json.dumps(out))
 """
 
 
-_TREE_MAX = {"auto": 2, "tree": 8, "direct": 0}
+_TREE_MAX = {"tree": 8, "direct": 0}
 
 
-def _unpack_modes(device: str, modes=("auto", "tree", "direct")) -> dict:
+def _unpack_modes(device: str, modes=("tree", "direct")) -> dict:
     import json
     import os
     import subprocess
@@ -474,17 +474,16 @@ def _assert_unpack_modes(res: dict) -> None:
             assert decode_err < 2e-5, (mode, bits, r)
 
 
-@pytest.mark.slow  # three interpreter processes, 21 s
+@pytest.mark.slow  # two interpreter processes, 14 s
 def test_unpack_modes_match_the_reference(interpret):
     """Every code width (one to eight codes a word, words of one to five bytes), fp32 at the tiny model's head shape:
-    the default (join tree for INT4 only), the tree for every width and ``KVBENCH_UNPACK=direct`` all dequantize
-    exactly and decode to the reference (each mode in its own process: the mode is read at import)."""
+    the join tree (default) and ``KVBENCH_UNPACK=direct`` both dequantize exactly and decode to the reference (each
+    mode in its own process: the mode is read at import)."""
     _assert_unpack_modes(_unpack_modes("cpu"))
 
 
 @pytest.mark.gpu
 def test_unpack_modes_match_the_reference_on_gpu():
-    """The same compiled, for the modes a run may use (default and direct). The tree for 4+ codes a word is left
-    out: compiled by Triton 3.6 for the H100 it put 2-bit codes out of order at head dim 64 (765db5e; the reason
-    the default unpacks those widths directly), which ``KVBENCH_UNPACK=tree`` reproduces."""
-    _assert_unpack_modes(_unpack_modes("cuda", modes=("auto", "direct")))
+    """The same compiled for the GPU (direct mode first compiled there at a1826fb: an early return had made it
+    compile the tree too)."""
+    _assert_unpack_modes(_unpack_modes("cuda"))

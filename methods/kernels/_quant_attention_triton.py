@@ -18,15 +18,15 @@ from ._common_triton import rnd
 # of CPW codes a word is unpacked by a tree of joins when CPW <= TREE_MAX_CPW (a tile loads each packed word once and
 # the joins interleave its code planes: fewest loads, the INT4 decode's measured path), else directly (each channel
 # loads its own word, a byte read CPW times from L1, and shifts its code out; no join or reshape).
-# "auto" (default): the tree for two codes a word (INT4) only. On the H100 (Triton 3.6, commit 765db5e) the compiled
-# 4-way tree put 2-bit codes out of channel order at head dim 64 (kernel-level dequant off by two steps; uniform_int
-# and KIVI at 2 bits parted from their references) while the interpreter agrees: tests/test_quant_kernels.py
-# ``test_unpack_modes_match_the_reference_on_gpu``. "tree": the tree for every width (the diagnosis's cross-check);
-# "direct": never (the planar INT4 kernel is off then).
-_UNPACK_MODES = {"auto": 2, "tree": 8, "direct": 0}
-_UNPACK = os.environ.get("KVBENCH_UNPACK", "auto")
+# "tree" (default): every width. "direct": none (the cross-check when a fused path parts from its reference on the
+# GPU only; the planar INT4 kernel is off then). Both are held to the reference compiled on the GPU
+# (tests/test_quant_kernels.py ``test_unpack_modes_match_the_reference_on_gpu``). The 2-bit parting of 03f98cf was
+# not the tree: on the H100 at 765db5e the tree dequantized 2-bit codes exactly at head dim 64 while the append
+# packed them out of order (:func:`_store_codes`).
+_UNPACK_MODES = {"tree": 8, "direct": 0}
+_UNPACK = os.environ.get("KVBENCH_UNPACK", "tree")
 if _UNPACK not in _UNPACK_MODES:
-    raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default auto)")
+    raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default tree)")
 TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
 
 # --------------------------------------------------------------------------------------------------
