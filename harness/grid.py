@@ -246,10 +246,16 @@ def _lookup(cfg: dict, key: str) -> Any:
     return cfg
 
 
-def settled(row: dict | None) -> bool:
-    """Whether a resume leaves the cell of this row alone (ok, or skipped: :func:`run_grid`'s rule, which also
-    checks that a skipped row has the run_id the cell would write; ``--retry-skipped`` reruns skipped cells)."""
-    return row is not None and row.get("status") in ("ok", "skipped")
+def settled(row: dict | None, cell: Cell | None = None) -> bool:
+    """Whether a resume leaves the cell of this row alone, as :func:`run_grid` decides: ok, or skipped unless the
+    cell's method reads trained weights (:func:`reads_weights`; ``--retry-skipped`` reruns every skipped cell).
+    run_grid also checks that a skipped row has the run_id the cell would write. Plans and cost estimates count
+    with this, so they agree with what a run does."""
+    if row is None:
+        return False
+    if row.get("status") == "ok":
+        return True
+    return row.get("status") == "skipped" and not (cell is not None and reads_weights(cell))
 
 
 def reads_weights(cell: Cell) -> bool:

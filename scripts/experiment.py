@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         done = G.rows_by_cell(G.read_rows(out), dict(grid["settings"]))
         cells = [c for p in parts.values() for c in p["gate"] + [c for cs in p["cells"].values() for c in cs]]
         skipped = [c for c in cells if (done.find(c) or {}).get("status") == "skipped"]
-        left = [c for c in cells if not G.settled(done.find(c)) or (args.retry_skipped and c in skipped)]
+        left = [c for c in cells if not G.settled(done.find(c), c) or (args.retry_skipped and c in skipped)]
         print(f"{args.name}: {len(cells)} cells, {len(cells) - len(left)} done, {len(left)} to run -> {out}"
               f"{f' ({len(skipped)} of the done are skipped: --retry-skipped reruns them)' if skipped and not args.retry_skipped else ''}")
         return 0

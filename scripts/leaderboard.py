@@ -226,9 +226,9 @@ def estimate(grid: dict, parts: dict, rows: dict[str, dict]) -> str:
         med[(m, L)][dev] = sorted(ts)[len(ts) // 2]
     out = []
     for (model, length), part in parts.items():
-        n_gate_todo = sum(1 for c in part["gate"] if not G.settled(done.find(c)))
+        n_gate_todo = sum(1 for c in part["gate"] if not G.settled(done.find(c), c))
         tasks_in = [c.task for c in part["gate"] if gate_passes(done.find(c), threshold) is not False]
-        n = sum(1 for t in tasks_in for c in part["cells"][t] if not G.settled(done.find(c)))
+        n = sum(1 for t in tasks_in for c in part["cells"][t] if not G.settled(done.find(c), c))
         cost = ", ".join(f"{dev}: {(n + n_gate_todo) * s / 3600:.1f} h at {s:.0f} s/cell" for dev, s in med[(model, length)].items())
         out.append(f"{model} @ {length}: {n_gate_todo} gate cells + up to {n} cells to run "
                    f"({len(tasks_in)} tasks in or undecided){'; ' + cost if cost else ''}")

@@ -179,6 +179,10 @@ def test_a_skip_that_trained_weights_lift_is_retried():
     assert G.reads_weights(cell("compose", 0.875, (("selector", "lkv"),)))
     assert not G.reads_weights(cell("compose", 0.875, (("selector", "snapkv"),)))
     assert not G.reads_weights(cell("snapkv")) and not G.reads_weights(cell("no_such_method"))
+    # plans and estimates count such a cell as still to run, as the resume does
+    skipped, ok = {"status": "skipped"}, {"status": "ok"}
+    assert not G.settled(skipped, cell("lkv")) and G.settled(ok, cell("lkv"))
+    assert G.settled(skipped, cell("snapkv")) and not G.settled(None, cell("snapkv")) and not G.settled({"status": "failed"})
 
 
 def test_unknown_method_is_refused():
