@@ -210,3 +210,23 @@ def test_no_triton_function_returns_early_from_an_if():
             if isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list):
                 _returns_before_more_code(fn.body, f"{path.relative_to(root.parent)} {fn.name}", found)
     assert not found, f"return inside an if with code after it (use if/else and one return): {found}"
+
+
+@pytest.mark.slow  # compiles 56 kernels for sm_90 (ptxas included): about 100 s cold, seconds from Triton's cache
+def test_quant_kernels_compile_for_the_h100():
+    """The quantized-cache kernels (scalar, KIVI, TurboQuant; 2- and 4-bit, head dims 64 and 128, bf16) compile for
+    the H100 with no GPU here (tests/compile_check.py): what the interpreter accepts and the compiler refuses shows
+    before a GPU call does. ``python -m tests.compile_check`` (no ``--quick``) covers every GPU test layout."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "tests.compile_check", "--quick"], env=env, capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
+    out = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {"errors": [p.stderr[-3000:]]}
+    assert p.returncode == 0 and not out["errors"], out["errors"]
+    assert {"quant_attention_triton.append", "kivi_triton.append", "turboquant_triton.prepare"} <= {
+        k.lstrip("_") for k in out["kernels"]}

@@ -203,8 +203,10 @@ def test_fused_turboquant_is_refused_with_the_reason(interpret):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [((4, 0), (4, 0), True), ((4, 0), (3, 128), True), ((3, 128), (3, 128), True),
                                   ((2, 0), (1, 128), True)], ids=["kv4", "kqv4", "qkqv4", "kqv2"])
-def test_turboquant_kernels_match_reference_on_gpu(spec):
-    B, H_kv, G, D, S = 3, 8, 4, 128, 3000
+@pytest.mark.parametrize("D, G", [(128, 4), (64, 3)], ids=["8b", "tiny"])
+def test_turboquant_kernels_match_reference_on_gpu(spec, D, G):
+    """The 8B shape and the tiny model's (head dim 64, where the end-to-end tests run)."""
+    B, H_kv, S = 3, 8, 3000
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
         kc, vc = _codecs(spec, D, dtype=dtype, device="cuda")
         kf, vf = _stored(kc, vc, B, H_kv, S, D, dtype=dtype, device="cuda")
