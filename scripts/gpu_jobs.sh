@@ -11,9 +11,10 @@
 #   tests[:S]       pytest -m gpu, cut at S seconds (default 520) -> $OUT/pytest.log, $OUT/failures.txt; the files of
 #                   GPU_TESTS="tests/test_a.py ..." first when set (then the rest of tests/)
 #   leaderboard[:M] the tiny model's grid, 4 workers, new cells for M minutes (default 8) -> $OUT/rows.tar.gz
-#   rerun[:M]       the tiny grid's cells of the methods in RERUN_METHODS (comma-separated) again, their GPU rows set
-#                   aside in a copy of results/leaderboard (rows a kernel fix made stale; RERUN_WHERE="--tasks ..."
-#                   narrows the cells) -> $OUT/rows.tar.gz; here:
+#   rerun[:M]       the tiny grid's cells of the methods in RERUN_METHODS (comma-separated) again on this GPU, their
+#                   rows (any machine) set aside in a copy of results/leaderboard (rows a kernel fix made stale, or
+#                   CPU rows to replace with the fused path's; RERUN_WHERE="--tasks ..." narrows the cells)
+#                   -> $OUT/rows.tar.gz; here:
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
 #   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768 -> $OUT/bench.tar.gz
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
@@ -63,10 +64,10 @@ rerun() {
 import json, pathlib, sys
 runs, methods = pathlib.Path(sys.argv[1]), set(sys.argv[2].split(","))
 gone = [p for p in runs.glob("*.json")
-        if (r := json.loads(p.read_text())).get("method") in methods and str(r.get("device", "")).startswith("NVIDIA")]
+        if json.loads(p.read_text()).get("method") in methods]
 for p in gone:
     p.unlink()
-print(f"rerun: {len(gone)} GPU rows of {sorted(methods)} set aside")
+print(f"rerun: {len(gone)} rows of {sorted(methods)} set aside")
 PY
     timeout $(( ${1:-6} * 60 + 90 )) python -m scripts.leaderboard --results $d --models tiny --methods "$RERUN_METHODS" ${RERUN_WHERE:-} \
         --workers 4 --max-minutes "${1:-6}" --pack "$OUT/rows.tar.gz" 2>"$OUT/rerun.log" | tail -n 1 | tee -a "$OUT/jobs.log"
