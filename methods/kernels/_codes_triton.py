@@ -9,7 +9,8 @@ otherwise) whose code planes a tree of joins puts back in order (no gather)."""
 import triton
 import triton.language as tl
 
-from ._quant_attention_triton import TREE_MAX_CPW, _or, _store_codes, _unpack, _words  # noqa: F401 (re-exported)
+from ._quant_attention_triton import (  # noqa: F401 (_store_codes re-exported for the TurboQuant kernels)
+    TREE_MAX_CPW, _or, _shifted, _store_codes, _store_word_bytes, _unpack, _words)
 
 
 @triton.jit
@@ -59,13 +60,8 @@ def store_words(ptr, word_off, codes, ok, BITS: tl.constexpr):
     ``ptr + word_off`` (...,) where ``ok``: the layout of :func:`methods.quantizers.pack_codes`. The caller builds
     the 8-code axis by how it loads, not by reshaping codes (a reshape before packing misordered 2-bit codes on
     the H100: :func:`methods.kernels._quant_attention_triton._store_codes`); the fields are joined by an OR."""
-    j = tl.arange(0, 8)
-    if BITS <= 3:
-        w = tl.reduce(codes << (j * BITS), len(codes.shape) - 1, _or)
-    else:
-        w = tl.reduce(codes.to(tl.int64) << (j * BITS).to(tl.int64), len(codes.shape) - 1, _or)
-    for k in tl.static_range(BITS):
-        tl.store(ptr + word_off + k, ((w >> (8 * k)) & 255).to(tl.uint8), mask=ok)
+    w = tl.reduce(_shifted(codes, tl.arange(0, 8), BITS), len(codes.shape) - 1, _or)
+    _store_word_bytes(ptr, word_off, w, ok, BITS)
 
 
 @triton.jit

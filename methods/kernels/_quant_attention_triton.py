@@ -500,6 +500,25 @@ def _or(a, b):
 
 
 @triton.jit
+def _shifted(codes, pos, BITS: tl.constexpr):
+    """codes << pos * BITS, in int32 while eight codes fit 24 bits (BITS <= 3), else int64: the fields of a packed
+    word before they are ORed together (:func:`_store_codes`, ``_codes_triton.store_words``)."""
+    if BITS <= 3:
+        out = codes << (pos * BITS)
+    else:
+        out = codes.to(tl.int64) << (pos * BITS).to(tl.int64)
+    return out
+
+
+@triton.jit
+def _store_word_bytes(ptr, off, word, ok, BITS: tl.constexpr):
+    """Words of eight codes -> their BITS bytes, little-endian, at ``ptr + off`` (byte k at ``off + k``) where ok
+    (None: every word)."""
+    for k in tl.static_range(BITS):
+        tl.store(ptr + off + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=ok)
+
+
+@triton.jit
 def _store_codes(C, codes, N: tl.constexpr, BITS: tl.constexpr):
     """Codes (N,) int32 (each < 2^BITS) -> bytes C[0 .. N * BITS / 8), the little-endian bit stream of
     :func:`methods.quantizers.pack_codes`, eight codes to a word of BITS bytes (for 1, 2, 4 and 8 bits the same
@@ -508,17 +527,11 @@ def _store_codes(C, codes, N: tl.constexpr, BITS: tl.constexpr):
     element in two threads cannot double it). The reshape-and-sum this replaces packed 2-bit codes out of order on
     the H100 at head dim 64 (Triton 3.6, 765db5e: ``test_kernels_match_reference_on_gpu[k2g32int-v2-tiny]``) while
     the interpreter agreed."""
-    NW: tl.constexpr = N // 8
     c = tl.arange(0, N)
-    wi = tl.arange(0, NW)
-    mine = (c // 8)[None, :] == wi[:, None]  # (NW, N)
-    if BITS <= 3:
-        part = tl.where(mine, codes[None, :] << ((c % 8) * BITS)[None, :], 0)
-    else:
-        part = tl.where(mine, codes.to(tl.int64)[None, :] << ((c % 8) * BITS).to(tl.int64)[None, :], 0)
-    word = tl.reduce(part, 1, _or)  # (NW,)
-    for k in tl.static_range(BITS):
-        tl.store(C + wi * BITS + k, ((word >> (8 * k)) & 255).to(tl.uint8))
+    wi = tl.arange(0, N // 8)
+    mine = (c // 8)[None, :] == wi[:, None]  # (N / 8, N)
+    word = tl.reduce(tl.where(mine, _shifted(codes[None, :], (c % 8)[None, :], BITS), 0), 1, _or)
+    _store_word_bytes(C, wi * BITS, word, None, BITS)
 
 
 @triton.jit
