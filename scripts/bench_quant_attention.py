@@ -9,11 +9,12 @@ decode step's attention (split + combine with the new token, what a CodecStore d
 append) is timed in a CUDA graph (median of ``--iters``) for every layout, next to the dense
 ``decode_attention`` over bf16 K/V. Bandwidth = the bytes the kernel must read (codes + metadata of the valid
 slots, each kv head once) / time, as a fraction of the copy bandwidth measured in the same process. Before
-timing, each layout's output is checked against the plain-torch reference at a smaller length (max abs
-error printed). ``--tune`` first times the configurations in ``TUNE`` (tile, warps, pipeline stages, the
-kernel's own prefetch of the next tile) on the first layout and times every layout with the fastest;
-``--best FILE`` writes that configuration as JSON, for ``KVBENCH_QUANT_DECODE`` (read by
-methods/kernels/quant_attention.py, so python -m scripts.bench runs with it).
+timing, each layout's output under each configuration is checked against the plain-torch reference at a
+smaller length (max abs error printed). ``--tune`` first times the configurations in ``TUNE`` (tile, warps,
+pipeline stages, the kernel's own prefetch of the next tile, the planar INT4 kernel) on the --tune-layouts and
+times every other layout with the fastest (``--grid quick``: the smaller TUNE_QUICK); ``--best FILE`` writes
+that configuration as JSON, for ``KVBENCH_QUANT_DECODE`` (read by methods/kernels/quant_attention.py, so
+python -m scripts.bench runs with it). The unpacking mode (``KVBENCH_UNPACK``) is fixed per process.
 Imports neither lm-eval, wandb nor Hydra.
 """
 
@@ -60,6 +61,16 @@ TUNE = [
         (64, 4, 2, 4, True), (128, 4, 2, 4, True), (128, 8, 2, 4, True), (128, 8, 3, 4, True),
     ]
 ]
+# ``--grid quick``: the neighbourhood of the configurations that won on the H100 at e9d3ab8 (8 per SM, 3-4 stages,
+# 64-slot tiles), with and without the planar INT4 kernel: a GPU call's worth when several layouts and both unpack
+# modes are compared.
+TUNE_QUICK = [
+    {"prefetch": False, "num_warps": warps, "num_stages": stages, "block_n": bn, "per_sm": per_sm, "planar": planar}
+    for planar in (False, True)
+    for bn, warps, stages, per_sm in [(64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 3, 4), (128, 4, 3, 8), (128, 8, 3, 8),
+                                      (32, 4, 4, 8)]
+]
+GRIDS = {"full": TUNE, "quick": TUNE_QUICK}
 
 
 def fields(layout: ScalarLayout, x: torch.Tensor) -> tuple:
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-layouts", default="uniform_int4 g32,fp8",
                     help="layouts the tuning grid is timed on; the best is the lowest total time over them")
     ap.add_argument("--best", default=None, help="write the fastest configuration here (JSON)")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="full", help="the tuning grid (full: TUNE)")
     ap.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None)
@@ -88,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(dev, nbytes=2 << 30)
     names = [n for n in args.layouts.split(",") if n]
     lines = [f"# Quantized decode attention, {torch.cuda.get_device_name(0)}, heads {H_q}/{H_kv}/{D}, bf16; "
-             f"copy bandwidth {bw / 1e12:.2f} TB/s", "",
+             f"copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {QA._kernels()._UNPACK}", "",
              "| cell | kernel | config | ms | GB read | GB/s | frac of copy bw | max abs err vs reference |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     tune_names = [n for n in args.tune_layouts.split(",") if n]
@@ -119,18 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             want = QA.scalar_decode_attention_reference(*(a[:, :, :2048] if a is not None and a.dim() == 4 else a
                                                           for a in args_small), k_layout=lay, v_layout=lay,
                                                         scaling=D**-0.5)
-            got = QA.scalar_decode_attention(*args_small, k_layout=lay, v_layout=lay, scaling=D**-0.5)
-            err = float((got.float() - want.float()).abs().max())
             read = nbytes(kf, S) + nbytes(vf, S)
             tuning = args.tune and not tuned and name in tune_names
-            configs = TUNE if tuning else [dict(QA.DECODE_CONFIG)]
+            configs = GRIDS[args.grid] if tuning else [dict(QA.DECODE_CONFIG)]
             for cfg in configs:
                 saved = dict(QA.DECODE_CONFIG)
                 QA.DECODE_CONFIG.update(cfg)
                 fn = functools.partial(QA.scalar_decode_attention, q, *kf, *vf, lengths, kn, vn, k_layout=lay,
                                        v_layout=lay, scaling=D**-0.5)
                 label = ",".join(f"{k}={int(v)}" for k, v in cfg.items())
-                try:
+                try:  # each configuration against the reference (the planar kernel is another kernel)
+                    got = QA.scalar_decode_attention(*args_small, k_layout=lay, v_layout=lay, scaling=D**-0.5)
+                    err = float((got.float() - want.float()).abs().max())
                     t = graph_ms_per_call([fn] * 10, args.iters)
                     if tuning:
                         totals[label] = (totals.get(label, (0.0, None))[0] + t, dict(QA.DECODE_CONFIG))

@@ -16,7 +16,9 @@
 #                   CPU rows to replace with the fused path's; RERUN_WHERE="--tasks ..." narrows the cells)
 #                   -> $OUT/rows.tar.gz; here:
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
-#   bench[:S]       planar INT4 decode tuned beside the default at 8 x 32768 -> $OUT/bench.tar.gz
+#   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick,
+#                   planar INT4 beside the default) in each unpacking mode (tree, direct), S/2 s each
+#                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
 #   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
@@ -74,11 +76,15 @@ PY
     log "rerun: rc=${PIPESTATUS[0]}"
 }
 
-bench() {
+bench() {  # each unpacking mode in its own process (fixed at import), half the time each
     local d=/tmp/bench; mkdir -p $d
-    timeout "${1:-300}" python -m scripts.bench_quant_attention --cells 8x32768 --tune \
-        --tune-layouts "uniform_int4 g32" --best $d/best.json >$d/tune.log 2>&1
-    log "bench tune: rc=$?"; tail -n 15 $d/tune.log | tee -a "$OUT/jobs.log"
+    for mode in tree direct; do
+        KVBENCH_UNPACK=$mode timeout $(( ${1:-360} / 2 )) python -m scripts.bench_quant_attention --cells 8x32768 \
+            --tune --grid quick --tune-layouts "uniform_int4 g32,quarot4 (g128)" \
+            --layouts "uniform_int4 g32,quarot4 (g128),fp8,uniform_int2 g32,int3 g128" \
+            --best $d/best-$mode.json --out $d/tune-$mode.md >$d/tune-$mode.log 2>&1
+        log "bench tune ($mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
+    done
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }
 
