@@ -18,7 +18,8 @@
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
 #   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick,
 #                   planar INT4 beside the default) in each unpacking mode (tree, direct), S/2 s each
-#                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json)
+#                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
+#                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
 #   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
@@ -84,6 +85,9 @@ bench() {  # each unpacking mode in its own process (fixed at import), half the 
             --layouts "uniform_int4 g32,quarot4 (g128),fp8,uniform_int2 g32,int3 g128" \
             --best $d/best-$mode.json --out $d/tune-$mode.md >$d/tune-$mode.log 2>&1
         log "bench tune ($mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
+        KVBENCH_UNPACK=$mode timeout 120 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
+            >$d/stages-$mode.log 2>&1
+        log "stages ($mode): rc=$?"; tail -n 22 $d/stages-$mode.log | tee -a "$OUT/jobs.log"
     done
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }
