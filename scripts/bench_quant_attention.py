@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(dev, nbytes=2 << 30)
     names = [n for n in args.layouts.split(",") if n]
     lines = [f"# Quantized decode attention, {torch.cuda.get_device_name(0)}, heads {H_q}/{H_kv}/{D}, bf16; "
-             f"copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {QA._kernels()._UNPACK}", "",
+             f"copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {QA._kernels()._UNPACK}, KVBENCH_FAST16={QA._kernels()._FAST16}", "",
              "| cell | kernel | config | ms | GB read | GB/s | frac of copy bw | max abs err vs reference |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     tune_names = [n for n in args.tune_layouts.split(",") if n]

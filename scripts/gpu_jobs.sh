@@ -17,7 +17,7 @@
 #                   -> $OUT/rows.tar.gz; here:
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
 #   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick,
-#                   planar INT4 beside the default) in each unpacking mode (tree, direct), S/2 s each
+#                   planar INT4 beside the default) with KVBENCH_FAST16=1 (default) and 0, S/2 s each
 #                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
 #                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
@@ -77,17 +77,19 @@ PY
     log "rerun: rc=${PIPESTATUS[0]}"
 }
 
-bench() {  # each unpacking mode in its own process (fixed at import), half the time each
+bench() {  # each conversion mode in its own process (fixed at import), half the time each
     local d=/tmp/bench; mkdir -p $d
-    for mode in tree direct; do
-        KVBENCH_UNPACK=$mode timeout $(( ${1:-360} / 2 )) python -m scripts.bench_quant_attention --cells 8x32768 \
-            --tune --grid quick --tune-layouts "uniform_int4 g32,quarot4 (g128)" \
+    for mode in 1 0; do  # the tuning grid with the default conversion; the old one at the chosen configuration
+        local tune="--tune --grid quick"; [ $mode = 0 ] && tune=
+        KVBENCH_FAST16=$mode timeout $(( ${1:-360} / 2 )) python -m scripts.bench_quant_attention --cells 8x32768 \
+            $tune --tune-layouts "uniform_int4 g32,quarot4 (g128)" \
             --layouts "uniform_int4 g32,quarot4 (g128),fp8,uniform_int2 g32,int3 g128" \
             --best $d/best-$mode.json --out $d/tune-$mode.md >$d/tune-$mode.log 2>&1
-        log "bench tune ($mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
-        KVBENCH_UNPACK=$mode timeout 120 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
+        log "bench tune (fast16=$mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
+        [ -f $d/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat $d/best-1.json)"  # what follows runs the best
+        KVBENCH_FAST16=$mode timeout 120 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
             >$d/stages-$mode.log 2>&1
-        log "stages ($mode): rc=$?"; tail -n 22 $d/stages-$mode.log | tee -a "$OUT/jobs.log"
+        log "stages (fast16=$mode): rc=$?"; tail -n 22 $d/stages-$mode.log | tee -a "$OUT/jobs.log"
     done
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }

@@ -28,6 +28,12 @@ _UNPACK = os.environ.get("KVBENCH_UNPACK", "tree")
 if _UNPACK not in _UNPACK_MODES:
     raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default tree)")
 TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
+# ``KVBENCH_FAST16`` (default 1): bf16 operands of 4- and 2-bit codes converted four bytes an instruction group
+# (:func:`_codes16`); 0 keeps Triton's byte-by-byte conversion (the A/B of scripts/bench_quant_attention.py).
+_FAST16 = os.environ.get("KVBENCH_FAST16", "1")
+if _FAST16 not in ("0", "1"):
+    raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 1 (default) or 0")
+FAST16 = tl.constexpr(_FAST16 == "1")
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
@@ -163,6 +169,97 @@ def _values(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl
         return tl.reshape(x, [N, D])
 
 
+def _planes_asm(bits: int, sub: bool) -> str:
+    """PTX of :func:`_codes16`: four packed bytes (one register, ``pack=4``) -> their ``8 // bits`` code planes,
+    each as four bf16 values in two registers (outputs $0 .. $(2P - 1), the input $(2P)): per plane a shift and
+    a mask of all four bytes at once, then two byte permutes that put each code under the exponent byte 0x43 (bf16
+    128 + code, exact for codes < 128); ``sub``: minus 128 (exact), the code itself."""
+    planes = 8 // bits
+    mask = ((1 << bits) - 1) * 0x01010101
+    lines = ["{", ".reg .b32 t, m;", "mov.b32 m, 0x43004300;"]
+    for j in range(planes):
+        lines += [f"shr.b32 t, ${2 * planes}, {j * bits};", f"and.b32 t, t, {mask:#010x};",
+                  f"prmt.b32 ${2 * j}, t, 0x43434343, 0x5140;", f"prmt.b32 ${2 * j + 1}, t, 0x43434343, 0x5342;"]
+        if sub:
+            lines += [f"sub.rn.bf16x2 ${2 * j}, ${2 * j}, m;", f"sub.rn.bf16x2 ${2 * j + 1}, ${2 * j + 1}, m;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM4, _ASM4_SUB = tl.constexpr(_planes_asm(4, False)), tl.constexpr(_planes_asm(4, True))
+_ASM2, _ASM2_SUB = tl.constexpr(_planes_asm(2, False)), tl.constexpr(_planes_asm(2, True))
+_ASM_OUT2, _ASM_OUT4 = tl.constexpr("=r," * 4 + "r"), tl.constexpr("=r," * 8 + "r")
+
+
+@triton.jit
+def _fast16(FMT: tl.constexpr, CPW: tl.constexpr, MAGIC_BITS: tl.constexpr):
+    """Whether :func:`_codes16` serves a layout: int codes two or four a byte (4- and 2-bit), bf16 operands
+    (0x4300: the GPU's bf16 models), unpacked by the join tree."""
+    return FAST16 and FMT == 0 and MAGIC_BITS == 0x4300 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
+
+
+@triton.jit
+def _codes16(w, N: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr):
+    """Packed bytes (N, D / CPW) -> (N, D) bf16 in channel order: 128 + code (the dot operand of one group a
+    vector), or the code itself (``SUB``: to dequantize in bf16). The conversion of :func:`_unpack` +
+    :func:`_operand` done four bytes an instruction (:func:`_planes_asm`; Triton's own ops work byte by byte: the
+    INT kernels spent 10 instructions an element, H100 at e9d3ab8); the planes are interleaved by the same join
+    tree as :func:`_unpack` (bf16 planes instead of uint8 ones)."""
+    if CPW == 2:
+        if SUB:
+            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            c0, c1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        t = tl.join(c0, c1)
+    else:
+        if SUB:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM2_SUB, _ASM_OUT4, [w], dtype=(tl.bfloat16,) * 4,
+                                                       is_pure=True, pack=4)
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM2, _ASM_OUT4, [w], dtype=(tl.bfloat16,) * 4,
+                                                       is_pure=True, pack=4)
+        t = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(t, [N, D])
+
+
+@triton.jit
+def _scale16(x, sc, z, ZERO: tl.constexpr, DT: tl.constexpr):
+    """Exact codes (N, NG, GS) in DT times their group's scale plus its zero point (sc, z (N, NG)), one fused
+    multiply-add in DT (tl.fma: one rounding whatever Triton's FP-fusion default, HFMA2 two elements an
+    instruction on sm_90)."""
+    if ZERO:
+        y = tl.fma(x, sc.to(DT)[:, :, None], z.to(DT)[:, :, None])
+    else:
+        y = x * sc.to(DT)[:, :, None]
+    return y
+
+
+@triton.jit
+def _values_dt(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
+               BITS: tl.constexpr, CPW: tl.constexpr, ZERO: tl.constexpr, MAGIC_BITS: tl.constexpr,
+               DT: tl.constexpr):
+    """Dequantized values (N, D) in the dot dtype DT. bf16 int codes (:func:`_fast16`): code * scale + zero by
+    one bf16 FMA an element on the exact code (the reference computes it in fp32, where code * scale is exact,
+    and rounds once to the model dtype: the same value unless adding the zero point rounds in fp32); else
+    :func:`_values` in fp32, rounded to DT."""
+    if _fast16(FMT, CPW, MAGIC_BITS):
+        x = _scale16(tl.reshape(_codes16(w, N, D, CPW, True, DT), [N, NG, GS]), sc, z, ZERO, DT)
+        return tl.reshape(x, [N, D])
+    else:
+        return _values(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO).to(DT)
+
+
+@triton.jit
+def _operand_tile(w, N: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+                  MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
+    """A raw tile's dot operand (N, D) in DT (one group a vector): :func:`_codes16` where it serves, else
+    :func:`_unpack` + :func:`_operand`."""
+    if _fast16(FMT, CPW, MAGIC_BITS):
+        x = _codes16(w, N, D, CPW, False, DT)
+    else:
+        x = _operand(_unpack(w, N, D, BITS, CPW), FMT, MAGIC, MAGIC_BITS, DT)
+    return x
+
+
 @triton.jit
 def _qk(q, qsum, w, sc, z, N: tl.constexpr, D: tl.constexpr,
         NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
@@ -171,15 +268,14 @@ def _qk(q, qsum, w, sc, z, N: tl.constexpr, D: tl.constexpr,
     vector (fp8, QuaRot): the codes are the dot operand and the metadata scales the scores,
     scale * (q . codes) + (zero - MAGIC * scale) * sum(q); several groups: dequantized per channel first."""
     if NG == 1:
-        c = _unpack(w, N, D, BITS, CPW)  # (N, D)
-        d = _dot(q, tl.trans(_operand(c, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)  # (R, N)
+        d = _dot(q, tl.trans(_operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT)), IEEE)  # (R, N)
         s = sc[None, :] * d
         if ZERO:
             s += (z - MAGIC * sc)[None, :] * qsum[:, None]
         elif MAGIC != 0:
             s -= (MAGIC * sc)[None, :] * qsum[:, None]
     else:
-        k = _values(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO).to(DT)
+        k = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT)
         s = _dot(q, tl.trans(k), IEEE)
     return s
 
@@ -193,15 +289,14 @@ def _pv(p, w, sc, z, N: tl.constexpr, D: tl.constexpr,
     the dequantized values, no correction."""
     corr = tl.zeros([p.shape[0]], tl.float32)
     if NG == 1:
-        c = _unpack(w, N, D, BITS, CPW)  # (N, D)
         pv = (p * sc[None, :]).to(DT)
-        acc = _dot(pv, _operand(c, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
+        acc = _dot(pv, _operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT), IEEE)
         if ZERO:
             corr += tl.sum(p * z[None, :], 1)
         if MAGIC != 0:
             corr -= MAGIC * tl.sum(pv.to(tl.float32), 1)
     else:
-        v = _values(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO).to(DT)
+        v = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT)
         acc = _dot(p.to(DT), v, IEEE)
     return acc, corr
 
@@ -217,16 +312,19 @@ def _online(s, m_i, l_i):
 
 
 @triton.jit
-def _split_range(Heads, Lens, H_loc, split):
+def _split_range(Heads, Lens, H_loc, split, BLOCK_N: tl.constexpr):
     """This split program's (s, b * H_loc + j): split s, row b, local kv head j, its global kv head h and the
-    slots [lo, hi) it reads (``split`` a multiple of BLOCK_N, ``hi`` cut at the row's length)."""
+    slots [lo, hi) it reads (``split`` a multiple of BLOCK_N, ``hi`` cut at the row's length). ``lo`` is declared
+    a multiple of BLOCK_N (the launchers round ``split`` up to one): a tile's per-slot metadata then starts
+    aligned, so a vector of 16-bit scales is loaded several slots an instruction and copied asynchronously with
+    the codes (without it, sm_90 SASS had QuaRot's and fp8's scales as 2-byte LDG in the loop, 16 a tile)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_loc
     j = pid_bh % H_loc
     h = tl.load(Heads + j)
     n_len = tl.load(Lens + b).to(tl.int32)
-    lo = pid_s * split
+    lo = tl.multiple_of(pid_s * split, BLOCK_N)
     return pid_s, b, j, h, lo, tl.minimum(lo + split, n_len)
 
 
@@ -261,7 +359,7 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     zero points are then a run the compiler can prove contiguous and copies asynchronously with the codes
     (with a runtime stride every tile waited on synchronous 2-byte loads of its metadata; seen in the PTX
     for sm_90: ld.global.b16 in the loop, cp.async after)."""
-    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split)
+    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
@@ -318,24 +416,58 @@ def _plane_values(c, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, 
 
 
 @triton.jit
+def _plane_scale16(x, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+                   ZERO: tl.constexpr, DT: tl.constexpr):
+    """A plane of exact bf16 codes (N, H) dequantized in bf16, one FMA an element (as :func:`_values_dt`)."""
+    return tl.reshape(_scale16(tl.reshape(x, [N, NG, GS // 2]), sc, z, ZERO, DT), [N, H])
+
+
+@triton.jit
+def _plane_operands(w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+                    FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
+                    MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
+    """The two code planes of a tile of packed bytes (N, H) as dot operands in DT: the codes (one group a vector:
+    the magic operand) or the dequantized values (several groups). bf16 (:func:`_fast16`): both planes from one
+    :func:`_planes_asm` per four bytes, and a plane's consecutive columns are consecutive bytes, which is how the
+    tensor-core operand pairs them (no repacking, unlike the join of :func:`_codes16`)."""
+    if _fast16(FMT, 2, MAGIC_BITS):
+        if NG == 1:
+            x0, x1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+            x0 = _plane_scale16(c0, sc, z, N, H, NG, GS, ZERO, DT)
+            x1 = _plane_scale16(c1, sc, z, N, H, NG, GS, ZERO, DT)
+    else:
+        c0 = _code(w, 0, BITS)
+        c1 = _code(w, 1, BITS)
+        if NG == 1:
+            x0 = _operand(c0, FMT, MAGIC, MAGIC_BITS, DT)
+            x1 = _operand(c1, FMT, MAGIC, MAGIC_BITS, DT)
+        else:
+            x0 = _plane_values(c0, sc, z, N, H, NG, GS, ZERO).to(DT)
+            x1 = _plane_values(c1, sc, z, N, H, NG, GS, ZERO).to(DT)
+    return x0, x1
+
+
+@triton.jit
 def _planes_qk(q0, q1, qsum, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
                FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
                MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Scores (R, N) from a key tile of packed words (N, H), two codes a byte: one dot per code plane against the
     query's matching half (q0 = q[:, 0::2], q1 = q[:, 1::2]); the codes are never interleaved into channel order."""
-    c0 = _code(w, 0, BITS)
-    c1 = _code(w, 1, BITS)
+    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT)
+    d = _dot(q0, tl.trans(x0), IEEE)
+    d += _dot(q1, tl.trans(x1), IEEE)
     if NG == 1:
-        d = _dot(q0, tl.trans(_operand(c0, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)
-        d += _dot(q1, tl.trans(_operand(c1, FMT, MAGIC, MAGIC_BITS, DT)), IEEE)
         s = sc[None, :] * d
         if ZERO:
             s += (z - MAGIC * sc)[None, :] * qsum[:, None]
         elif MAGIC != 0:
             s -= (MAGIC * sc)[None, :] * qsum[:, None]
     else:
-        s = _dot(q0, tl.trans(_plane_values(c0, sc, z, N, H, NG, GS, ZERO).to(DT)), IEEE)
-        s += _dot(q1, tl.trans(_plane_values(c1, sc, z, N, H, NG, GS, ZERO).to(DT)), IEEE)
+        s = d
     return s
 
 
@@ -345,21 +477,18 @@ def _planes_pv(p, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, 
                MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Weights p (R, N) times a value tile of packed words (N, H) -> the two planes' outputs (R, H) each (channels
     0::2 and 1::2) and the per-row correction (R,) every channel gets (as :func:`_pv`)."""
-    c0 = _code(w, 0, BITS)
-    c1 = _code(w, 1, BITS)
+    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT)
     corr = tl.zeros([p.shape[0]], tl.float32)
     if NG == 1:
         pv = (p * sc[None, :]).to(DT)
-        a0 = _dot(pv, _operand(c0, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
-        a1 = _dot(pv, _operand(c1, FMT, MAGIC, MAGIC_BITS, DT), IEEE)
         if ZERO:
             corr += tl.sum(p * z[None, :], 1)
         if MAGIC != 0:
             corr -= MAGIC * tl.sum(pv.to(tl.float32), 1)
     else:
-        pd = p.to(DT)
-        a0 = _dot(pd, _plane_values(c0, sc, z, N, H, NG, GS, ZERO).to(DT), IEEE)
-        a1 = _dot(pd, _plane_values(c1, sc, z, N, H, NG, GS, ZERO).to(DT), IEEE)
+        pv = p.to(DT)
+    a0 = _dot(pv, x0, IEEE)
+    a1 = _dot(pv, x1, IEEE)
     return a0, a1, corr
 
 
@@ -382,7 +511,7 @@ def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scal
     per plane, values accumulate one output per plane, and the partial output is written back to the even and odd
     channels once per range. Same arguments and results as decode_split (PREFETCH is ignored)."""
     H: tl.constexpr = D // 2
-    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split)
+    pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_G)
     offs_h = tl.arange(0, H)
     g_ok = offs_g < G

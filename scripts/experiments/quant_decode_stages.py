@@ -11,8 +11,9 @@ split kernel of methods/kernels/_quant_attention_triton.py cut after each of its
 
 - ``load``: the tiles' packed words, scales and zero points (summed, so nothing is dropped);
 - ``unpack``: + the codes in channel order (``_unpack``: the join tree, or direct with ``KVBENCH_UNPACK=direct``);
-- ``operand``: + the 16-bit dot operands (the magic-OR operand with one group a vector, the dequantized values
-  with several: what ``_qk`` and ``_pv`` feed ``tl.dot``);
+- ``operand``: + the 16-bit dot operands (``_operand_tile`` with one group a vector, ``_values_dt`` with several:
+  what ``_qk`` and ``_pv`` feed ``tl.dot``; with ``KVBENCH_FAST16=1`` the unpacking of ``unpack`` is not on this
+  path, the bytes are converted four at a time);
 - ``scores``: + the key dot and the online softmax (values still only converted);
 - ``split``: the production split kernel (``decode_split``, or ``decode_split_planar`` with ``--planar``).
 
@@ -57,7 +58,7 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, STAGE: tl.constexpr):
     """decode_split's program (same grid and arguments) stopped after STAGE (0 load, 1 unpack, 2 operand,
     3 scores); writes one float per program so the compiler keeps every stage's work."""
-    pid_s, b, j, h, lo, hi = K._split_range(Heads, Lens, H_loc, split)
+    pid_s, b, j, h, lo, hi = K._split_range(Heads, Lens, H_loc, split, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
@@ -91,13 +92,13 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
             acc += (ck + cv).to(tl.float32)
         else:
             if K_NG == 1:
-                kk = K._operand(K._unpack(wk, BLOCK_N, D, K_BITS, K_CPW), K_FMT, K_MAGIC, K_MAGIC_BITS, KDT)
+                kk = K._operand_tile(wk, BLOCK_N, D, K_FMT, K_BITS, K_CPW, K_MAGIC, K_MAGIC_BITS, KDT)
             else:
-                kk = K._values(wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO).to(KDT)
+                kk = K._values_dt(wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO, K_MAGIC_BITS, KDT)
             if V_NG == 1:
-                vv = K._operand(K._unpack(wv, BLOCK_N, D, V_BITS, V_CPW), V_FMT, V_MAGIC, V_MAGIC_BITS, VDT)
+                vv = K._operand_tile(wv, BLOCK_N, D, V_FMT, V_BITS, V_CPW, V_MAGIC, V_MAGIC_BITS, VDT)
             else:
-                vv = K._values(wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO).to(VDT)
+                vv = K._values_dt(wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC_BITS, VDT)
             if STAGE == 2:
                 acc += kk.to(tl.float32) + vv.to(tl.float32)
             else:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     QA.DECODE_CONFIG.update(cfg)
     bn = cfg["block_n"]
     lines = [f"# Quantized decode split kernel by stage, {torch.cuda.get_device_name(0)}, {args.cell}, heads "
-             f"{H_q}/{H_kv}/{D}, bf16; copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {K._UNPACK}; config "
+             f"{H_q}/{H_kv}/{D}, bf16; copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {K._UNPACK}, KVBENCH_FAST16={K._FAST16}; config "
              f"{cfg}", "", "| layout | stage | ms | frac of copy bw |", "|---|---|---:|---:|"]
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, H_q, D, device=dev, dtype=torch.bfloat16, generator=g)
