@@ -10,7 +10,16 @@ import triton
 import triton.language as tl
 
 from ._codes_triton import raw_words, store_words, unpack_rows, words_of
-from ._quant_attention_triton import _code_f32, _online, _quantize_store, _round_meta, _unpack
+from ._quant_attention_triton import (
+    FAST16,
+    TREE_MAX_CPW,
+    _code_f32,
+    _codes16,
+    _online,
+    _quantize_store,
+    _round_meta,
+    _unpack,
+)
 from ._quant_attention_triton import _dot as _dot3
 
 
@@ -40,6 +49,15 @@ def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.con
 
 
 @triton.jit
+def _fast_bf16(CPW: tl.constexpr, WB: tl.constexpr, DT: tl.constexpr):
+    """Whether a side's codes are dequantized as the scalar kernels' bf16 fast path does
+    (:func:`methods.kernels._quant_attention_triton._codes16`: 4- and 2-bit codes, a bf16 model, on a GPU): the
+    reference computes code * scale + zero in fp32, where it is exact but for the zero point's addition, and
+    rounds once to bf16; one bf16 FMA rounds once too."""
+    return FAST16 and DT == tl.bfloat16 and WB == 1 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
+
+
+@triton.jit
 def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.constexpr, GS: tl.constexpr,
           K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
           V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr, DT: tl.constexpr,
@@ -49,15 +67,24 @@ def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.co
     OR into the exponent field, no integer conversion), rounded to the model dtype DT as the reference store
     rounds them, then one 2D dot each (q in DT is the dot's A operand, held once)."""
     V_NG: tl.constexpr = D // GS
-    kc = _code_f32(_unpack(words_of(kr, K_WB, K_WBP), D, GS, K_BITS, K_CPW))  # (D, GS): a channel's codes per row
-    k = (kc * ks.to(tl.float32)[:, None] + kz.to(tl.float32)[:, None]).to(DT)
+    if _fast_bf16(K_CPW, K_WB, DT):  # exact bf16 codes four bytes an instruction group, one bf16 FMA an element
+        kc = _codes16(words_of(kr, K_WB, K_WBP), D, GS, K_CPW, True, DT)
+        k = tl.fma(kc, ks.to(DT)[:, None], kz.to(DT)[:, None])
+    else:
+        kc = _code_f32(_unpack(words_of(kr, K_WB, K_WBP), D, GS, K_BITS, K_CPW))  # (D, GS): a channel's codes a row
+        k = (kc * ks.to(tl.float32)[:, None] + kz.to(tl.float32)[:, None]).to(DT)
     s = _dot3(q, k, IEEE)  # (BLOCK_G, GS)
     n_ok = n0 + tl.arange(0, GS) < hi
     s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
     m_i, alpha, p, l_i = _online(s, m_i, l_i)
-    vc = _code_f32(_unpack(words_of(vr, V_WB, V_WBP), GS, D, V_BITS, V_CPW))  # (GS, D)
-    v = tl.reshape(vc, [GS, V_NG, GS]) * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]
-    acc = acc * alpha[:, None] + _dot3(p.to(DT), tl.reshape(v, [GS, D]).to(DT), IEEE)
+    if _fast_bf16(V_CPW, V_WB, DT):
+        vc = tl.reshape(_codes16(words_of(vr, V_WB, V_WBP), GS, D, V_CPW, True, DT), [GS, V_NG, GS])
+        v = tl.reshape(tl.fma(vc, vs.to(DT)[:, :, None], vz.to(DT)[:, :, None]), [GS, D])
+    else:
+        vc = _code_f32(_unpack(words_of(vr, V_WB, V_WBP), GS, D, V_BITS, V_CPW))  # (GS, D)
+        v = tl.reshape(vc, [GS, V_NG, GS]) * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]
+        v = tl.reshape(v, [GS, D]).to(DT)
+    acc = acc * alpha[:, None] + _dot3(p.to(DT), v, IEEE)
     return m_i, l_i, acc
 
 

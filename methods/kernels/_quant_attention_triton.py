@@ -33,7 +33,9 @@ TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
 _FAST16 = os.environ.get("KVBENCH_FAST16", "1")
 if _FAST16 not in ("0", "1"):
     raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 1 (default) or 0")
-FAST16 = tl.constexpr(_FAST16 == "1")
+FAST16 = tl.constexpr(_FAST16 == "1" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes",
+                                                                                              "on"))
+# (the interpreter runs no inline PTX; its bf16 operands take the magic's add anyway: MAGIC_BITS -1)
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
