@@ -9,6 +9,7 @@ cubin (Triton ships ptxas) and not run, so the outputs are meaningless and only 
 see what a compiled kernel computes (that is ``pytest -m gpu``).
 
     python -m tests.compile_check [--arch 90] [--quick]      # prints one JSON line: {"compiled": n, "errors": [...]}
+    python -m tests.compile_check --quick --sass             # and each decode loop's SASS instruction count
 
 Run in its own process, without ``TRITON_INTERPRET`` (Triton reads it at import); tests/test_kernels.py does.
 """
@@ -24,9 +25,10 @@ import traceback
 import torch
 
 
-def compile_only(arch: int) -> list[str]:
+def compile_only(arch: int, keep: list | None = None) -> list[str]:
     """Point Triton at a CUDA target of compute capability ``arch`` with no device, and make every launch a
-    compile (``warmup``); returns the list the names of compiled kernels are appended to."""
+    compile (``warmup``); returns the list the names of compiled kernels are appended to (and ``keep``, when
+    given, gets (name, compiled kernel) pairs: its ``asm`` holds the PTX and the cubin)."""
     import triton.runtime.jit as jit
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -53,6 +55,8 @@ def compile_only(arch: int) -> list[str]:
     def compile_launch(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append(f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}")
+        if keep is not None:
+            keep.append((compiled[-1], kernel))
         return kernel
 
     jit.JITFunction.run = compile_launch
@@ -140,22 +144,61 @@ def _turboquant_cases(quick: bool):
             yield f"turboquant {spec} D{D} bf16", case
 
 
+def loop_sass(cubin: bytes) -> tuple[int, dict[str, int]]:
+    """(instructions, count by opcode) of the longest loop (backward branch) of a cubin's SASS, as Triton's bundled
+    ``nvdisasm`` prints it: for a decode kernel, the instructions every thread issues per tile. The quantized
+    kernels are issue-bound (H100, e9d3ab8: INT4 at 0.3 of copy bandwidth whatever its width), so this count,
+    taken on a machine without a GPU, tracks their time: the CPU side of a kernel change, before a GPU call."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout.split("\n")
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        return 0, {}
+    lo, hi = max(loops, key=lambda r: r[1] - r[0])
+    ops = collections.Counter(m.group(2).split(".")[0] for line in lines[lo:hi + 1]
+                              if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)))
+    return sum(ops.values()), dict(ops.most_common())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, 80: A100)")
     ap.add_argument("--quick", action="store_true", help="2- and 4-bit layouts in bf16 only (the default suite)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also print, per case, the SASS instructions of each decode_split kernel's loop (loop_sass)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("compile_check: unset TRITON_INTERPRET (it makes Triton interpret instead of compile)")
-    compiled = compile_only(args.arch)
+    keep: list = []
+    compiled = compile_only(args.arch, keep)
     errors = []
     for cases in (_scalar_cases, _kivi_cases, _turboquant_cases):
         for name, case in cases(args.quick):
+            keep.clear()
             try:
                 case()
             except Exception as e:  # noqa: BLE001 - every case is reported, the first failure stops nothing
                 last = traceback.format_exception_only(type(e), e)[-1].strip()
                 errors.append(f"{name}: {type(e).__name__}: {str(e).strip()[:600] or last}")
+            if args.sass:
+                for kname, kernel in keep:
+                    if kname.endswith("decode_split") or kname.endswith("decode_split_planar"):
+                        n, ops = loop_sass(kernel.asm["cubin"])
+                        top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:8])
+                        print(f"{name:32s} {kname:42s} loop SASS {n:5d}  ({top})", flush=True)
     print(json.dumps({"arch": args.arch, "compiled": len(compiled), "kernels": sorted(set(compiled)),
                       "errors": errors}))
     return 1 if errors else 0
