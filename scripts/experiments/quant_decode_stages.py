@@ -32,13 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from methods.kernels import quant_attention as QA  # noqa: E402
-from methods.kernels.attention import LOG2E, decode_attention, decode_splits  # noqa: E402
-from methods.kernels.quant_attention import ScalarLayout  # noqa: E402
+from methods.kernels import quant_attention as QA
+from methods.kernels.attention import LOG2E, decode_attention, decode_splits
+from methods.kernels.quant_attention import ScalarLayout
 
 K = QA._kernels()
 STAGES = ("load", "unpack", "operand", "scores")
