@@ -20,6 +20,8 @@
 #                   planar INT4 beside the default) with KVBENCH_FAST16=1 (default) and 0, S/2 s each
 #                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
 #                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
+#   methods[:S]     scripts/bench --methods (BENCH_METHODS, default full and the quantizers; BENCH_CELLS, default
+#                   8x32768) with bench's tuned split config when bench ran first -> $OUT/methods.tar.gz (rows + report)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
 #   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
@@ -87,11 +89,21 @@ bench() {  # each conversion mode in its own process (fixed at import), half the
             --best $d/best-$mode.json --out $d/tune-$mode.md >$d/tune-$mode.log 2>&1
         log "bench tune (fast16=$mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
         [ -f $d/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat $d/best-1.json)"  # what follows runs the best
-        KVBENCH_FAST16=$mode timeout 120 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
+        [ $mode = 0 ] && continue  # the stages of the default conversion only (a call's worth)
+        KVBENCH_FAST16=$mode timeout 75 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
             >$d/stages-$mode.log 2>&1
         log "stages (fast16=$mode): rc=$?"; tail -n 22 $d/stages-$mode.log | tee -a "$OUT/jobs.log"
     done
     tar -czf "$OUT/bench.tar.gz" -C $d .
+}
+
+methods() {  # issue 20's report: every quantizer beside full at 8 x 32768, the tuned split config when bench ran first
+    local d=/tmp/methods; mkdir -p $d
+    [ -f /tmp/bench/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat /tmp/bench/best-1.json)"
+    timeout "${1:-420}" python -m scripts.bench --methods "${BENCH_METHODS:-full,fp8:0.5,uniform_int:0.75,quarot:0.75,kivi:0.75,ratequant:0.75,uniform_int:0.875}" \
+        --cells "${BENCH_CELLS:-8x32768}" --steps 16 --warmup 3 --out-dir $d --commit "$KVBENCH_GIT_SHA" >$d/bench.log 2>&1
+    log "methods bench (KVBENCH_QUANT_DECODE=${KVBENCH_QUANT_DECODE:-default}): rc=$?"; grep -E "^\| 8 \||x full|bar" $d/*.md 2>/dev/null | tail -n 20 | tee -a "$OUT/jobs.log"
+    tar -czf "$OUT/methods.tar.gz" -C $d .
 }
 
 need_smollm2() {  # the wheel reassembled and converted by the three `receive` calls
@@ -116,8 +128,8 @@ smollm2() {
 for job in "$@"; do
     name=${job%%:*}; arg=; [ "$name" != "$job" ] && arg=${job#*:}
     case $name in
-        diag|tests|leaderboard|rerun|bench|lkv_smollm2|smollm2) ;;
-        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], rerun[:M], bench[:S], lkv_smollm2[:S], smollm2[:M])"; continue ;;
+        diag|tests|leaderboard|rerun|bench|methods|lkv_smollm2|smollm2) ;;
+        *) log "unknown job '$name' (diag, tests[:S], leaderboard[:M], rerun[:M], bench[:S], methods[:S], lkv_smollm2[:S], smollm2[:M])"; continue ;;
     esac
     t0=$(date +%s); log "start $job"
     $name $arg
