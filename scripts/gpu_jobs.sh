@@ -17,7 +17,7 @@
 #                   -> $OUT/rows.tar.gz; here:
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
 #   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick,
-#                   planar INT4 beside the default) with KVBENCH_FAST16=1 (default) and 0, S/2 s each
+#                   planar INT4 beside the default) with KVBENCH_FAST16=1, then 0 at its best config, S/2 s each
 #                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
 #                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
 #   methods[:S]     scripts/bench --methods (BENCH_METHODS, default full and the quantizers; BENCH_CELLS, default

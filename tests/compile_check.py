@@ -187,20 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     errors = []
     for cases in (_scalar_cases, _kivi_cases, _turboquant_cases):
         for name, case in cases(args.quick):
-            keep.clear()
+            kept = len(keep)
             try:
                 case()
             except Exception as e:  # noqa: BLE001 - every case is reported, the first failure stops nothing
                 last = traceback.format_exception_only(type(e), e)[-1].strip()
                 errors.append(f"{name}: {type(e).__name__}: {str(e).strip()[:600] or last}")
             if args.sass:
-                for kname, kernel in keep:
+                for kname, kernel in keep[kept:]:
                     if kname.endswith("decode_split") or kname.endswith("decode_split_planar"):
                         n, ops = loop_sass(kernel.asm["cubin"])
                         top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:8])
                         print(f"{name:32s} {kname:42s} loop SASS {n:5d}  ({top})", flush=True)
+    # kernels whose PTX holds the bf16 fast conversion (KVBENCH_FAST16=1: its byte permute under 0x43)
+    fast16 = sorted({name for name, kernel in keep if "0x43434343" in kernel.asm.get("ptx", "")})
     print(json.dumps({"arch": args.arch, "compiled": len(compiled), "kernels": sorted(set(compiled)),
-                      "errors": errors}))
+                      "fast16": fast16, "errors": errors}))
     return 1 if errors else 0
 
 

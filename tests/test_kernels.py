@@ -213,20 +213,25 @@ def test_no_triton_function_returns_early_from_an_if():
 
 
 @pytest.mark.slow  # compiles 56 kernels for sm_90 (ptxas included): about 100 s cold, seconds from Triton's cache
-def test_quant_kernels_compile_for_the_h100():
+@pytest.mark.parametrize("fast16", ["0", "1"])
+def test_quant_kernels_compile_for_the_h100(fast16):
     """The quantized-cache kernels (scalar, KIVI, TurboQuant; 2- and 4-bit, head dims 64 and 128, bf16) compile for
     the H100 with no GPU here (tests/compile_check.py): what the interpreter accepts and the compiler refuses shows
-    before a GPU call does. ``python -m tests.compile_check`` (no ``--quick``) covers every GPU test layout."""
+    before a GPU call does. ``python -m tests.compile_check`` (no ``--quick``) covers every GPU test layout. Both
+    conversions (``KVBENCH_FAST16``): with 1 the scalar and KIVI decode kernels carry its inline PTX (ptxas takes
+    it), with 0 none does."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"KVBENCH_FAST16": fast16}
     p = subprocess.run([sys.executable, "-m", "tests.compile_check", "--quick"], env=env, capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
     out = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {"errors": [p.stderr[-3000:]]}
     assert p.returncode == 0 and not out["errors"], out["errors"]
     assert {"quant_attention_triton.append", "kivi_triton.append", "turboquant_triton.prepare"} <= {
         k.lstrip("_") for k in out["kernels"]}
+    want = {"quant_attention_triton.decode_split", "kivi_triton.decode_split"} if fast16 == "1" else set()
+    assert {k.lstrip("_") for k in out["fast16"]} == want

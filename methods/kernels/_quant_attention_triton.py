@@ -28,11 +28,14 @@ _UNPACK = os.environ.get("KVBENCH_UNPACK", "tree")
 if _UNPACK not in _UNPACK_MODES:
     raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default tree)")
 TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
-# ``KVBENCH_FAST16`` (default 1): bf16 operands of 4- and 2-bit codes converted four bytes an instruction group
-# (:func:`_codes16`); 0 keeps Triton's byte-by-byte conversion (the A/B of scripts/bench_quant_attention.py).
-_FAST16 = os.environ.get("KVBENCH_FAST16", "1")
+# ``KVBENCH_FAST16=1``: bf16 operands of 4- and 2-bit codes converted four bytes an instruction group (:func:`_codes16`)
+# and dequantized by one bf16 FMA an element (scalar and KIVI kernels); sm_90 SASS of the INT4 g32 split loop 1125 ->
+# 678 instructions a tile, KIVI k4v4 1321 -> 961 (tests/compile_check.py --sass). Default 0 (Triton's byte-by-byte
+# conversion, fp32 dequantization) until a GPU run holds it to the reference (``KVBENCH_FAST16=1 pytest -m gpu``) and
+# times it (``gpu_jobs.sh bench`` runs both); written without a GPU (no machine was lent in session 13).
+_FAST16 = os.environ.get("KVBENCH_FAST16", "0")
 if _FAST16 not in ("0", "1"):
-    raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 1 (default) or 0")
+    raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 0 (default) or 1")
 FAST16 = tl.constexpr(_FAST16 == "1" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes",
                                                                                               "on"))
 # (the interpreter runs no inline PTX; its bf16 operands take the magic's add anyway: MAGIC_BITS -1)
