@@ -20,8 +20,9 @@
 #                   planar INT4 beside the default) with KVBENCH_FAST16=1, then 0 at its best config, S/2 s each
 #                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
 #                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
-#   methods[:S]     scripts/bench --methods (BENCH_METHODS, default full and the quantizers; BENCH_CELLS, default
-#                   8x32768) with bench's tuned split config when bench ran first -> $OUT/methods.tar.gz (rows + report)
+#   methods[:S]     scripts/bench --methods (BENCH_METHODS, default full and every quantizer of issue 20's targets;
+#                   BENCH_CELLS, default 8x32768,1x32768), with the split config bench tuned when bench ran first and
+#                   the caller's KVBENCH_FAST16 -> $OUT/methods.tar.gz (rows + report: copy to results/bench/)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
 #   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
@@ -100,9 +101,9 @@ bench() {  # each conversion mode in its own process (fixed at import), half the
 methods() {  # issue 20's report: every quantizer beside full at 8 x 32768, the tuned split config when bench ran first
     local d=/tmp/methods; mkdir -p $d
     [ -f /tmp/bench/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat /tmp/bench/best-1.json)"
-    timeout "${1:-420}" python -m scripts.bench --methods "${BENCH_METHODS:-full,fp8:0.5,uniform_int:0.75,quarot:0.75,kivi:0.75,ratequant:0.75,uniform_int:0.875}" \
-        --cells "${BENCH_CELLS:-8x32768}" --steps 16 --warmup 3 --out-dir $d --commit "$KVBENCH_GIT_SHA" >$d/bench.log 2>&1
-    log "methods bench (KVBENCH_QUANT_DECODE=${KVBENCH_QUANT_DECODE:-default}): rc=$?"; grep -E "^\| 8 \||x full|bar" $d/*.md 2>/dev/null | tail -n 20 | tee -a "$OUT/jobs.log"
+    timeout "${1:-420}" python -m scripts.bench --methods "${BENCH_METHODS:-full,fp8:0.5,uniform_int:0.75,quarot:0.75,kivi:0.75,ratequant:0.75,turboquant_kqv:0.75}" \
+        --cells "${BENCH_CELLS:-8x32768,1x32768}" --steps 16 --warmup 3 --out-dir $d --commit "$KVBENCH_GIT_SHA" >$d/bench.log 2>&1
+    log "methods bench (KVBENCH_FAST16=${KVBENCH_FAST16:-0} KVBENCH_QUANT_DECODE=${KVBENCH_QUANT_DECODE:-default}): rc=$?"; grep -E "^\| [18] \||x full|bar" $d/*.md 2>/dev/null | tail -n 20 | tee -a "$OUT/jobs.log"
     tar -czf "$OUT/methods.tar.gz" -C $d .
 }
 

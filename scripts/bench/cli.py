@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -32,6 +33,9 @@ from scripts.bench.engines import capacity_probe, run_hf, run_kvbench
 from scripts.bench.method_spec import MethodSpec
 from scripts.bench.profiling import profile_kvbench
 from scripts.bench.report import write_report
+
+# Environment switches of methods/kernels that change which kernel runs or how it is launched
+KERNEL_ENV = ("KVBENCH_FAST16", "KVBENCH_UNPACK", "KVBENCH_QUANT_DECODE")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -292,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or git_commit()
     out_dir = Path(args.out_dir)
     rows_path = out_dir / "rows" / f"{device_name}-{commit}.jsonl"
-    command = "python -m scripts.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    # the kernel switches read from the environment (methods/kernels) are part of what ran: the command says them
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in KERNEL_ENV if os.environ.get(k)]
+    command = " ".join([*env, "python -m scripts.bench"]) + " " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if not args.report:
         measure(args, model, cells, engines, specs, rows_path, commit=commit, command=command, bw=bw, bws=bws)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
