@@ -10,7 +10,14 @@ import triton
 import triton.language as tl
 
 from ._quant_attention_triton import (  # noqa: F401 (_store_codes re-exported for the TurboQuant kernels)
-    TREE_MAX_CPW, _or, _shifted, _store_codes, _store_word_bytes, _unpack, _words)
+    TREE_MAX_CPW,
+    _or,
+    _shifted,
+    _store_codes,
+    _store_word_bytes,
+    _unpack,
+    _words,
+)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ import os
 import triton
 import triton.language as tl
 
+from . import interpret_mode
 from ._common_triton import rnd
 
 # How packed words become codes in channel order, fixed when this module is imported (``KVBENCH_UNPACK``): a layout
@@ -36,9 +37,7 @@ TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
 _FAST16 = os.environ.get("KVBENCH_FAST16", "0")
 if _FAST16 not in ("0", "1"):
     raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 0 (default) or 1")
-FAST16 = tl.constexpr(_FAST16 == "1" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes",
-                                                                                              "on"))
-# (the interpreter runs no inline PTX; its bf16 operands take the magic's add anyway: MAGIC_BITS -1)
+FAST16 = tl.constexpr(_FAST16 == "1" and not interpret_mode())  # the interpreter runs no inline PTX
 
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
@@ -206,14 +205,16 @@ def _fast16(FMT: tl.constexpr, CPW: tl.constexpr, MAGIC_BITS: tl.constexpr):
 def _codes16(w, N: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr):
     """Packed bytes (N, D / CPW) -> (N, D) bf16 in channel order: 128 + code (the dot operand of one group a
     vector), or the code itself (``SUB``: to dequantize in bf16). The conversion of :func:`_unpack` +
-    :func:`_operand` done four bytes an instruction (:func:`_planes_asm`; Triton's own ops work byte by byte: the
-    INT kernels spent 10 instructions an element, H100 at e9d3ab8); the planes are interleaved by the same join
-    tree as :func:`_unpack` (bf16 planes instead of uint8 ones)."""
+    :func:`_operand`, done on four bytes at a time by a few 32-bit instructions (:func:`_planes_asm`; Triton's own
+    ops work byte by byte: about 9 SASS instructions an element of the INT4 split loop); the planes are
+    interleaved by the same join tree as :func:`_unpack` (bf16 planes instead of uint8 ones)."""
     if CPW == 2:
         if SUB:
-            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True,
+                                               pack=4)
         else:
-            c0, c1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            c0, c1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True,
+                                               pack=4)
         t = tl.join(c0, c1)
     else:
         if SUB:
