@@ -75,7 +75,12 @@ same way, so the INT gap is the unpacking of sub-byte codes into channel order (
 ``decode_split_planar`` (``DECODE_CONFIG["planar"]``, INT4 only) never interleaves: the query is split into its even
 and odd channels once, each byte's two codes are two planes, one dot and one accumulator per plane; off until a
 GPU run of ``scripts/bench_quant_attention.py --tune`` measures it. Tunables are overridable with
-``KVBENCH_QUANT_DECODE``.
+``KVBENCH_QUANT_DECODE``. Those kernels are bound by the instructions they issue, not by the bytes they read (INT4
+and INT2 took the same time): compiled for sm_90, the INT4 g32 loop issued about 9 SASS instructions an element,
+most of them converting bytes to floats one at a time. ``KVBENCH_FAST16=1`` converts 4- and 2-bit codes four bytes
+at a time with inline PTX and dequantizes groups by one bf16 FMA an element (scalar and KIVI kernels: 1125 -> 678
+SASS instructions a tile, ``python -m tests.compile_check --quick --sass``); off by default until a GPU run holds it
+to the reference and times it.
 
 Rotation (QuaRot): the append kernel rotates the new key and the group's queries with R_K (and the value with
 R_V) in fp32 (R = H diag(s) / sqrt(D), built once per store from the codec's counted signs), so the kernels
