@@ -9,16 +9,20 @@ so they are bound by the work per element, not by the bytes. This times, in CUDA
 split kernel of methods/kernels/_quant_attention_triton.py cut after each of its stages, built from the same
 @triton.jit parts (so a stage costs here what it costs there):
 
-- ``load``: the tiles' packed words, scales and zero points (summed, so nothing is dropped);
-- ``unpack``: + the codes in channel order (``_unpack``: the join tree, or direct with ``KVBENCH_UNPACK=direct``);
-- ``operand``: + the 16-bit dot operands (``_operand_tile`` with one group a vector, ``_values_dt`` with several:
-  what ``_qk`` and ``_pv`` feed ``tl.dot``; with ``KVBENCH_FAST16=1`` the unpacking of ``unpack`` is not on this
-  path, the bytes are converted four at a time);
-- ``scores``: + the key dot and the online softmax (values still only converted);
+- ``load``: the tiles' packed words, scales and zero points (summed as floats, so nothing is dropped: that sink
+  costs about two instructions an element itself);
+- ``unpack``: the codes in channel order (``_unpack``: the join tree, or direct with ``KVBENCH_UNPACK=direct``),
+  summed likewise;
+- ``operand``: the 16-bit dot operands (``_operand_tile`` with one group a vector, ``_values_dt`` with several:
+  what ``_qk`` and ``_pv`` feed ``tl.dot``; with ``KVBENCH_FAST16=1`` they come from the bytes four at a time,
+  not through ``unpack``) and both dots, without the softmax (the weights are the raw scores);
+- ``scores``: + the online softmax: the split kernel but for its scale, zero-point and store epilogue;
 - ``split``: the production split kernel (``decode_split``, or ``decode_split_planar`` with ``--planar``).
 
-Each line gives ms and the fraction of the copy bandwidth the bytes of the full kernel would need; the step
-from one stage to the next is what that stage costs. The dense kernel ``full`` runs is timed beside.
+Each line gives ms and the fraction of the copy bandwidth the bytes of the full kernel would need; ``split`` minus
+``operand`` is the softmax's share, ``operand`` minus ``load`` the conversion's. The kernels issue more
+instructions than their bytes need (``python -m tests.compile_check --quick --sass`` counts them per tile without a
+GPU); this says which of those instructions cost time. The dense kernel ``full`` runs is timed beside.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
     qsum = tl.sum(q.to(tl.float32), 1)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_N, D], tl.float32)
+    acc = tl.zeros([BLOCK_N, D], tl.float32)  # the sink of the load and unpack stages
+    out = tl.zeros([BLOCK_G, D], tl.float32)  # the value dot's accumulator (operand and scores stages)
     meta = tl.zeros([BLOCK_N], tl.float32)
     kc0, ks0, kz0 = KC + b * kcb + j * kch, KS + b * ksb + j * ksh, KZ + b * kzb + j * kzh
     vc0, vs0, vz0 = VC + b * vcb + j * vch, VS + b * vsb + j * vsh, VZ + b * vzb + j * vzh
@@ -95,14 +100,15 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
                 vv = K._operand_tile(wv, BLOCK_N, D, V_FMT, V_BITS, V_CPW, V_MAGIC, V_MAGIC_BITS, VDT)
             else:
                 vv = K._values_dt(wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC_BITS, VDT)
-            if STAGE == 2:
-                acc += kk.to(tl.float32) + vv.to(tl.float32)
+            s = K._dot(q, tl.trans(kk), IEEE)  # (BLOCK_G, BLOCK_N)
+            if STAGE == 2:  # both dots, no softmax: the weights are the scores themselves
+                p = s
             else:
-                s = K._dot(q, tl.trans(kk), IEEE)
                 s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
                 m_i, alpha, p, l_i = K._online(s, m_i, l_i)
-                acc += vv.to(tl.float32)
-    total = tl.sum(tl.sum(acc, 1) + meta, 0) + tl.sum(tl.where(g_ok, l_i + qsum, 0.0), 0)
+                out = out * alpha[:, None]
+            out += K._dot(p.to(VDT), vv, IEEE)
+    total = tl.sum(tl.sum(acc, 1) + meta, 0) + tl.sum(tl.where(g_ok, l_i + qsum + tl.sum(out, 1), 0.0), 0)
     tl.store(Out + pid_s * tl.num_programs(1) + tl.program_id(1), total)
 
 
