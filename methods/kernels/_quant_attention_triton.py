@@ -335,6 +335,18 @@ def _split_range(Heads, Lens, H_loc, split, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _group_query(Q, b, h, sqb, sqh, sqd, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DT: tl.constexpr):
+    """The G query heads of kv head h in row b, padded to BLOCK_G rows for the tensor cores: (their global
+    indices, which rows are real, q (BLOCK_G, D) in the dot dtype DT, each row's sum in fp32)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0).to(DT)
+    return heads, g_ok, q, tl.sum(q.to(tl.float32), 1)
+
+
+@triton.jit
 def _finish(m_i, l_i):
     """(1 / sum of weights, log2-sum-exp) of a split's online softmax; an empty split: (1, -inf)."""
     has = l_i > 0
@@ -366,12 +378,7 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
     (with a runtime stride every tile waited on synchronous 2-byte loads of its metadata; seen in the PTX
     for sm_90: ld.global.b16 in the loop, cp.async after)."""
     pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split, BLOCK_N)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D)
-    g_ok = offs_g < G
-    heads = h * G + offs_g
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0).to(KDT)
-    qsum = tl.sum(q.to(tl.float32), 1)
+    heads, g_ok, q, qsum = _group_query(Q, b, h, sqb, sqh, sqd, G, BLOCK_G, D, KDT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -406,6 +413,7 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
             wk, sk, zk, wv, sv, zv = wk2, sk2, zk2, wv2, sv2, zv2
     inv, lse = _finish(m_i, l_i)
     out = (acc + corr[:, None]) * inv[:, None]
+    offs_d = tl.arange(0, D)
     tl.store(MidO + b * sob + heads[:, None] * soh + pid_s * sos + offs_d[None, :] * sod, out, mask=g_ok[:, None])
     tl.store(MidL + b * slb + heads * slh + pid_s * sls, lse, mask=g_ok)
 

@@ -59,12 +59,7 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
     """decode_split's program (same grid and arguments) stopped after STAGE (0 load, 1 unpack, 2 operand,
     3 scores); writes one float per program so the compiler keeps every stage's work."""
     pid_s, b, j, h, lo, hi = K._split_range(Heads, Lens, H_loc, split, BLOCK_N)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D)
-    g_ok = offs_g < G
-    heads = h * G + offs_g
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0).to(KDT)
-    qsum = tl.sum(q.to(tl.float32), 1)
+    heads, g_ok, q, qsum = K._group_query(Q, b, h, sqb, sqh, sqd, G, BLOCK_G, D, KDT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_N, D], tl.float32)  # the sink of the load and unpack stages
