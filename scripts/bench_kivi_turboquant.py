@@ -33,6 +33,7 @@ from methods.kernels import kivi_attention as KA  # noqa: E402
 from methods.kernels import turboquant_attention as TA  # noqa: E402
 from methods.kernels.attention import decode_attention  # noqa: E402
 from methods.quantizers import TurboQuantizer  # noqa: E402
+from scripts.bench.common import emit_lines  # noqa: E402
 
 KIVI = {"kivi4": (4, 4), "kivi2": (2, 2), "kivi3": (3, 3)}
 TURBO = {"turboquant_kv4": ((4, 0), (4, 0)), "turboquant_kqv4": ((4, 0), (3, 128)),
@@ -164,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(lines[-1], flush=True)
             del attn, append
             torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit_lines(lines, args.out)
 
 
 if __name__ == "__main__":

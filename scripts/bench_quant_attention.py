@@ -34,6 +34,7 @@ from harness.measure import copy_bandwidth, graph_ms_per_call  # noqa: E402
 from methods.kernels import quant_attention as QA  # noqa: E402
 from methods.kernels.attention import decode_attention  # noqa: E402
 from methods.kernels.quant_attention import ScalarLayout, scalar_encode_reference  # noqa: E402
+from scripts.bench.common import emit_lines  # noqa: E402
 
 LAYOUTS = {
     "uniform_int4 g32": ScalarLayout("int", 4, 32),
@@ -164,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"\nbest over {', '.join(tune_names)}: {json.dumps(best)}\n")
                 print(lines[-1], flush=True)
             del kf, vf
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit_lines(lines, args.out)
 
 
 if __name__ == "__main__":

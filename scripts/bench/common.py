@@ -20,6 +20,15 @@ EXTRA_ENGINES = ("kvbench_modules",)  # ablation: kvbench with its decode step t
 BUDGET_80GB = 80e9
 
 
+def emit_lines(lines: list[str], out: str | None) -> int:
+    """A kernel micro-benchmark's markdown: printed, and written to ``out`` when given; returns the exit code 0."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return 0
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,

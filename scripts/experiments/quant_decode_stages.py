@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 
 import torch
 import triton
@@ -134,6 +133,7 @@ LAYOUTS = {"uniform_int4 g32": ScalarLayout("int", 4, 32), "quarot4 (g128)": Sca
 
 def main(argv: list[str] | None = None) -> int:
     from harness.measure import copy_bandwidth, graph_ms_per_call
+    from scripts.bench.common import emit_lines
     from scripts.bench_quant_attention import fields, nbytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | split ({kind}) | {t:.3f} | {read / t / 1e-3 / bw:.2f} |")
         print(lines[-1], flush=True)
         del kf, vf
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return emit_lines(lines, args.out)
 
 
 if __name__ == "__main__":
