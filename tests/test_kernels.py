@@ -235,3 +235,68 @@ def test_quant_kernels_compile_for_the_h100(fast16):
         k.lstrip("_") for k in out["kernels"]}
     want = {"quant_attention_triton.decode_split", "kivi_triton.decode_split"} if fast16 == "1" else set()
     assert {k.lstrip("_") for k in out["fast16"]} == want
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """A model of the few PTX instructions :func:`_quant_attention_triton._planes_asm` emits (mov, shr, and, prmt,
+    sub.rn.bf16x2 on exact values), run on 32-bit registers: the inline PTX of KVBENCH_FAST16 checked on CPU."""
+    import struct
+
+    def bf16(bits: int) -> float:
+        return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+    def to_bf16(x: float) -> int:
+        bits = struct.unpack("<I", struct.pack("<f", x))[0]
+        assert bits & 0xFFFF == 0, f"{x} is not exact in bf16"  # the conversion's values are small integers
+        return bits >> 16
+
+    regs = dict(inputs)
+    val = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
+    for line in asm.replace("{", "").replace("}", "").split("\n"):
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "mov.b32":
+            regs[d] = val(src[0])
+        elif op == "shr.b32":
+            regs[d] = (val(src[0]) & 0xFFFFFFFF) >> val(src[1])
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op == "prmt.b32":  # default mode: bytes 0-3 of a, 4-7 of b, one selector nibble per result byte
+            pool = (val(src[0]) & 0xFFFFFFFF) | ((val(src[1]) & 0xFFFFFFFF) << 32)
+            sel = val(src[2])
+            regs[d] = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "sub.rn.bf16x2":
+            a, b = val(src[0]), val(src[1])
+            regs[d] = sum(to_bf16(bf16(a >> s) - bf16(b >> s)) << s for s in (0, 16))
+        else:
+            raise AssertionError(f"unmodelled PTX instruction {op}")
+    return regs
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("sub", [False, True])
+def test_fast16_ptx_converts_every_byte(bits, sub):
+    """KVBENCH_FAST16's inline PTX (written without a GPU in session 13; the GPU tests hold the kernels to the
+    reference): four packed bytes in $(2P) give code plane j of each byte as bf16 128 + code (``sub``: the code)
+    in $(2j) (bytes 0, 1: low half first) and $(2j + 1) (bytes 2, 3), for every byte value."""
+    import struct
+
+    from methods.kernels._quant_attention_triton import _planes_asm
+
+    planes = 8 // bits
+    asm = _planes_asm(bits, sub)
+
+    def as_float(half: int) -> float:
+        return struct.unpack("<f", struct.pack("<I", half << 16))[0]
+
+    for word in [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0xF0E1D2C3, *range(0, 256 * 257, 257)]:
+        regs = _run_ptx(asm, {f"${2 * planes}": word})
+        for j in range(planes):
+            for byte in range(4):
+                code = (((word >> (8 * byte)) & 0xFF) >> (j * bits)) & ((1 << bits) - 1)
+                reg = regs[f"${2 * j + byte // 2}"]
+                got = as_float((reg >> (16 * (byte % 2))) & 0xFFFF)
+                assert got == code + (0 if sub else 128), (hex(word), j, byte, got, code)
