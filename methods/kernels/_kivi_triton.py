@@ -65,7 +65,9 @@ def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.co
     """One key group of the packed prefix into the online softmax: keys (D, GS) = code * scale + zero per channel,
     values (GS, D) = code * scale + zero per token and group of GS channels, in fp32 (a code becomes a float by an
     OR into the exponent field, no integer conversion), rounded to the model dtype DT as the reference store
-    rounds them, then one 2D dot each (q in DT is the dot's A operand, held once)."""
+    rounds them, then one 2D dot each (q in DT is the dot's A operand, held once). bf16 4- and 2-bit codes with
+    ``KVBENCH_FAST16=1`` (:func:`_fast_bf16`): exact bf16 codes from the packed bytes four at a time and one bf16
+    FMA an element, the same values."""
     V_NG: tl.constexpr = D // GS
     if _fast_bf16(K_CPW, K_WB, DT):  # exact bf16 codes four bytes an instruction group, one bf16 FMA an element
         kc = _codes16(words_of(kr, K_WB, K_WBP), D, GS, K_CPW, True, DT)
@@ -100,13 +102,11 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
     """Program (range, row * H_kv + kv head), the kv head's query group at once. With L = lengths[b], keys of
     slots below nq_k = floor(L / R) R are codes, values below nq_v = max(L - R, 0); the rest are in the rings.
 
-    Ranges 0 .. NS-1 cover [0, nq_v) (both sides packed), one key group of GS slots per step: scores
-    (q * scale) . codes + q . zero (the per-channel scale goes into the query, once per group: no key is
-    dequantized element by element), values as the scalar kernels' per-token groups (scale into p, zero point
-    as a per-group correction). Range NS, the tail [nq_v, L) (at most R + GS slots): keys dequantized from
+    Ranges 0 .. NS-1 cover [0, nq_v) (both sides packed), one key group of GS slots per step (:func:`_step`):
+    keys and values dequantized in registers and rounded to the model dtype as the reference store reads them,
+    then one 2D dot each. Range NS, the tail [nq_v, L) (at most R + GS slots): keys dequantized from
     codes (groups below nq_k) or read from the key ring, values from the value ring, all rounded to the model
-    dtype as the reference store reads them. Values of the packed prefix are dequantized in registers (code *
-    scale + zero, fp32) and rounded to the dot dtype: 2D dots only."""
+    dtype as the reference store reads them. 2D dots only."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
