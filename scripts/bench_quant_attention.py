@@ -63,11 +63,12 @@ TUNE = [
     ]
 ]
 # ``--grid quick``: the neighbourhood of the configurations that won on the H100 at e9d3ab8 (8 per SM, 3-4 stages,
-# 64-slot tiles), with and without the planar INT4 kernel: a GPU call's worth when several layouts and both unpack
-# modes are compared.
+# 64-slot tiles) for the e9d3ab8 kernel and with the bf16 conversion of 4- and 2-bit codes (``fast16``), in channel
+# order and planar: a GPU call's worth, every configuration checked against the reference.
 TUNE_QUICK = [
-    {"prefetch": False, "num_warps": warps, "num_stages": stages, "block_n": bn, "per_sm": per_sm, "planar": planar}
-    for planar in (False, True)
+    {"prefetch": False, "num_warps": warps, "num_stages": stages, "block_n": bn, "per_sm": per_sm, "planar": planar,
+     "fast16": fast16}
+    for fast16, planar in ((False, False), (True, False), (True, True))  # the e9d3ab8 kernel, then the bf16 conversion
     for bn, warps, stages, per_sm in [(64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 3, 4), (128, 4, 3, 8), (128, 8, 3, 8),
                                       (32, 4, 4, 8)]
 ]
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(dev, nbytes=2 << 30)
     names = [n for n in args.layouts.split(",") if n]
     lines = [f"# Quantized decode attention, {torch.cuda.get_device_name(0)}, heads {H_q}/{H_kv}/{D}, bf16; "
-             f"copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {QA._kernels()._UNPACK}, KVBENCH_FAST16={QA._kernels()._FAST16}", "",
+             f"copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {QA._kernels()._UNPACK}", "",
              "| cell | kernel | config | ms | GB read | GB/s | frac of copy bw | max abs err vs reference |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     tune_names = [n for n in args.tune_layouts.split(",") if n]

@@ -16,13 +16,14 @@
 #                   CPU rows to replace with the fused path's; RERUN_WHERE="--tasks ..." narrows the cells)
 #                   -> $OUT/rows.tar.gz; here:
 #                   move the old rows to results/leaderboard/superseded/ (its README says why), untar, --tables
-#   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick,
-#                   planar INT4 beside the default) with KVBENCH_FAST16=1, then 0 at its best config, S/2 s each
-#                   -> $OUT/bench.tar.gz (tune-<mode>.md, best-<mode>.json; and the split kernel's time by stage,
-#                   scripts/experiments/quant_decode_stages.py: stages-<mode>.md)
+#   bench[:S]       the quantized decode kernels at 8 x 32768, tuned (scripts/bench_quant_attention.py --grid quick:
+#                   the e9d3ab8 kernel, the bf16 conversion fast16, planar INT4), then the best one's split kernel
+#                   by stage (scripts/experiments/quant_decode_stages.py) -> $OUT/bench.tar.gz (tune.md, best.json,
+#                   stages.md); the jobs after it run with the best configuration (KVBENCH_QUANT_DECODE)
 #   methods[:S]     scripts/bench --methods (BENCH_METHODS, default full and every quantizer of issue 20's targets;
-#                   BENCH_CELLS, default 8x32768,1x32768), with the split config bench tuned when bench ran first and
-#                   the caller's KVBENCH_FAST16 -> $OUT/methods.tar.gz (rows + report: copy to results/bench/)
+#                   BENCH_CELLS, default 8x32768,1x32768), with the split config bench tuned when bench ran first (or
+#                   the caller's KVBENCH_FAST16 / KVBENCH_QUANT_DECODE) -> $OUT/methods.tar.gz (rows + report: copy
+#                   to results/bench/)
 #   lkv_smollm2[:S] LKV's weights for SmolLM2 (every eviction ratio of the grid, joint variant) -> $OUT/lkv.tar.gz
 #                   (the weights file and its training curve; here: untar at the repo root)
 #   smollm2[:M]     SmolLM2's grid cells for M minutes (default 8), 2 workers -> $OUT/rows-smollm2.tar.gz
@@ -80,27 +81,22 @@ PY
     log "rerun: rc=${PIPESTATUS[0]}"
 }
 
-bench() {  # each conversion mode in its own process (fixed at import), half the time each
+bench() {  # the tuning grid (with and without the bf16 conversion, fast16), then the best one's split kernel by stage
     local d=/tmp/bench; mkdir -p $d
-    for mode in 1 0; do  # the tuning grid with the default conversion; the old one at the chosen configuration
-        local tune="--tune --grid quick"; [ $mode = 0 ] && tune=
-        KVBENCH_FAST16=$mode timeout $(( ${1:-360} / 2 )) python -m scripts.bench_quant_attention --cells 8x32768 \
-            $tune --tune-layouts "uniform_int4 g32,quarot4 (g128)" \
-            --layouts "uniform_int4 g32,quarot4 (g128),fp8,uniform_int2 g32,int3 g128" \
-            --best $d/best-$mode.json --out $d/tune-$mode.md >$d/tune-$mode.log 2>&1
-        log "bench tune (fast16=$mode): rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune-$mode.log | tail -n 8 | tee -a "$OUT/jobs.log"
-        [ -f $d/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat $d/best-1.json)"  # what follows runs the best
-        [ $mode = 0 ] && continue  # the stages of the default conversion only (a call's worth)
-        KVBENCH_FAST16=$mode timeout 75 python -m scripts.experiments.quant_decode_stages --out $d/stages-$mode.md \
-            >$d/stages-$mode.log 2>&1
-        log "stages (fast16=$mode): rc=$?"; tail -n 22 $d/stages-$mode.log | tee -a "$OUT/jobs.log"
-    done
+    timeout "${1:-240}" python -m scripts.bench_quant_attention --cells 8x32768 --tune --grid quick \
+        --tune-layouts "uniform_int4 g32,quarot4 (g128)" \
+        --layouts "uniform_int4 g32,quarot4 (g128),fp8,uniform_int2 g32,int3 g128" \
+        --best $d/best.json --out $d/tune.md >$d/tune.log 2>&1
+    log "bench tune: rc=$?"; grep -E "best|dense|fp8|int2|int3" $d/tune.log | tail -n 8 | tee -a "$OUT/jobs.log"
+    [ -f $d/best.json ] && export KVBENCH_QUANT_DECODE="$(cat $d/best.json)"  # what follows runs the best
+    timeout 75 python -m scripts.experiments.quant_decode_stages --out $d/stages.md >$d/stages.log 2>&1
+    log "stages: rc=$?"; tail -n 22 $d/stages.log | tee -a "$OUT/jobs.log"
     tar -czf "$OUT/bench.tar.gz" -C $d .
 }
 
 methods() {  # issue 20's report: every quantizer beside full at 8 x 32768, the tuned split config when bench ran first
     local d=/tmp/methods; mkdir -p $d
-    [ -f /tmp/bench/best-1.json ] && export KVBENCH_QUANT_DECODE="$(cat /tmp/bench/best-1.json)"
+    [ -f /tmp/bench/best.json ] && export KVBENCH_QUANT_DECODE="$(cat /tmp/bench/best.json)"
     timeout "${1:-420}" python -m scripts.bench --methods "${BENCH_METHODS:-full,fp8:0.5,uniform_int:0.75,quarot:0.75,kivi:0.75,ratequant:0.75,turboquant_kqv:0.75}" \
         --cells "${BENCH_CELLS:-8x32768,1x32768}" --steps 16 --warmup 3 --out-dir $d --commit "$KVBENCH_GIT_SHA" >$d/bench.log 2>&1
     log "methods bench (KVBENCH_FAST16=${KVBENCH_FAST16:-0} KVBENCH_QUANT_DECODE=${KVBENCH_QUANT_DECODE:-default}): rc=$?"; grep -E "^\| [18] \||x full|bar" $d/*.md 2>/dev/null | tail -n 20 | tee -a "$OUT/jobs.log"

@@ -233,3 +233,32 @@ def test_fused_kivi_decode_step_is_captured_and_does_not_sync():
     assert engine.graph_error is None
     layer = state.layers[0]
     assert layer.lengths.tolist() == [33, 33] and layer.hi == 33
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [(4, 4), (2, 2)], ids=["k4v4", "k2v2"])
+@pytest.mark.parametrize("D, Gq", [(128, 4), (64, 3)], ids=["8b", "tiny"])
+def test_kivi_fast16_matches_reference_on_gpu(bits, D, Gq, monkeypatch):
+    """KIVI's DECODE_CONFIG["fast16"] (the bf16 conversion of 4- and 2-bit codes, written without a GPU in session
+    13): the reference within the bf16 tolerance of test_kivi_kernels_match_reference_on_gpu, and the output of the
+    conversion it replaces but where a zero point's addition rounds in fp32."""
+    from methods.kernels import kivi_attention as KA
+
+    B, H_kv, G, R, S = 3, 8, 32, 128, 5120
+    f = _fields(bits, B, H_kv, D, G, R, S, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(B, H_kv * Gq, D, generator=g, device="cuda").to(torch.bfloat16)
+    kn, vn = torch.randn(2, B, H_kv, D, generator=g, device="cuda").to(torch.bfloat16)
+    lengths = torch.tensor([S - 7, 1024, 77], device="cuda")
+    kw = dict(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_length=R, scaling=D**-0.5)
+    want = kivi_decode_attention_reference(q, *(f[n] for n in FIELDS), lengths, kn, vn, **kw)
+    KA._env_config()  # the environment's config first, then this test's
+    outs = []
+    for fast in (False, True):
+        monkeypatch.setitem(KA.DECODE_CONFIG, "fast16", fast)
+        outs.append(kivi_decode_attention(q, *(f[n] for n in FIELDS), lengths, kn, vn, **kw))
+    off, on = outs
+    torch.testing.assert_close(on.float(), want.float(), atol=2e-2, rtol=2e-2)
+    diff = (on.float() - off.float()).abs()
+    assert float(diff.max()) <= 2e-2 and float((diff == 0).float().mean()) >= 0.99, (
+        float(diff.max()), float((diff == 0).float().mean()))

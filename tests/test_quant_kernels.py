@@ -487,3 +487,50 @@ def test_unpack_modes_match_the_reference_on_gpu():
     """The same compiled for the GPU (direct mode first compiled there at a1826fb: an early return had made it
     compile the tree too)."""
     _assert_unpack_modes(_unpack_modes("cuda"))
+
+
+# -- the bf16 conversion of 4- and 2-bit codes (DECODE_CONFIG["fast16"], written without a GPU in session 13) -------
+
+FAST16_LAYOUTS = {"int4g32": ScalarLayout("int", 4, 32), "quarot4": ScalarLayout("int", 4, 128, 0.95),
+                  "int2g32": ScalarLayout("int", 2, 32)}
+
+
+def _fast16_outputs(layout, shape, planar, device, monkeypatch):
+    """(reference, fast16 off, fast16 on) decode outputs in bf16 of one stored cache."""
+    B, H_kv, G, D, S = shape
+    lay = ScalarLayout(layout.fmt, layout.bits, min(layout.group, D), layout.clip)
+    kf, vf = _stored(lay, lay, B, H_kv, S, D, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(B, H_kv * G, D, generator=g, device=device).to(torch.bfloat16)
+    kn, vn = torch.randn(2, B, H_kv, D, generator=g, device=device).to(torch.bfloat16)
+    lengths = torch.tensor([S, S // 2 + 1, 31][:B], device=device)
+    args = (q, *_fields(kf), *_fields(vf), lengths, kn, vn)
+    want = QA.scalar_decode_attention_reference(*args, k_layout=lay, v_layout=lay, scaling=D**-0.5)
+    QA._kernels()  # the environment's config first, then this test's
+    monkeypatch.setitem(QA.DECODE_CONFIG, "planar", planar)
+    outs = []
+    for fast in (False, True):
+        monkeypatch.setitem(QA.DECODE_CONFIG, "fast16", fast)
+        outs.append(QA.scalar_decode_attention(*args, k_layout=lay, v_layout=lay, scaling=D**-0.5))
+    return want, *outs
+
+
+def test_fast16_is_ignored_by_the_interpreter(monkeypatch):
+    """The interpreter runs no inline PTX: fast16 on gives the same kernel and outputs as off there."""
+    want, off, on = _fast16_outputs(FAST16_LAYOUTS["int4g32"], (1, 2, 2, 64, 80), False, "cpu", monkeypatch)
+    assert torch.equal(on, off)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("planar", [False, True], ids=["channels", "planar"])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("layout", FAST16_LAYOUTS)
+def test_fast16_decode_matches_reference_on_gpu(layout, shape, planar, monkeypatch):
+    """fast16 decodes to the reference (bf16 tolerance of test_kernels_match_reference_on_gpu), and to what the
+    conversion it replaces gives: the same bf16 operands (the codes exactly, code * scale + zero rounded once), so
+    equal outputs but where adding the zero point rounds in fp32 (then one bf16 ulp apart)."""
+    want, off, on = _fast16_outputs(FAST16_LAYOUTS[layout], GPU_SHAPES[shape], planar, "cuda", monkeypatch)
+    torch.testing.assert_close(on.float(), want.float(), atol=2e-2, rtol=2e-2)
+    diff = (on.float() - off.float()).abs()
+    assert float(diff.max()) <= 2e-2 and float((diff == 0).float().mean()) >= 0.99, (
+        float(diff.max()), float((diff == 0).float().mean()))

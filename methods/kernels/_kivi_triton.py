@@ -11,7 +11,6 @@ import triton.language as tl
 
 from ._codes_triton import raw_words, store_words, unpack_rows, words_of
 from ._quant_attention_triton import (
-    FAST16,
     TREE_MAX_CPW,
     _code_f32,
     _codes16,
@@ -49,27 +48,28 @@ def _raw(KC, KS, KZ, VC, VS, VZ, n0, hi, kcg, ksg, kzg, vcs, vss, vzs, D: tl.con
 
 
 @triton.jit
-def _fast_bf16(CPW: tl.constexpr, WB: tl.constexpr, DT: tl.constexpr):
-    """Whether a side's codes are dequantized as the scalar kernels' bf16 fast path does
+def _fast_bf16(FAST: tl.constexpr, CPW: tl.constexpr, WB: tl.constexpr, DT: tl.constexpr):
+    """Whether a side's codes are dequantized as the scalar kernels' bf16 fast path does (``FAST``: the launcher's
+    ``DECODE_CONFIG["fast16"]`` of methods/kernels/kivi_attention.py)
     (:func:`methods.kernels._quant_attention_triton._codes16`: 4- and 2-bit codes, a bf16 model, on a GPU): the
     reference computes code * scale + zero in fp32, where it is exact but for the zero point's addition, and
     rounds once to bf16; one bf16 FMA rounds once too."""
-    return FAST16 and DT == tl.bfloat16 and WB == 1 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
+    return FAST and DT == tl.bfloat16 and WB == 1 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
 
 
 @triton.jit
 def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.constexpr, GS: tl.constexpr,
           K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
           V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr, DT: tl.constexpr,
-          IEEE: tl.constexpr):
+          IEEE: tl.constexpr, FAST16: tl.constexpr):
     """One key group of the packed prefix into the online softmax: keys (D, GS) = code * scale + zero per channel,
     values (GS, D) = code * scale + zero per token and group of GS channels, in fp32 (a code becomes a float by an
     OR into the exponent field, no integer conversion), rounded to the model dtype DT as the reference store
     rounds them, then one 2D dot each (q in DT is the dot's A operand, held once). bf16 4- and 2-bit codes with
-    ``KVBENCH_FAST16=1`` (:func:`_fast_bf16`): exact bf16 codes from the packed bytes four at a time and one bf16
+    ``FAST16`` (:func:`_fast_bf16`): exact bf16 codes from the packed bytes four at a time and one bf16
     FMA an element, the same values."""
     V_NG: tl.constexpr = D // GS
-    if _fast_bf16(K_CPW, K_WB, DT):  # exact bf16 codes four bytes an instruction group, one bf16 FMA an element
+    if _fast_bf16(FAST16, K_CPW, K_WB, DT):  # exact bf16 codes four bytes an instruction group, one bf16 FMA an element
         kc = _codes16(words_of(kr, K_WB, K_WBP), D, GS, K_CPW, True, DT)
         k = tl.fma(kc, ks.to(DT)[:, None], kz.to(DT)[:, None])
     else:
@@ -79,7 +79,7 @@ def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.co
     n_ok = n0 + tl.arange(0, GS) < hi
     s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
     m_i, alpha, p, l_i = _online(s, m_i, l_i)
-    if _fast_bf16(V_CPW, V_WB, DT):
+    if _fast_bf16(FAST16, V_CPW, V_WB, DT):
         vc = tl.reshape(_codes16(words_of(vr, V_WB, V_WBP), GS, D, V_CPW, True, DT), [GS, V_NG, GS])
         v = tl.reshape(tl.fma(vc, vs.to(DT)[:, :, None], vz.to(DT)[:, :, None]), [GS, D])
     else:
@@ -98,7 +98,7 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, GS: tl.constexpr, R: tl.constexpr,
                  K_BITS: tl.constexpr, K_CPW: tl.constexpr, K_WB: tl.constexpr, K_WBP: tl.constexpr,
                  V_BITS: tl.constexpr, V_CPW: tl.constexpr, V_WB: tl.constexpr, V_WBP: tl.constexpr,
-                 DT: tl.constexpr, IEEE: tl.constexpr):
+                 DT: tl.constexpr, IEEE: tl.constexpr, FAST16: tl.constexpr):
     """Program (range, row * H_kv + kv head), the kv head's query group at once. With L = lengths[b], keys of
     slots below nq_k = floor(L / R) R are codes, values below nq_v = max(L - R, 0); the rest are in the rings.
 
@@ -142,12 +142,12 @@ def decode_split(Q, KC, KS, KZ, KR, VC, VS, VZ, VR, Lens, MidO, MidL, scale_log2
                                                       vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB,
                                                       V_WBP)
             m_i, l_i, acc = _step(q, a_kr, a_ks, a_kz, a_vr, a_vs, a_vz, n0, hi, m_i, l_i, acc, scale_log2, D, GS,
-                                  K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE)
+                                  K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE, FAST16)
             a_kr, a_ks, a_kz, a_vr, a_vs, a_vz = _raw(KC, KS, KZ, VC, VS, VZ, n0 + 2 * GS, hi, kcg, ksg, kzg, vcs,
                                                       vss, vzs, D, GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW,
                                                       V_WB, V_WBP)
             m_i, l_i, acc = _step(q, b_kr, b_ks, b_kz, b_vr, b_vs, b_vz, n0 + GS, hi, m_i, l_i, acc, scale_log2, D,
-                                  GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE)
+                                  GS, K_BITS, K_CPW, K_WB, K_WBP, V_BITS, V_CPW, V_WB, V_WBP, DT, IEEE, FAST16)
     else:
         for n0 in range(nq_v // GS * GS, L, GS):
             gi = n0 // GS

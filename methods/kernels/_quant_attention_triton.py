@@ -12,7 +12,6 @@ import os
 import triton
 import triton.language as tl
 
-from . import interpret_mode
 from ._common_triton import rnd
 
 # How packed words become codes in channel order, fixed when this module is imported (``KVBENCH_UNPACK``): a layout
@@ -29,16 +28,6 @@ _UNPACK = os.environ.get("KVBENCH_UNPACK", "tree")
 if _UNPACK not in _UNPACK_MODES:
     raise ValueError(f"KVBENCH_UNPACK={_UNPACK!r}: use one of {sorted(_UNPACK_MODES)} (default tree)")
 TREE_MAX_CPW = tl.constexpr(_UNPACK_MODES[_UNPACK])
-# ``KVBENCH_FAST16=1``: bf16 operands of 4- and 2-bit codes converted four bytes an instruction group (:func:`_codes16`)
-# and dequantized by one bf16 FMA an element (scalar and KIVI kernels); sm_90 SASS of the INT4 g32 split loop 1125 ->
-# 678 instructions a tile, KIVI k4v4 1321 -> 961 (tests/compile_check.py --sass). Default 0 (Triton's byte-by-byte
-# conversion, fp32 dequantization) until a GPU run holds it to the reference (``KVBENCH_FAST16=1 pytest -m gpu``) and
-# times it (``gpu_jobs.sh bench`` runs both); written without a GPU (no machine was lent in session 13).
-_FAST16 = os.environ.get("KVBENCH_FAST16", "0")
-if _FAST16 not in ("0", "1"):
-    raise ValueError(f"KVBENCH_FAST16={_FAST16!r}: use 0 (default) or 1")
-FAST16 = tl.constexpr(_FAST16 == "1" and not interpret_mode())  # the interpreter runs no inline PTX
-
 # --------------------------------------------------------------------------------------------------
 # Codes: packed words -> (N, D) codes in channel order -> dot operands or dequantized values
 
@@ -195,10 +184,11 @@ _ASM_OUT2, _ASM_OUT4 = tl.constexpr("=r," * 4 + "r"), tl.constexpr("=r," * 8 + "
 
 
 @triton.jit
-def _fast16(FMT: tl.constexpr, CPW: tl.constexpr, MAGIC_BITS: tl.constexpr):
-    """Whether :func:`_codes16` serves a layout: int codes two or four a byte (4- and 2-bit), bf16 operands
-    (0x4300: the GPU's bf16 models), unpacked by the join tree."""
-    return FAST16 and FMT == 0 and MAGIC_BITS == 0x4300 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
+def _fast16(FAST: tl.constexpr, FMT: tl.constexpr, CPW: tl.constexpr, MAGIC_BITS: tl.constexpr):
+    """Whether :func:`_codes16` serves a layout: the launcher asks for it (``FAST``: ``DECODE_CONFIG["fast16"]``
+    of methods/kernels/quant_attention.py, never under the interpreter, which runs no inline PTX), int codes two
+    or four a byte (4- and 2-bit), bf16 operands (0x4300: the GPU's bf16 models), unpacked by the join tree."""
+    return FAST and FMT == 0 and MAGIC_BITS == 0x4300 and (CPW == 2 or CPW == 4) and CPW <= TREE_MAX_CPW
 
 
 @triton.jit
@@ -242,12 +232,12 @@ def _scale16(x, sc, z, ZERO: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _values_dt(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
                BITS: tl.constexpr, CPW: tl.constexpr, ZERO: tl.constexpr, MAGIC_BITS: tl.constexpr,
-               DT: tl.constexpr):
+               DT: tl.constexpr, FAST: tl.constexpr):
     """Dequantized values (N, D) in the dot dtype DT. bf16 int codes (:func:`_fast16`): code * scale + zero by
     one bf16 FMA an element on the exact code (the reference computes it in fp32, where code * scale is exact,
     and rounds once to the model dtype: the same value unless adding the zero point rounds in fp32); else
     :func:`_values` in fp32, rounded to DT."""
-    if _fast16(FMT, CPW, MAGIC_BITS):
+    if _fast16(FAST, FMT, CPW, MAGIC_BITS):
         x = _scale16(tl.reshape(_codes16(w, N, D, CPW, True, DT), [N, NG, GS]), sc, z, ZERO, DT)
         return tl.reshape(x, [N, D])
     else:
@@ -256,10 +246,10 @@ def _values_dt(w, sc, z, N: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, GS:
 
 @triton.jit
 def _operand_tile(w, N: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-                  MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
+                  MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
     """A raw tile's dot operand (N, D) in DT (one group a vector): :func:`_codes16` where it serves, else
     :func:`_unpack` + :func:`_operand`."""
-    if _fast16(FMT, CPW, MAGIC_BITS):
+    if _fast16(FAST, FMT, CPW, MAGIC_BITS):
         x = _codes16(w, N, D, CPW, False, DT)
     else:
         x = _operand(_unpack(w, N, D, BITS, CPW), FMT, MAGIC, MAGIC_BITS, DT)
@@ -269,19 +259,20 @@ def _operand_tile(w, N: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr, BITS: 
 @triton.jit
 def _qk(q, qsum, w, sc, z, N: tl.constexpr, D: tl.constexpr,
         NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+        FAST: tl.constexpr):
     """Scores (R, N) of query rows q (R, D) (in DT; qsum (R,) their sums) against a raw key tile. One group per
     vector (fp8, QuaRot): the codes are the dot operand and the metadata scales the scores,
     scale * (q . codes) + (zero - MAGIC * scale) * sum(q); several groups: dequantized per channel first."""
     if NG == 1:
-        d = _dot(q, tl.trans(_operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT)), IEEE)  # (R, N)
+        d = _dot(q, tl.trans(_operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT, FAST)), IEEE)  # (R, N)
         s = sc[None, :] * d
         if ZERO:
             s += (z - MAGIC * sc)[None, :] * qsum[:, None]
         elif MAGIC != 0:
             s -= (MAGIC * sc)[None, :] * qsum[:, None]
     else:
-        k = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT)
+        k = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT, FAST)
         s = _dot(q, tl.trans(k), IEEE)
     return s
 
@@ -289,20 +280,21 @@ def _qk(q, qsum, w, sc, z, N: tl.constexpr, D: tl.constexpr,
 @triton.jit
 def _pv(p, w, sc, z, N: tl.constexpr, D: tl.constexpr,
         NG: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+        ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+        FAST: tl.constexpr):
     """Weights p (R, N) times a raw value tile -> ((R, D), a per-row correction (R,) to add to every channel). One
     group per vector: (p * scale) @ codes, correction sum_n p zero - MAGIC sum_n p scale; several groups: p @
     the dequantized values, no correction."""
     corr = tl.zeros([p.shape[0]], tl.float32)
     if NG == 1:
         pv = (p * sc[None, :]).to(DT)
-        acc = _dot(pv, _operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT), IEEE)
+        acc = _dot(pv, _operand_tile(w, N, D, FMT, BITS, CPW, MAGIC, MAGIC_BITS, DT, FAST), IEEE)
         if ZERO:
             corr += tl.sum(p * z[None, :], 1)
         if MAGIC != 0:
             corr -= MAGIC * tl.sum(pv.to(tl.float32), 1)
     else:
-        v = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT)
+        v = _values_dt(w, sc, z, N, D, NG, GS, FMT, BITS, CPW, ZERO, MAGIC_BITS, DT, FAST)
         acc = _dot(p.to(DT), v, IEEE)
     return acc, corr
 
@@ -369,14 +361,16 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
                  K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                  V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
                  V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
-                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr):
+                 V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+                 FAST16: tl.constexpr):
     """Program (s, b * H_loc + j): local kv head j (global Heads[j]) of row b over the stored slots
     [s * split, min((s + 1) * split, lengths[b])) (split: a runtime multiple of BLOCK_N, so one compiled kernel
     serves every capacity), for the G query heads of its group at once; writes the partial output
     (normalised) and its log2-sum-exp per query head. The slot strides are constexprs: a tile's scales and
     zero points are then a run the compiler can prove contiguous and copies asynchronously with the codes
     (with a runtime stride every tile waited on synchronous 2-byte loads of its metadata; seen in the PTX
-    for sm_90: ld.global.b16 in the loop, cp.async after)."""
+    for sm_90: ld.global.b16 in the loop, cp.async after). ``FAST16``: 4- and 2-bit bf16 operands by
+    :func:`_codes16` (:func:`_fast16`)."""
     pid_s, b, j, h, lo, hi = _split_range(Heads, Lens, H_loc, split, BLOCK_N)
     heads, g_ok, q, qsum = _group_query(Q, b, h, sqb, sqh, sqd, G, BLOCK_G, D, KDT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -402,11 +396,11 @@ def decode_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scale_log2,
             wk, sk, zk = _load_tile(kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
             wv, sv, zv = _load_tile(vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
         s = _qk(q, qsum, wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO, K_MAGIC, K_MAGIC_BITS,
-                KDT, IEEE)
+                KDT, IEEE, FAST16)
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
         m_i, alpha, p, l_i = _online(s, m_i, l_i)
         a, c = _pv(p, wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC, V_MAGIC_BITS, VDT,
-                   IEEE)
+                   IEEE, FAST16)
         acc = acc * alpha[:, None] + a
         corr = corr * alpha + c
         if PREFETCH:
@@ -439,12 +433,12 @@ def _plane_scale16(x, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr,
 @triton.jit
 def _plane_operands(w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
                     FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
-                    MAGIC_BITS: tl.constexpr, DT: tl.constexpr):
+                    MAGIC_BITS: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
     """The two code planes of a tile of packed bytes (N, H) as dot operands in DT: the codes (one group a vector:
     the magic operand) or the dequantized values (several groups). bf16 (:func:`_fast16`): both planes from one
     :func:`_planes_asm` per four bytes, and a plane's consecutive columns are consecutive bytes, which is how the
     tensor-core operand pairs them (no repacking, unlike the join of :func:`_codes16`)."""
-    if _fast16(FMT, 2, MAGIC_BITS):
+    if _fast16(FAST, FMT, 2, MAGIC_BITS):
         if NG == 1:
             x0, x1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=4)
@@ -468,10 +462,10 @@ def _plane_operands(w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr
 @triton.jit
 def _planes_qk(q0, q1, qsum, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
                FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr):
     """Scores (R, N) from a key tile of packed words (N, H), two codes a byte: one dot per code plane against the
     query's matching half (q0 = q[:, 0::2], q1 = q[:, 1::2]); the codes are never interleaved into channel order."""
-    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT)
+    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT, FAST)
     d = _dot(q0, tl.trans(x0), IEEE)
     d += _dot(q1, tl.trans(x1), IEEE)
     if NG == 1:
@@ -488,10 +482,10 @@ def _planes_qk(q0, q1, qsum, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.
 @triton.jit
 def _planes_pv(p, w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
                FMT: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+               MAGIC_BITS: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr):
     """Weights p (R, N) times a value tile of packed words (N, H) -> the two planes' outputs (R, H) each (channels
     0::2 and 1::2) and the per-row correction (R,) every channel gets (as :func:`_pv`)."""
-    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT)
+    x0, x1 = _plane_operands(w, sc, z, N, H, NG, GS, FMT, BITS, ZERO, MAGIC, MAGIC_BITS, DT, FAST)
     corr = tl.zeros([p.shape[0]], tl.float32)
     if NG == 1:
         pv = (p * sc[None, :]).to(DT)
@@ -518,7 +512,8 @@ def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scal
                         K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                         V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
                         V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
-                        V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr):
+                        V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+                 FAST16: tl.constexpr):
     """:func:`decode_split` for K and V both stored two 4-bit codes a byte (INT4: uniform_int, QuaRot, RateQuant's
     4-bit groups), without putting the codes back into channel order: the query is loaded as its two halves
     q[:, 0::2] and q[:, 1::2] (once per program), each byte's low and high codes are two planes, scores are one dot
@@ -547,11 +542,11 @@ def decode_split_planar(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, MidO, MidL, scal
         wk, sk, zk = _load_tile(kc0, ks0, kz0, offs_n, n_ok, kcs, kss, kzs, D, K_NG, K_CPW, K_WB, K_ZERO)
         wv, sv, zv = _load_tile(vc0, vs0, vz0, offs_n, n_ok, vcs, vss, vzs, D, V_NG, V_CPW, V_WB, V_ZERO)
         s = _planes_qk(q0, q1, qsum, wk, sk, zk, BLOCK_N, H, K_NG, K_GS, K_FMT, K_BITS, K_ZERO, K_MAGIC,
-                       K_MAGIC_BITS, KDT, IEEE)
+                       K_MAGIC_BITS, KDT, IEEE, FAST16)
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
         m_i, alpha, p, l_i = _online(s, m_i, l_i)
         a0, a1, c = _planes_pv(p, wv, sv, zv, BLOCK_N, H, V_NG, V_GS, V_FMT, V_BITS, V_ZERO, V_MAGIC, V_MAGIC_BITS,
-                               VDT, IEEE)
+                               VDT, IEEE, FAST16)
         acc0 = acc0 * alpha[:, None] + a0
         acc1 = acc1 * alpha[:, None] + a1
         corr = corr * alpha + c

@@ -43,7 +43,9 @@ from torch import Tensor
 from . import interpret_mode, interpreter_compat
 from .attention import HEAD_DIMS, LOG2E, decode_splits, triton_next_pow2
 
-DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2}
+# ``fast16``: the bf16 conversion of 4- and 2-bit codes (methods/kernels/quant_attention.py ``DECODE_CONFIG``): sm_90
+# SASS of the k4v4 split loop 1321 -> 961 instructions; off until measured on a GPU (``KVBENCH_FAST16=1`` turns it on)
+DECODE_CONFIG = {"per_sm": 4, "num_warps": 4, "num_stages": 2, "fast16": False}
 
 
 def _env_config() -> None:
@@ -55,6 +57,9 @@ def _env_config() -> None:
     global _ENV_DONE
     if not _ENV_DONE:
         _ENV_DONE = True
+        from .quant_attention import fast16_default
+
+        DECODE_CONFIG["fast16"] = fast16_default(DECODE_CONFIG["fast16"])
         raw = os.environ.get("KVBENCH_KIVI_DECODE")
         if raw:
             DECODE_CONFIG.update(json.loads(raw))
@@ -214,7 +219,7 @@ def _attend(q: Tensor, fields: dict[str, Tensor], lengths: Tensor, k_new: Tensor
         q, *(fields[n] for n in FIELDS), lengths, mid_o, mid_l, float(scaling) * LOG2E, H_kv, ns, split, q.stride(0),
         q.stride(1), *_strides(fields), *mid_o.stride()[:3], *mid_l.stride(),
         G=Gq, BLOCK_G=max(16, triton_next_pow2(Gq)), D=D, GS=G, R=R,
-        **_layouts(k_bits, v_bits, G, dtype),
+        **_layouts(k_bits, v_bits, G, dtype), FAST16=bool(DECODE_CONFIG.get("fast16")) and not interpret_mode(),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )

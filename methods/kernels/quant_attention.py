@@ -77,10 +77,10 @@ and odd channels once, each byte's two codes are two planes, one dot and one acc
 GPU run of ``scripts/bench_quant_attention.py --tune`` measures it. Tunables are overridable with
 ``KVBENCH_QUANT_DECODE``. Those kernels are bound by the instructions they issue, not by the bytes they read (INT4
 and INT2 took the same time): compiled for sm_90, the INT4 g32 loop issued about 9 SASS instructions an element,
-most of them converting bytes to floats one at a time. ``KVBENCH_FAST16=1`` converts 4- and 2-bit codes four bytes
-at a time with inline PTX and dequantizes groups by one bf16 FMA an element (scalar and KIVI kernels: 1125 -> 678
-SASS instructions a tile, ``python -m tests.compile_check --quick --sass``); off by default until a GPU run holds it
-to the reference and times it.
+most of them converting bytes to floats one at a time. ``DECODE_CONFIG["fast16"]`` (``KVBENCH_FAST16=1``) converts
+4- and 2-bit codes four bytes at a time with inline PTX and dequantizes groups by one bf16 FMA an element (scalar
+and KIVI kernels: 1125 -> 678 SASS instructions a tile, ``python -m tests.compile_check --quick --sass``); off by
+default until a GPU run holds it to the reference and times it.
 
 Rotation (QuaRot): the append kernel rotates the new key and the group's queries with R_K (and the value with
 R_V) in fp32 (R = H diag(s) / sqrt(D), built once per store from the codec's counted signs), so the kernels
@@ -295,7 +295,14 @@ BLOCK_N = 64
 # ``planar``: INT4 layouts read by decode_split_planar (no interleave of the codes into channel order); off until
 # measured on a GPU (the interleave is what bounds the INT4 kernel: fp8 streams at 0.81 of copy bandwidth, quarot4
 # and uniform_int4 at 0.30-0.33 in the same call).
-DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_N, "prefetch": False, "planar": False}
+# ``fast16``: 4- and 2-bit codes become bf16 operands four bytes at a time (inline PTX) and groups are dequantized by
+# one bf16 FMA an element (``_quant_attention_triton._codes16``; the KIVI kernels have the same switch in their own
+# DECODE_CONFIG): sm_90 SASS of the INT4 g32 split loop 1125 -> 678 instructions a tile (``python -m
+# tests.compile_check --quick --sass``). Off until a GPU run has held it to the reference and timed it (written
+# without a GPU in session 13); ``KVBENCH_FAST16=1`` turns it on for both families, so does
+# ``KVBENCH_QUANT_DECODE='{"fast16": true}'`` for these kernels. Never under the interpreter (no inline PTX).
+DECODE_CONFIG = {"per_sm": 8, "num_warps": 4, "num_stages": 3, "block_n": BLOCK_N, "prefetch": False, "planar": False,
+                 "fast16": False}
 
 
 def _planar(k_layout: ScalarLayout, v_layout: ScalarLayout, dim: int) -> bool:
@@ -307,12 +314,26 @@ def _planar(k_layout: ScalarLayout, v_layout: ScalarLayout, dim: int) -> bool:
             and dim // 2 >= 16)
 
 
+def fast16_default(value: bool) -> bool:
+    """``KVBENCH_FAST16`` (0 or 1) when set, else ``value``: the default of the scalar and KIVI kernels'
+    ``DECODE_CONFIG["fast16"]``."""
+    import os
+
+    raw = os.environ.get("KVBENCH_FAST16")
+    if raw is None or raw == "":
+        return bool(value)
+    if raw not in ("0", "1"):
+        raise ValueError(f"KVBENCH_FAST16={raw!r}: use 1 (the bf16 conversion of 4- and 2-bit codes) or 0")
+    return raw == "1"
+
+
 def _env_config() -> None:
     """``KVBENCH_QUANT_DECODE='{"prefetch": true, "num_stages": 1, ...}'`` overrides DECODE_CONFIG (tuning runs
     of scripts/bench_quant_attention.py hand their choice to scripts/bench/ this way)."""
     import json
     import os
 
+    DECODE_CONFIG["fast16"] = fast16_default(DECODE_CONFIG["fast16"])
     raw = os.environ.get("KVBENCH_QUANT_DECODE")
     if raw:
         DECODE_CONFIG.update(json.loads(raw))
@@ -346,7 +367,7 @@ def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Te
         *mid_o.stride(), *mid_l.stride(),
         G=group, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n, D=D,
         **k_layout.consts("K", D, kdt, kmag, kbits), **v_layout.consts("V", D, vdt, vmag, vbits), IEEE=ieee,
-        PREFETCH=bool(DECODE_CONFIG["prefetch"]),
+        PREFETCH=bool(DECODE_CONFIG["prefetch"]), FAST16=bool(DECODE_CONFIG.get("fast16")) and not interpret_mode(),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )

@@ -14,7 +14,7 @@ split kernel of methods/kernels/_quant_attention_triton.py cut after each of its
 - ``unpack``: the codes in channel order (``_unpack``: the join tree, or direct with ``KVBENCH_UNPACK=direct``),
   summed likewise;
 - ``operand``: the 16-bit dot operands (``_operand_tile`` with one group a vector, ``_values_dt`` with several:
-  what ``_qk`` and ``_pv`` feed ``tl.dot``; with ``KVBENCH_FAST16=1`` they come from the bytes four at a time,
+  what ``_qk`` and ``_pv`` feed ``tl.dot``; with ``DECODE_CONFIG["fast16"]`` they come from the bytes four at a time,
   not through ``unpack``) and both dots, without the softmax (the weights are the raw scores);
 - ``scores``: + the online softmax: the split kernel but for its scale, zero-point and store epilogue;
 - ``split``: the production split kernel (``decode_split``, or ``decode_split_planar`` with ``--planar``).
@@ -54,7 +54,8 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
                 K_MAGIC_BITS: tl.constexpr, KDT: tl.constexpr,
                 V_NG: tl.constexpr, V_GS: tl.constexpr, V_FMT: tl.constexpr, V_BITS: tl.constexpr,
                 V_CPW: tl.constexpr, V_WB: tl.constexpr, V_ZERO: tl.constexpr, V_MAGIC: tl.constexpr,
-                V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, STAGE: tl.constexpr):
+                V_MAGIC_BITS: tl.constexpr, VDT: tl.constexpr, IEEE: tl.constexpr, STAGE: tl.constexpr,
+                FAST16: tl.constexpr):
     """decode_split's program (same grid and arguments) stopped after STAGE (0 load, 1 unpack, 2 operand,
     3 scores); writes one float per program so the compiler keeps every stage's work."""
     pid_s, b, j, h, lo, hi = K._split_range(Heads, Lens, H_loc, split, BLOCK_N)
@@ -87,13 +88,15 @@ def stage_split(Q, KC, KS, KZ, VC, VS, VZ, Lens, Heads, Out, scale_log2, H_loc, 
             acc += (ck + cv).to(tl.float32)
         else:
             if K_NG == 1:
-                kk = K._operand_tile(wk, BLOCK_N, D, K_FMT, K_BITS, K_CPW, K_MAGIC, K_MAGIC_BITS, KDT)
+                kk = K._operand_tile(wk, BLOCK_N, D, K_FMT, K_BITS, K_CPW, K_MAGIC, K_MAGIC_BITS, KDT, FAST16)
             else:
-                kk = K._values_dt(wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO, K_MAGIC_BITS, KDT)
+                kk = K._values_dt(wk, sk, zk, BLOCK_N, D, K_NG, K_GS, K_FMT, K_BITS, K_CPW, K_ZERO, K_MAGIC_BITS, KDT,
+                                  FAST16)
             if V_NG == 1:
-                vv = K._operand_tile(wv, BLOCK_N, D, V_FMT, V_BITS, V_CPW, V_MAGIC, V_MAGIC_BITS, VDT)
+                vv = K._operand_tile(wv, BLOCK_N, D, V_FMT, V_BITS, V_CPW, V_MAGIC, V_MAGIC_BITS, VDT, FAST16)
             else:
-                vv = K._values_dt(wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC_BITS, VDT)
+                vv = K._values_dt(wv, sv, zv, BLOCK_N, D, V_NG, V_GS, V_FMT, V_BITS, V_CPW, V_ZERO, V_MAGIC_BITS, VDT,
+                                  FAST16)
             s = K._dot(q, tl.trans(kk), IEEE)  # (BLOCK_G, BLOCK_N)
             if STAGE == 2:  # both dots, no softmax: the weights are the scores themselves
                 p = s
@@ -123,7 +126,7 @@ def run_stage(stage: int, q, kf, vf, lengths, *, layout: ScalarLayout, n_splits:
         *st(kc, kc), *st(ks, ks), *st(kz, ks), *st(vc, vc), *st(vs, vs), *st(vz, vs),
         G=H_q // H_kv, BLOCK_G=16, BLOCK_N=block_n, D=D,
         **layout.consts("K", D, dt, mag, bits), **layout.consts("V", D, dt, mag, bits), IEEE=ieee, STAGE=stage,
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        FAST16=bool(config.get("fast16")), num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     QA.DECODE_CONFIG.update(cfg)
     bn = cfg["block_n"]
     lines = [f"# Quantized decode split kernel by stage, {torch.cuda.get_device_name(0)}, {args.cell}, heads "
-             f"{H_q}/{H_kv}/{D}, bf16; copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {K._UNPACK}, KVBENCH_FAST16={K._FAST16}; config "
+             f"{H_q}/{H_kv}/{D}, bf16; copy bandwidth {bw / 1e12:.2f} TB/s; unpacking {K._UNPACK}; config "
              f"{cfg}", "", "| layout | stage | ms | frac of copy bw |", "|---|---|---:|---:|"]
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, H_q, D, device=dev, dtype=torch.bfloat16, generator=g)
