@@ -339,6 +339,13 @@ def _env_config() -> None:
         DECODE_CONFIG.update(json.loads(raw))
 
 
+def _fast16(k_scale: Tensor, v_scale: Tensor) -> bool:
+    """Whether the split kernel runs ``DECODE_CONFIG["fast16"]``: asked for, compiled (the interpreter runs no inline
+    PTX), and bf16 metadata (its groups are dequantized in bf16: an fp16 scale would be rounded to bf16 first)."""
+    return (bool(DECODE_CONFIG.get("fast16")) and not interpret_mode()
+            and k_scale.dtype == v_scale.dtype == torch.bfloat16)
+
+
 def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Tensor, mid_o: Tensor, mid_l: Tensor,
                         heads: Tensor, *, group: int, k_layout: ScalarLayout, v_layout: ScalarLayout, scaling: float,
                         n_splits: int, block_n: int | None = None, num_warps: int | None = None,
@@ -367,7 +374,7 @@ def scalar_decode_split(q: Tensor, k_fields: tuple, v_fields: tuple, lengths: Te
         *mid_o.stride(), *mid_l.stride(),
         G=group, BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n, D=D,
         **k_layout.consts("K", D, kdt, kmag, kbits), **v_layout.consts("V", D, vdt, vmag, vbits), IEEE=ieee,
-        PREFETCH=bool(DECODE_CONFIG["prefetch"]), FAST16=bool(DECODE_CONFIG.get("fast16")) and not interpret_mode(),
+        PREFETCH=bool(DECODE_CONFIG["prefetch"]), FAST16=_fast16(ks, vs),
         **_launch(num_warps=num_warps or DECODE_CONFIG["num_warps"],
                   num_stages=num_stages or DECODE_CONFIG["num_stages"]),
     )
