@@ -17,6 +17,7 @@ from ._quant_attention_triton import (
     _online,
     _quantize_store,
     _round_meta,
+    _scale16,
     _unpack,
 )
 from ._quant_attention_triton import _dot as _dot3
@@ -81,7 +82,7 @@ def _step(q, kr, ks, kz, vr, vs, vz, n0, hi, m_i, l_i, acc, scale_log2, D: tl.co
     m_i, alpha, p, l_i = _online(s, m_i, l_i)
     if _fast_bf16(FAST16, V_CPW, V_WB, DT):
         vc = tl.reshape(_codes16(words_of(vr, V_WB, V_WBP), GS, D, V_CPW, True, DT), [GS, V_NG, GS])
-        v = tl.reshape(tl.fma(vc, vs.to(DT)[:, :, None], vz.to(DT)[:, :, None]), [GS, D])
+        v = tl.reshape(_scale16(vc, vs, vz, True, DT), [GS, D])
     else:
         vc = _code_f32(_unpack(words_of(vr, V_WB, V_WBP), GS, D, V_BITS, V_CPW))  # (GS, D)
         v = tl.reshape(vc, [GS, V_NG, GS]) * vs.to(tl.float32)[:, :, None] + vz.to(tl.float32)[:, :, None]

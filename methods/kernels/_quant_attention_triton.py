@@ -192,6 +192,17 @@ def _fast16(FAST: tl.constexpr, FMT: tl.constexpr, CPW: tl.constexpr, MAGIC_BITS
 
 
 @triton.jit
+def _planes16(w, SUB: tl.constexpr):
+    """Packed bytes of two 4-bit codes -> their low and high code planes (each w's shape) as bf16: 128 + code, or
+    the code itself (``SUB``), four bytes at a time (:func:`_planes_asm`)."""
+    if SUB:
+        c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True, pack=4)
+    else:
+        c0, c1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True, pack=4)
+    return c0, c1
+
+
+@triton.jit
 def _codes16(w, N: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr):
     """Packed bytes (N, D / CPW) -> (N, D) bf16 in channel order: 128 + code (the dot operand of one group a
     vector), or the code itself (``SUB``: to dequantize in bf16). The conversion of :func:`_unpack` +
@@ -199,12 +210,7 @@ def _codes16(w, N: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr, SUB: tl.con
     ops work byte by byte: about 9 SASS instructions an element of the INT4 split loop); the planes are
     interleaved by the same join tree as :func:`_unpack` (bf16 planes instead of uint8 ones)."""
     if CPW == 2:
-        if SUB:
-            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True,
-                                               pack=4)
-        else:
-            c0, c1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16,) * 2, is_pure=True,
-                                               pack=4)
+        c0, c1 = _planes16(w, SUB)
         t = tl.join(c0, c1)
     else:
         if SUB:
@@ -313,9 +319,9 @@ def _online(s, m_i, l_i):
 def _split_range(Heads, Lens, H_loc, split, BLOCK_N: tl.constexpr):
     """This split program's (s, b * H_loc + j): split s, row b, local kv head j, its global kv head h and the
     slots [lo, hi) it reads (``split`` a multiple of BLOCK_N, ``hi`` cut at the row's length). ``lo`` is declared
-    a multiple of BLOCK_N (the launchers round ``split`` up to one): a tile's per-slot metadata then starts
-    aligned, so a vector of 16-bit scales is loaded several slots an instruction and copied asynchronously with
-    the codes (without it, sm_90 SASS had QuaRot's and fp8's scales as 2-byte LDG in the loop, 16 a tile)."""
+    a multiple of BLOCK_N (the launchers round ``split`` up to one), which the compiler's alignment analysis can
+    use; it did not vectorize QuaRot's and fp8's per-slot scales (still 2-byte LDG in the sm_90 loop, 16 a tile):
+    their mask ``offs_n < hi`` is per element."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_loc
@@ -436,15 +442,13 @@ def _plane_operands(w, sc, z, N: tl.constexpr, H: tl.constexpr, NG: tl.constexpr
                     MAGIC_BITS: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
     """The two code planes of a tile of packed bytes (N, H) as dot operands in DT: the codes (one group a vector:
     the magic operand) or the dequantized values (several groups). bf16 (:func:`_fast16`): both planes from one
-    :func:`_planes_asm` per four bytes, and a plane's consecutive columns are consecutive bytes, which is how the
+    :func:`_planes16` per four bytes, and a plane's consecutive columns are consecutive bytes, which is how the
     tensor-core operand pairs them (no repacking, unlike the join of :func:`_codes16`)."""
     if _fast16(FAST, FMT, 2, MAGIC_BITS):
         if NG == 1:
-            x0, x1 = tl.inline_asm_elementwise(_ASM4, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
+            x0, x1 = _planes16(w, False)
         else:
-            c0, c1 = tl.inline_asm_elementwise(_ASM4_SUB, _ASM_OUT2, [w], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
+            c0, c1 = _planes16(w, True)
             x0 = _plane_scale16(c0, sc, z, N, H, NG, GS, ZERO, DT)
             x1 = _plane_scale16(c1, sc, z, N, H, NG, GS, ZERO, DT)
     else:
